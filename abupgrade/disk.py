@@ -1,0 +1,210 @@
+"""Disks as temporary changes: attach, mount, open a disk made by `disk init`.
+
+Every context manager here undoes exactly what it did, on every exit path: a loop device
+it attached is detached (that one, never another), partition nodes it added are removed,
+mounts it made are unmounted and their temporary folders deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from abupgrade import config as configuration
+from abupgrade.config import Config
+from abupgrade.errors import OperationalError, UsageError
+from abupgrade.partitions import PartitionTable, TableKind, read_table
+from abupgrade.run import require_tool, run
+from abupgrade.slots import resolve
+
+log = logging.getLogger(__name__)
+
+NODE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Disk:
+    device: Path  # the whole disk as a block device (a loop device for an image file)
+    partitions: Mapping[int, Path]  # partition number -> its block device
+    table: PartitionTable | None
+    image: Path | None = None  # the image file behind the loop device, if any
+
+
+def _sysfs_partitions(device: Path) -> dict[int, Path]:
+    sysdir = Path("/sys/class/block") / device.name
+    found = {}
+    if sysdir.is_dir():
+        for child in sysdir.iterdir():
+            number = child / "partition"
+            if number.exists():
+                found[int(number.read_text())] = Path("/dev") / child.name
+    return found
+
+
+def _wait_for_nodes(device: Path, numbers: list[int]) -> dict[int, Path]:
+    deadline = time.monotonic() + NODE_TIMEOUT
+    while True:
+        present = _sysfs_partitions(device)
+        if all(n in present and present[n].is_block_device() for n in numbers):
+            return present
+        if time.monotonic() > deadline:
+            missing = [n for n in numbers if n not in present or not present[n].is_block_device()]
+            raise OperationalError(f"partition nodes {missing} of {device} did not appear",
+                                   hint="is devtmpfs mounted on /dev?")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def attached(target: Path) -> Iterator[Disk]:
+    """The disk `target` (image file or block device) with a node for each partition."""
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{target} does not exist") from None
+    with contextlib.ExitStack() as stack:
+        image = None
+        if stat.S_ISBLK(mode):
+            device = Path(os.path.realpath(target))
+        elif stat.S_ISREG(mode):
+            image = target
+            device = stack.enter_context(_loop_device(target))
+        else:
+            raise UsageError(f"{target} is neither a block device nor an image file")
+        table = read_table(device)
+        numbers = [p.number for p in table.partitions] if table else []
+        present = _sysfs_partitions(device)
+        missing = [n for n in numbers if n not in present]
+        if missing:
+            stack.enter_context(_partx_added(device, missing))
+        nodes = _wait_for_nodes(device, numbers)
+        yield Disk(device, {n: nodes[n] for n in numbers}, table, image)
+
+
+@contextlib.contextmanager
+def _loop_device(image: Path) -> Iterator[Path]:
+    losetup = require_tool("losetup", package="mount")
+    device = Path(run([losetup, "--find", "--show", image]).stdout.strip())
+    log.debug("attached %s to %s", image, device)
+    try:
+        yield device
+    finally:
+        run([losetup, "--detach", device])
+        log.debug("detached %s", device)
+
+
+@contextlib.contextmanager
+def _partx_added(device: Path, numbers: list[int]) -> Iterator[None]:
+    partx = require_tool("partx", package="util-linux")
+    added: list[int] = []
+    try:
+        for n in numbers:
+            run([partx, "--add", "--nr", f"{n}:{n}", device])
+            added.append(n)
+        yield
+    finally:
+        for n in reversed(added):
+            run([partx, "--delete", "--nr", f"{n}:{n}", device])
+
+
+@contextlib.contextmanager
+def mounted(device: Path, *, readonly: bool = False) -> Iterator[Path]:
+    """`device` mounted on a fresh temporary folder; unmounted and removed afterwards."""
+    point = Path(tempfile.mkdtemp(prefix="abupgrade-mnt-"))
+    try:
+        run(["mount", "-o", "ro" if readonly else "rw", device, point],
+            hint=f"is there a filesystem on {device}?")
+    except BaseException:
+        point.rmdir()
+        raise
+    try:
+        yield point
+    finally:
+        run(["umount", point])
+        point.rmdir()
+
+
+def mkfs_ext4(
+    target: Path,
+    label: str,
+    *,
+    block_size: int = 4096,
+    offset: int | None = None,
+    size: int | None = None,
+    root_dir: Path | None = None,
+) -> None:
+    """An ext4 on a device, or inside an image file at `offset` (bytes) for `size` bytes."""
+    mkfs = require_tool("mkfs.ext4", package="e2fsprogs")
+    argv: list[str | Path] = [mkfs, "-q", "-F", "-L", label, "-b", str(block_size)]
+    if offset is not None:
+        argv += ["-E", f"offset={offset}"]
+    if root_dir is not None:
+        argv += ["-d", root_dir]
+    argv.append(target)
+    if size is not None:
+        argv.append(f"{size // 1024}k")
+    run(argv)
+
+
+def boot_partition(table: PartitionTable | None, where: Path) -> int:
+    """The number of the boot partition: GPT name "boot", or the one MBR bootable one."""
+    if table is None:
+        raise UsageError(f"{where} has no partition table",
+                         hint="lay the disk out with `abupgrade disk init`")
+    if table.kind is TableKind.GPT:
+        found = table.by_name("boot")
+        what = 'a GPT partition named "boot"'
+    else:
+        found = [p for p in table.partitions if p.bootable]
+        what = "a bootable MBR partition"
+    if len(found) != 1:
+        raise UsageError(f"{where} has {len(found)} boot partitions, expected {what}",
+                         hint="lay the disk out with `abupgrade disk init`")
+    return found[0].number
+
+
+@dataclass(frozen=True)
+class DiskSession:
+    """A disk opened for `--disk`: its configuration rebased onto temporary mounts."""
+
+    disk: Disk
+    config: Config  # paths moved under the mounts; slots as this disk's /dev paths
+    mounts: Mapping[Path, Path]  # mount point named in the config -> where it is mounted now
+    boot: Path  # the boot filesystem, mounted
+
+
+@contextlib.contextmanager
+def open_disk(target: Path, *, readonly: bool = False) -> Iterator[DiskSession]:
+    """Attach `target`, mount its boot partition, read the configuration `disk init` put
+    there, mount every `[mounts]` entry and hand out the configuration rebased onto them."""
+    with contextlib.ExitStack() as stack:
+        disk = stack.enter_context(attached(target))
+        number = boot_partition(disk.table, target)
+        boot_device = disk.partitions[number]
+        boot = stack.enter_context(mounted(boot_device, readonly=readonly))
+        path = boot / configuration.ON_DISK_PATH
+        if not path.is_file():
+            raise UsageError(f"{target} has no abupgrade configuration on its boot partition",
+                             hint="lay the disk out with `abupgrade disk init`")
+        loaded = configuration.load(path)
+        mounts: dict[Path, Path] = {}
+        try:
+            for point, spec in loaded.mounts.items():
+                device = resolve(spec, within=disk.device)
+                if device == boot_device:
+                    mounts[point] = boot
+                else:
+                    mounts[point] = stack.enter_context(mounted(device, readonly=readonly))
+            slots = {slot: str(resolve(spec, within=disk.device))
+                     for slot, spec in loaded.slots.items()}
+        except UsageError as exc:
+            raise UsageError(f"{target}: {exc.message}", hint=exc.hint) from None
+        rebased = dataclasses.replace(loaded.rebased(mounts), slots=slots)
+        yield DiskSession(disk, rebased, mounts, boot)

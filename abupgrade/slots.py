@@ -1,0 +1,281 @@
+"""Finding block devices by spec, the booted slot, and whether a device is in use.
+
+This is the one module that talks to pyudev. Without udevd (containers, initramfs, test
+machines) udev knows nothing beyond sysfs, so partition names and UUIDs come from the
+parent's partition table (partitions.py) and filesystem labels from `blkid -p`.
+A spec that matches no device or more than one is an error: we never guess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyudev
+
+from abupgrade.config import Config
+from abupgrade.errors import OperationalError, UsageError
+from abupgrade.model import Slot
+from abupgrade.partitions import PartitionTable, read_table
+from abupgrade.run import run
+
+SPEC_KEYS = ("PARTLABEL", "PARTUUID", "LABEL", "UUID")
+SYS_BLOCK = Path("/sys/dev/block")
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A block device as sysfs/udev list it."""
+
+    node: Path  # /dev/...
+    name: str  # kernel name: sda2, loop3p1
+    devno: int
+    size: int  # bytes
+    parent: Path | None  # the whole disk, for a partition
+    number: int | None  # partition number, for a partition
+    properties: Mapping[str, str]  # udev properties (only uevent ones without udevd)
+
+
+def block_devices() -> list[BlockDevice]:
+    """Every block device with a size, as pyudev lists it."""
+    found = []
+    for dev in pyudev.Context().list_devices(subsystem="block"):
+        node = dev.device_node
+        if node is None:
+            continue
+        props = {str(k): str(dev.properties[k]) for k in dev.properties}
+        try:
+            size = int(dev.attributes.asint("size")) * 512
+        except (KeyError, ValueError):
+            size = 0
+        if size == 0:
+            continue  # unbound loop devices, empty drives
+        parent = dev.parent if dev.device_type == "partition" else None
+        number = props.get("PARTN")
+        found.append(BlockDevice(
+            node=Path(str(node)),
+            name=str(dev.sys_name),
+            devno=os.makedev(int(props["MAJOR"]), int(props["MINOR"])),
+            size=size,
+            parent=Path(str(parent.device_node)) if parent is not None else None,
+            number=int(number) if number else None,
+            properties=props,
+        ))
+    return found
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """("PARTLABEL", "rootfs_a") for "PARTLABEL=rootfs_a"; ("PATH", "/dev/x") for a path."""
+    if spec.startswith("/"):
+        return "PATH", spec
+    key, sep, value = spec.partition("=")
+    if not sep or key.upper() not in SPEC_KEYS or not value:
+        raise UsageError(f"device spec {spec!r} is not understood",
+                         hint="use PARTLABEL=, PARTUUID=, LABEL=, UUID= or a /dev path")
+    return key.upper(), value
+
+
+class _Prober:
+    """Looks up identifiers of devices, reading each table or superblock at most once."""
+
+    def __init__(self) -> None:
+        self._tables: dict[Path, PartitionTable | None] = {}
+        self._blkid: dict[Path, dict[str, str]] = {}
+
+    def value(self, dev: BlockDevice, key: str) -> str | None:
+        if key in ("PARTLABEL", "PARTUUID"):
+            return self._partition_value(dev, key)
+        udev = dev.properties.get(f"ID_FS_{key}")
+        if udev is not None:
+            return udev
+        return self.blkid(dev.node).get(key)
+
+    def _partition_value(self, dev: BlockDevice, key: str) -> str | None:
+        if dev.parent is None or dev.number is None:
+            return None
+        udev_key = "ID_PART_ENTRY_NAME" if key == "PARTLABEL" else "ID_PART_ENTRY_UUID"
+        if udev_key in dev.properties:
+            return dev.properties[udev_key]
+        if key == "PARTLABEL" and "PARTNAME" in dev.properties:
+            return dev.properties["PARTNAME"]
+        if dev.parent not in self._tables:
+            try:
+                self._tables[dev.parent] = read_table(dev.parent)
+            except OperationalError:
+                self._tables[dev.parent] = None
+        table = self._tables[dev.parent]
+        if table is None:
+            return None
+        for part in table.partitions:
+            if part.number == dev.number:
+                return part.name if key == "PARTLABEL" else part.partuuid
+        return None
+
+    def blkid(self, node: Path) -> dict[str, str]:
+        if node not in self._blkid:
+            proc = run(["blkid", "-p", "-o", "export", node], check=False, timeout=30)
+            self._blkid[node] = dict(
+                line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line
+            ) if proc.returncode == 0 else {}
+        return self._blkid[node]
+
+
+def _same(key: str, a: str, b: str) -> bool:
+    return a.lower() == b.lower() if key in ("PARTUUID", "UUID") else a == b
+
+
+def resolve(spec: str, *, within: Path | None = None) -> Path:
+    """The one block device `spec` names; `within` limits the search to one disk."""
+    key, value = parse_spec(spec)
+    if key == "PATH":
+        path = Path(os.path.realpath(value))
+        try:
+            if stat.S_ISBLK(path.stat().st_mode):
+                return path
+        except FileNotFoundError:
+            pass
+        raise UsageError(f"{value} is not a block device",
+                         hint="check the [slots] and [mounts] device specs in the configuration")
+    candidates = block_devices()
+    if within is not None:
+        disk = Path(os.path.realpath(within))
+        candidates = [d for d in candidates if d.node == disk or d.parent == disk]
+    prober = _Prober()
+    matches = []
+    seen = []
+    for dev in candidates:
+        found = prober.value(dev, key)
+        if found is None:
+            continue
+        seen.append(f"{found} ({dev.node})")
+        if _same(key, found, value):
+            matches.append(dev.node)
+    where = f" on {within}" if within is not None else ""
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        listing = ", ".join(seen[:12]) or "none"
+        raise UsageError(f"no block device{where} has {key}={value}",
+                         hint=f"{key} values found: {listing}")
+    raise UsageError(f"{len(matches)} block devices{where} have {key}={value}: "
+                     + ", ".join(str(m) for m in matches),
+                     hint="make the spec unique (for example PARTUUID= or a /dev path)")
+
+
+def resolve_slots(config: Config, *, within: Path | None = None) -> dict[Slot, Path]:
+    return {slot: resolve(spec, within=within) for slot, spec in config.slots.items()}
+
+
+def cmdline_slot(cmdline: Path) -> Slot | None:
+    """The `abupgrade.slot=` the bootloader put on the kernel command line, if any."""
+    try:
+        words = cmdline.read_text().split()
+    except FileNotFoundError:
+        return None
+    for word in reversed(words):
+        if word.startswith("abupgrade.slot="):
+            return Slot.parse(word.removeprefix("abupgrade.slot="))
+    return None
+
+
+@dataclass(frozen=True)
+class Mount:
+    devno: int
+    point: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def read_mountinfo(mountinfo: Path) -> list[Mount]:
+    mounts = []
+    try:
+        text = mountinfo.read_text()
+    except OSError as exc:
+        raise OperationalError(f"cannot read {mountinfo}: {exc.strerror}") from None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 10 or "-" not in fields:
+            continue
+        major, minor = fields[2].split(":")
+        after = fields[fields.index("-") + 1 :]
+        mounts.append(Mount(os.makedev(int(major), int(minor)), _unescape(fields[4]),
+                            _unescape(after[1]) if len(after) > 1 else ""))
+    return mounts
+
+
+def _source_devno(source: str) -> int | None:
+    if not source.startswith("/"):
+        return None
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
+
+
+def booted_slot(config: Config) -> Slot | None:
+    """The slot the running system booted from, or None when that cannot be told."""
+    slot = cmdline_slot(config.system.cmdline)
+    if slot is not None:
+        return slot
+    roots = [m for m in read_mountinfo(config.system.mountinfo) if m.point == "/"]
+    if not roots:
+        return None
+    root = roots[-1]
+    devnos = {root.devno, _source_devno(root.source)}
+    for slot, spec in config.slots.items():
+        try:
+            device = resolve(spec)
+        except UsageError:
+            continue
+        if device.stat().st_rdev in devnos:
+            return slot
+    return None
+
+
+def _related(devno: int) -> Iterator[int]:
+    """devno, its partitions and everything stacked on top (holders), recursively."""
+    todo, done = [devno], set()
+    while todo:
+        current = todo.pop()
+        if current in done:
+            continue
+        done.add(current)
+        yield current
+        sysdir = SYS_BLOCK / f"{os.major(current)}:{os.minor(current)}"
+        if not sysdir.exists():
+            continue
+        sysdir = sysdir.resolve()
+        for child in sysdir.iterdir():
+            if (child / "partition").exists():
+                todo.append(_read_devno(child))
+        holders = sysdir / "holders"
+        if holders.is_dir():
+            todo.extend(_read_devno(h.resolve()) for h in holders.iterdir())
+
+
+def _read_devno(sysdir: Path) -> int:
+    major, minor = (sysdir / "dev").read_text().strip().split(":")
+    return os.makedev(int(major), int(minor))
+
+
+def mounts_of(device: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
+    """Mount points of `device`, of its partitions and of whatever is stacked on it."""
+    st = device.stat()
+    if not stat.S_ISBLK(st.st_mode):
+        raise UsageError(f"{device} is not a block device")
+    related = set(_related(st.st_rdev))
+    return [m.point for m in read_mountinfo(mountinfo)
+            if m.devno in related or _source_devno(m.source) in related]
+
+
+def is_mounted(device: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    return bool(mounts_of(device, mountinfo))
