@@ -1,0 +1,228 @@
+"""writer.py: the core on plain files and in memory, the block-device layer on loop devices."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from abupgrade.disk import attached, mounted
+from abupgrade.errors import ImageRejected, OperationalError, PolicyRefusal
+from abupgrade.partitions import LINUX_FS, PartitionSpec, TableKind, create_table
+from abupgrade.writer import SlotWriter, copy_chunks
+
+MiB = 1024 * 1024
+
+
+def payload(size: int = 5 * MiB + 123, seed: int = 1) -> bytes:
+    """Random data with long zero runs (holes), like a filesystem image."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    data[MiB : 3 * MiB] = bytes(2 * MiB)  # a whole-chunk hole
+    data[3 * MiB + 8192 : 3 * MiB + 5 * 4096] = bytes(3 * 4096)  # holes inside a chunk
+    data[-100:] = bytes(100)  # zero tail
+    return bytes(data)
+
+
+def chunked(data: bytes, sizes: tuple[int, ...] = (777, 65537, 4096, 1 << 20)) -> Iterator[bytes]:
+    at, i = 0, 0
+    while at < len(data):
+        n = sizes[i % len(sizes)]
+        yield data[at : at + n]
+        at, i = at + n, i + 1
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Watched:
+    """A chunk iterator that records whether anything was taken from it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.taken = False
+        self._it = chunked(data)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        self.taken = True
+        return next(self._it)
+
+
+# ---------------------------------------------------------------- the core, plain files
+
+
+def test_core_in_memory() -> None:
+    data = payload()
+    out = io.BytesIO()
+    stats = copy_chunks(out, chunked(data), len(data))
+    assert out.getvalue() == data
+    assert (stats.written, stats.skipped) == (len(data), 0)
+
+
+def test_core_length_checks() -> None:
+    data = payload(MiB)
+    with pytest.raises(ImageRejected, match="longer"):
+        copy_chunks(io.BytesIO(), chunked(data), len(data) - 1)
+    with pytest.raises(ImageRejected, match="ended after"):
+        copy_chunks(io.BytesIO(), chunked(data), len(data) + 1)
+
+
+def test_plain_file_bytes_equal_and_holes_skipped(tmp_path: Path) -> None:
+    data = payload()
+    target = tmp_path / "slot.img"
+    with SlotWriter(target) as writer:
+        stats = writer.write_payload(len(data), sha(data), chunked(data))
+    assert target.read_bytes() == data
+    assert stats.skipped >= 2 * MiB + 3 * 4096
+    assert stats.written + stats.skipped == len(data)
+    assert target.stat().st_blocks * 512 < len(data) - 2 * MiB  # the holes stayed holes
+
+
+def test_plain_file_old_content_is_zeroed(tmp_path: Path) -> None:
+    data = payload()
+    target = tmp_path / "slot.img"
+    target.write_bytes(b"\xff" * (len(data) + MiB))
+    with SlotWriter(target) as writer:
+        writer.write_payload(len(data), sha(data), chunked(data))
+    assert target.read_bytes()[: len(data)] == data
+
+
+def test_oversized_is_refused_before_any_byte(tmp_path: Path) -> None:
+    data = payload(2 * MiB)
+    target = tmp_path / "slot.img"
+    target.write_bytes(b"\xaa" * MiB)
+    chunks = Watched(data)
+    with SlotWriter(target, capacity=MiB) as writer, pytest.raises(ImageRejected) as err:
+        writer.write_payload(len(data), sha(data), chunks)
+    assert err.value.exit_code == 3 and "larger than the slot" in err.value.message
+    assert not chunks.taken
+    assert target.read_bytes() == b"\xaa" * MiB
+
+
+def test_readback_catches_corruption(tmp_path: Path) -> None:
+    data = payload()
+    target = tmp_path / "slot.img"
+    with SlotWriter(target, verify=False) as writer:
+        writer.write_payload(len(data), sha(data), chunked(data))
+        writer.verify_readback()  # intact: passes
+        fd = os.open(target, os.O_WRONLY)
+        os.pwrite(fd, b"\x00\x01", 4 * MiB + 5)
+        os.close(fd)
+        with pytest.raises(OperationalError, match="read-back"):
+            writer.verify_readback()
+
+
+def test_wrong_expected_hash_fails_readback(tmp_path: Path) -> None:
+    data = payload(MiB)
+    with SlotWriter(tmp_path / "slot.img") as writer, pytest.raises(OperationalError):
+        writer.write_payload(len(data), sha(b"other"), chunked(data))
+
+
+def test_interrupt_leaves_nothing_open(tmp_path: Path) -> None:
+    def interrupted() -> Iterator[bytes]:
+        yield bytes(range(256)) * 4096
+        raise KeyboardInterrupt
+
+    before = set(os.listdir("/proc/self/fd"))
+    writer = SlotWriter(tmp_path / "slot.img")
+    with pytest.raises(KeyboardInterrupt), writer:
+        writer.write_payload(4 * MiB, "0" * 64, interrupted())
+    assert writer._file is None
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+# ---------------------------------------------------------------- block devices (loop)
+
+
+def loop_missing() -> str | None:
+    if os.geteuid() != 0 or not Path("/dev/loop-control").exists():
+        return "needs root and loop devices"
+    for tool in ("losetup", "partx", "sfdisk", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+@pytest.fixture
+def loop_slot(tmp_path: Path) -> Iterator[tuple[Path, Path, int]]:
+    """(partition device, backing image, partition offset) of an 8 MiB slot full of 0xff."""
+    why = loop_missing()
+    if why:
+        pytest.skip(why)
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    os.truncate(image, 16 * MiB)
+    table = create_table(image, TableKind.GPT, [PartitionSpec(8 * MiB, LINUX_FS, "slot")])
+    start = table.get(1).start
+    with image.open("r+b") as f:
+        f.seek(start)
+        f.write(b"\xff" * 8 * MiB)
+    with attached(image) as disk:
+        yield disk.partitions[1], image, start
+
+
+def image_bytes(image: Path, start: int, size: int) -> bytes:
+    with image.open("rb") as f:
+        f.seek(start)
+        return f.read(size)
+
+
+@pytest.mark.loop
+def test_loop_bytes_equal_holes_read_zero(loop_slot: tuple[Path, Path, int]) -> None:
+    device, image, start = loop_slot
+    data = payload()
+    with SlotWriter(device) as writer:
+        stats = writer.write_payload(len(data), sha(data), chunked(data))
+    assert image_bytes(image, start, len(data)) == data
+    assert device.read_bytes()[: len(data)] == data
+    offload = Path(f"/sys/class/block/{device.name}/../queue/write_zeroes_max_bytes")
+    if int(offload.read_text()) > 0:
+        assert stats.skipped >= 2 * MiB
+    else:
+        assert stats.skipped == 0
+
+
+@pytest.mark.loop
+def test_loop_oversized_refused_before_any_byte(loop_slot: tuple[Path, Path, int]) -> None:
+    device, image, start = loop_slot
+    data = payload(8 * MiB + 4096)
+    chunks = Watched(data)
+    with SlotWriter(device) as writer, pytest.raises(ImageRejected, match="larger than the slot"):
+        writer.write_payload(len(data), sha(data), chunks)
+    assert not chunks.taken
+    assert image_bytes(image, start, 8 * MiB) == b"\xff" * 8 * MiB
+
+
+@pytest.mark.loop
+def test_loop_readback_reads_the_device(loop_slot: tuple[Path, Path, int]) -> None:
+    device, image, start = loop_slot
+    data = payload()
+    with SlotWriter(device, verify=False) as writer:
+        writer.write_payload(len(data), sha(data), chunked(data))
+        writer.verify_readback()
+        # corrupt behind the device's back: through the backing file
+        fd = os.open(image, os.O_WRONLY)
+        os.pwrite(fd, b"\x5a", start + 3 * MiB + 4096 + 7)
+        os.fsync(fd)
+        os.close(fd)
+        with pytest.raises(OperationalError, match="does not match"):
+            writer.verify_readback()
+
+
+@pytest.mark.loop
+def test_loop_mounted_slot_is_refused(loop_slot: tuple[Path, Path, int]) -> None:
+    device, _, _ = loop_slot
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
+    with mounted(device, readonly=True), pytest.raises(PolicyRefusal) as err:
+        SlotWriter(device).__enter__()
+    assert err.value.exit_code == 4
