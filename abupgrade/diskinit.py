@@ -1,0 +1,207 @@
+"""`disk init`: lay out an A/B disk on an image file or an unmounted block device.
+
+GRUB (GPT):     bios_grub 1 MiB | boot | rootfs_a | rootfs_b | data (the rest)
+syslinux (MBR): boot (bootable) | rootfs_a | rootfs_b | data (the rest)
+
+The boot filesystem gets the configuration (config.ON_DISK_PATH) and the keyring; the
+bootloader backend installs itself with slot A as the default and nothing bootable yet.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from abupgrade import bootloader
+from abupgrade.bootloader.base import DiskLayout
+from abupgrade.config import ON_DISK_PATH, Config, GrubConfig, SyslinuxConfig, render
+from abupgrade.disk import attached, mkfs_ext4, mounted
+from abupgrade.errors import PolicyRefusal, UsageError
+from abupgrade.fsutil import atomic_write
+from abupgrade.model import BootloaderKind, Slot
+from abupgrade.partitions import (
+    BIOS_GRUB,
+    LINUX_FS,
+    MBR_LINUX,
+    PartitionSpec,
+    PartitionTable,
+    TableKind,
+    create_table,
+    read_table,
+)
+from abupgrade.run import run
+from abupgrade.slots import mounts_of
+
+MiB = 1024 * 1024
+BOOT_SIZE = 256 * MiB
+MIN_DATA_SIZE = 32 * MiB
+BOOT_POINT = Path("/boot")
+DATA_POINT = Path("/data")
+KEYRING = BOOT_POINT / "abupgrade" / "keys"
+STATE_DIR = DATA_POINT / "abupgrade"
+SLOT_NAMES = {Slot.A: "rootfs_a", Slot.B: "rootfs_b"}
+
+
+@dataclass(frozen=True)
+class InitResult:
+    target: Path
+    config: Config  # as written to the disk
+    table: PartitionTable
+    boot_partition: int
+    slot_partitions: Mapping[Slot, int]
+    data_partition: int
+    slot_size: int
+
+
+def _round_mib(size: int) -> int:
+    return -(-size // MiB) * MiB
+
+
+def _layout(kind: BootloaderKind, slot_size: int, boot_size: int) -> list[PartitionSpec]:
+    if kind is BootloaderKind.GRUB:
+        return [
+            PartitionSpec(MiB, BIOS_GRUB, "bios"),
+            PartitionSpec(boot_size, LINUX_FS, "boot"),
+            PartitionSpec(slot_size, LINUX_FS, SLOT_NAMES[Slot.A]),
+            PartitionSpec(slot_size, LINUX_FS, SLOT_NAMES[Slot.B]),
+            PartitionSpec(None, LINUX_FS, "data"),
+        ]
+    return [
+        PartitionSpec(boot_size, MBR_LINUX, bootable=True),
+        PartitionSpec(slot_size, MBR_LINUX),
+        PartitionSpec(slot_size, MBR_LINUX),
+        PartitionSpec(None, MBR_LINUX),
+    ]
+
+
+def _loops_backed_by(image: Path) -> list[str]:
+    real = os.path.realpath(image)
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip() == real:
+                found.append("/dev/" + backing.parent.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+def _check_target(target: Path, size: int | None, needed: int, force: bool) -> int:
+    """Refuse what must not be touched; the size the disk will have."""
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise UsageError(f"folder {target.parent} does not exist") from None
+        mode = None
+    if mode is not None and stat.S_ISBLK(mode):
+        if size is not None:
+            raise UsageError("--size applies to image files, not to devices")
+        busy = mounts_of(target)
+        if busy:
+            raise PolicyRefusal(f"{target} is mounted on {', '.join(busy)}",
+                                hint="unmount it first; disk init never touches a mounted disk")
+        name = Path(os.path.realpath(target)).name
+        final = int(Path(f"/sys/class/block/{name}/size").read_text()) * 512
+    elif mode is None or stat.S_ISREG(mode):
+        if mode is not None:
+            users = _loops_backed_by(target)
+            if users:
+                raise PolicyRefusal(f"{target} is attached as {', '.join(users)}",
+                                    hint="detach it first (losetup -d)")
+        current = target.stat().st_size if mode is not None else 0
+        final = size if size is not None else max(current, needed)
+    else:
+        raise UsageError(f"{target} is neither a block device nor an image file")
+    if final < needed:
+        raise UsageError(f"{target} would hold {final:,} bytes, the layout needs {needed:,}",
+                         hint="give a larger --size or a smaller --slot-size")
+    if mode is not None and not force and read_table(target) is not None:
+        raise PolicyRefusal(f"{target} already has a partition table",
+                            hint="pass --force to replace it and everything on the disk")
+    return final
+
+
+def init_disk(
+    target: Path,
+    kind: BootloaderKind,
+    *,
+    size: int | None,
+    slot_size: int,
+    force: bool,
+    pubkeys: Sequence[Path],
+    compatible: str,
+    boot_size: int = BOOT_SIZE,
+) -> InitResult:
+    """Partition `target`, make the boot and data filesystems, write config and keyring,
+    and install the bootloader. Slots stay empty; slot A is the default."""
+    if not compatible or any(c in compatible for c in '"\\\n'):
+        raise UsageError(f"compatible string {compatible!r} is empty or has quotes")
+    if slot_size <= 0:
+        raise UsageError("the slot size must be positive")
+    for key in pubkeys:
+        if not key.is_file():
+            raise UsageError(f"public key {key} does not exist")
+        if key.suffix != ".pub":
+            raise UsageError(f"public key {key} must be named *.pub",
+                             hint="pass the .pub file `abupgrade keygen` wrote")
+    slot_size, boot_size = _round_mib(slot_size), _round_mib(boot_size)
+    specs = _layout(kind, slot_size, boot_size)
+    needed = 2 * MiB + sum(s.size or 0 for s in specs) + MIN_DATA_SIZE
+    final = _check_target(target, size, needed, force)
+    is_file = not target.exists() or stat.S_ISREG(target.stat().st_mode)
+    if is_file:
+        with open(target, "ab") as f:
+            f.truncate(final)
+    table_kind = TableKind.GPT if kind is BootloaderKind.GRUB else TableKind.MBR
+    table = create_table(target, table_kind, specs)
+    if not is_file:
+        run(["partx", "--update", target])  # the kernel's view of the new table
+
+    first = 2 if table_kind is TableKind.GPT else 1
+    boot_nr, data_nr = first, first + 3
+    slot_nrs = {Slot.A: first + 1, Slot.B: first + 2}
+    if table_kind is TableKind.GPT:
+        slots = {slot: f"PARTLABEL={SLOT_NAMES[slot]}" for slot in Slot}
+        mounts = {BOOT_POINT: "PARTLABEL=boot", DATA_POINT: "PARTLABEL=data"}
+    else:
+        slots = {slot: f"PARTUUID={table.get(nr).partuuid}" for slot, nr in slot_nrs.items()}
+        mounts = {BOOT_POINT: f"PARTUUID={table.get(boot_nr).partuuid}",
+                  DATA_POINT: f"PARTUUID={table.get(data_nr).partuuid}"}
+    config = Config(
+        compatible=compatible,
+        bootloader=kind,
+        slots=slots,
+        keyring=KEYRING,
+        state_dir=STATE_DIR,
+        grub=GrubConfig(env=BOOT_POINT / "grub" / "grubenv"),
+        syslinux=SyslinuxConfig(dir=BOOT_POINT / "extlinux"),
+        mounts=mounts,
+    )
+
+    with attached(target) as disk:
+        mkfs_ext4(disk.partitions[boot_nr], "boot", block_size=4096)
+        mkfs_ext4(disk.partitions[data_nr], "data", block_size=4096)
+        with mounted(disk.partitions[boot_nr]) as boot, mounted(disk.partitions[data_nr]) as data:
+            keyring = boot / KEYRING.relative_to(BOOT_POINT)
+            keyring.mkdir(parents=True)
+            for key in pubkeys:
+                shutil.copyfile(key, keyring / key.name)
+                (keyring / key.name).chmod(0o644)
+            atomic_write(boot / ON_DISK_PATH, render(config).encode())
+            (data / STATE_DIR.relative_to(DATA_POINT)).mkdir(parents=True)
+            backend = bootloader.backend_class(kind)(
+                config.rebased({BOOT_POINT: boot, DATA_POINT: data}))
+            backend.install(DiskLayout(
+                disk=disk.device,
+                boot_root=boot,
+                boot_partition=boot_nr,
+                slot_partitions=slot_nrs,
+                slot_roots=slots,
+            ))
+            os.sync()
+    return InitResult(target, config, table, boot_nr, slot_nrs, data_nr, slot_size)
