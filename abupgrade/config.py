@@ -139,7 +139,7 @@ _KNOWN = {
 
 def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
     for section, known in _KNOWN.items():
-        table = raw if not section else _section(raw, section)
+        table: Mapping[str, Any] = raw if not section else _section(raw, section)
         unknown = sorted(set(table) - known)
         if unknown:
             where = f"[{section}] " if section else ""
@@ -156,10 +156,10 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
     slots_raw = _section(raw, "slots")
     slots: dict[Slot, str] = {}
     for slot in Slot:
-        table = slots_raw.get(slot.value)
-        if not isinstance(table, Mapping):
+        slot_table = slots_raw.get(slot.value)
+        if not isinstance(slot_table, Mapping):
             raise UsageError(f"configuration: [slots.{slot}] is required")
-        slots[slot] = _get(table, "device", str, f"[slots.{slot}] ")
+        slots[slot] = _get(slot_table, "device", str, f"[slots.{slot}] ")
     extra = sorted(set(slots_raw) - {s.value for s in Slot})
     if extra:
         raise UsageError(f"configuration: unknown slot {extra[0]!r}", hint="slots are A and B")

@@ -57,6 +57,8 @@ class Bootloader(abc.ABC):
     name: ClassVar[str]
     # Boots a trial gets at most; None when any number up to the config's `tries` works.
     max_tries: ClassVar[int | None] = None
+    # Boot files ("kernel", "initrd") an image must carry for this bootloader to boot it.
+    requires_boot_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -1,0 +1,258 @@
+"""What abupgrade knows beside the bootloader: slot versions and states, the pending trial,
+the persistent history, and the lock. Everything lives in `state_dir` (on storage both slots
+share) and every write is atomic: a power cut leaves the old or the new file, never a torn one.
+The history is JSON lines; a line torn by a power cut is dropped on the next append.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from abupgrade.errors import OperationalError, PolicyRefusal
+from abupgrade.fsutil import atomic_write, fsync_dir
+from abupgrade.model import Slot, SlotState
+
+STATE_FILE = "state.json"
+HISTORY_FILE = "history.jsonl"
+LOCK_FILE = "lock"
+FORMAT = 1
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    state: SlotState = SlotState.EMPTY
+    version: str | None = None
+    installed: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A trial boot armed by `apply`; `phase` tells how far the boot hook got with it."""
+
+    slot: Slot
+    version: str | None
+    previous: str | None
+    armed: str
+    phase: str = "armed"  # armed -> checking (the hook ran on the trial slot)
+    boots: int = 0  # boots of the trial slot the hook has seen
+
+
+@dataclass(frozen=True)
+class State:
+    slots: dict[Slot, SlotRecord] = field(
+        default_factory=lambda: {slot: SlotRecord() for slot in Slot}
+    )
+    trial: Trial | None = None
+
+    def with_slot(self, slot: Slot, **changes: Any) -> State:
+        slots = dict(self.slots)
+        slots[slot] = replace(slots[slot], **changes)
+        return replace(self, slots=slots)
+
+    def to_json(self) -> dict[str, Any]:
+        trial = None
+        if self.trial is not None:
+            trial = {
+                "slot": str(self.trial.slot), "version": self.trial.version,
+                "previous": self.trial.previous, "armed": self.trial.armed,
+                "phase": self.trial.phase, "boots": self.trial.boots,
+            }
+        return {
+            "format": FORMAT,
+            "slots": {
+                str(slot): {"state": str(rec.state), "version": rec.version,
+                            "installed": rec.installed, "sha256": rec.sha256}
+                for slot, rec in self.slots.items()
+            },
+            "trial": trial,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> State:
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError("not an abupgrade state file of a known format")
+        slots = {}
+        for slot in Slot:
+            rec = raw["slots"][str(slot)]
+            slots[slot] = SlotRecord(
+                state=SlotState(rec["state"]), version=_opt_str(rec.get("version")),
+                installed=_opt_str(rec.get("installed")), sha256=_opt_str(rec.get("sha256")),
+            )
+        trial = None
+        if raw.get("trial") is not None:
+            t = raw["trial"]
+            trial = Trial(
+                slot=Slot(t["slot"]), version=_opt_str(t.get("version")),
+                previous=_opt_str(t.get("previous")), armed=str(t["armed"]),
+                phase=str(t.get("phase", "armed")), boots=int(t.get("boots", 0)),
+            )
+        return cls(slots=slots, trial=trial)
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Event:
+    time: str
+    event: str
+    slot: Slot | None
+    version: str | None
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "event": self.event,
+                "slot": str(self.slot) if self.slot else None,
+                "version": self.version, "detail": self.detail}
+
+
+class Store:
+    """state.json, history.jsonl and the lock in one folder."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def history_path(self) -> Path:
+        return self.dir / HISTORY_FILE
+
+    def ensure(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OperationalError(f"cannot create state folder {self.dir}: {exc.strerror}") from None
+
+    def load(self) -> State:
+        try:
+            raw = json.loads(self.state_path.read_bytes())
+        except FileNotFoundError:
+            return State()
+        except OSError as exc:
+            raise OperationalError(f"cannot read {self.state_path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise OperationalError(
+                f"{self.state_path} is corrupt: {exc}",
+                hint="move it away; `abupgrade boot-hook` rebuilds it from the bootloader state",
+            ) from None
+        try:
+            return State.from_json(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OperationalError(
+                f"{self.state_path} is corrupt: {exc}",
+                hint="move it away; `abupgrade boot-hook` rebuilds it from the bootloader state",
+            ) from None
+
+    def save(self, state: State) -> None:
+        self.ensure()
+        data = json.dumps(state.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+        try:
+            atomic_write(self.state_path, data)
+        except OSError as exc:
+            raise OperationalError(
+                f"cannot write {self.state_path}: {exc.strerror}",
+                hint="the state folder must be on writable storage with free space",
+            ) from None
+
+    def record(self, event: str, slot: Slot | None = None, version: str | None = None,
+               detail: str = "") -> Event:
+        """Append one event to the history, durably."""
+        self.ensure()
+        entry = Event(now(), event, slot, version, detail)
+        line = json.dumps(entry.to_json(), sort_keys=True).encode() + b"\n"
+        try:
+            fd = os.open(self.history_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                _drop_torn_tail(fd)
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.dir)
+        except OSError as exc:
+            raise OperationalError(
+                f"cannot append to {self.history_path}: {exc.strerror}",
+                hint="the state folder must be on writable storage with free space",
+            ) from None
+        return entry
+
+    def history(self, limit: int | None = None) -> list[Event]:
+        try:
+            text = self.history_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise OperationalError(f"cannot read {self.history_path}: {exc.strerror}") from None
+        events = []
+        for raw in text.split(b"\n"):
+            try:
+                item = json.loads(raw)
+                events.append(Event(
+                    time=str(item["time"]), event=str(item["event"]),
+                    slot=Slot(item["slot"]) if item.get("slot") else None,
+                    version=_opt_str(item.get("version")), detail=str(item.get("detail", "")),
+                ))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a power cut, or the empty tail
+        return events[-limit:] if limit else events
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the one abupgrade lock of this machine; refuse at once when another run has it."""
+        self.ensure()
+        path = self.dir / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OperationalError(f"cannot open lock {path}: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise PolicyRefusal(
+                    f"another abupgrade (pid {holder}) holds the lock {path}",
+                    hint="wait for it to finish",
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _drop_torn_tail(fd: int) -> None:
+    """Cut a last line that a power cut left without its newline."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    if os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - 65536)
+    tail = os.pread(fd, size - start, start)
+    cut = tail.rfind(b"\n")
+    os.ftruncate(fd, start + cut + 1 if cut >= 0 else start)

@@ -1,0 +1,67 @@
+"""The machine abupgrade works on: the running system, or a disk given with `--disk`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abupgrade import config as configuration
+from abupgrade import slots
+from abupgrade.bootloader import Bootloader, backend
+from abupgrade.config import Config
+from abupgrade.image.keys import Keyring
+from abupgrade.model import Slot
+from abupgrade.state import Store
+
+
+@dataclass(frozen=True)
+class Options:
+    config: Path | None = None
+    disk: Path | None = None
+
+
+@dataclass
+class System:
+    config: Config
+    booted: Slot | None
+    offline: bool  # a disk serviced from outside: nothing of it is running
+    bootloader: Bootloader
+    store: Store
+    _devices: dict[Slot, Path] = field(default_factory=dict)
+
+    def device(self, slot: Slot) -> Path:
+        if slot not in self._devices:
+            self._devices[slot] = slots.resolve(self.config.slots[slot])
+        return self._devices[slot]
+
+    def device_text(self, slot: Slot) -> str:
+        """The slot's device for display; its spec when it does not resolve."""
+        try:
+            return str(self.device(slot))
+        except Exception:
+            return self.config.slots[slot]
+
+    def is_in_use(self, device: Path) -> bool:
+        return slots.is_mounted(device, self.config.system.mountinfo)
+
+    def keyring(self) -> Keyring:
+        return Keyring.from_dir(self.config.keyring)
+
+
+@contextlib.contextmanager
+def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]:
+    """The running system by its configuration, or the disk of `--disk` (attached, mounted,
+    and cleaned up again when the block ends)."""
+    if options.disk is not None:
+        from abupgrade.disk import open_disk
+
+        with open_disk(options.disk, readonly=readonly) as session:
+            cfg = session.config
+            devices = {slot: Path(os.path.realpath(spec)) for slot, spec in cfg.slots.items()}
+            yield System(cfg, None, True, backend(cfg), Store(cfg.state_dir), devices)
+        return
+    cfg = configuration.load(configuration.config_path(options.config))
+    yield System(cfg, slots.booted_slot(cfg), False, backend(cfg), Store(cfg.state_dir))
