@@ -1,0 +1,472 @@
+"""The GRUB backend (BIOS, i386-pc; GPT or MBR disks; the boot filesystem ext2/3/4).
+
+The state lives in two GRUB environment blocks, `[grub] env` and the same name with `.1`
+appended, 1024 bytes each. Neither ever moves, shrinks or grows: GRUB's `save_env` rewrites
+a block in place through its disk sectors, and abupgrade writes them in place too (pwrite
+at offset 0, fsync), never with `grub-editenv` (which replaces the file).
+
+Each block carries the same variables in the same order, one character per value, so every
+write has the same layout and a write cut short leaves a mix of two well-formed blocks:
+
+    ab_gen=<0|1|2>  ab_default=<A|B>  ab_A=<g|b>  ab_B=<g|b>  ab_trial=<A|B|->
+    ab_tries=<0..9>  ab_end=<0|1|2>
+
+A block is valid when `ab_gen` is 0, 1 or 2 and `ab_end` repeats it; a torn write leaves
+them different. Of two valid blocks the newer is the one whose generation follows the
+other's (0 -> 1 -> 2 -> 0). A writer - abupgrade for every state change, grub.cfg when it
+spends a trial boot - reads the newer block and writes the *other* block with the next
+generation, so the newest valid block is never touched and a power cut at any byte leaves
+either the old or the new state. grub.cfg (rendered from grub.cfg.in at install) does the
+reading, the choice and the decrement with string comparisons only, as stock GRUB 2.06
+has no arithmetic. A trial boot is booted only after its decremented count is saved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import ClassVar
+
+from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
+from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
+from abupgrade.fsutil import atomic_write, fsync_dir
+from abupgrade.model import Slot
+from abupgrade.partitions import TableKind, read_table
+from abupgrade.run import require_tool, run
+
+ENV_SIZE = 1024
+SIGNATURE = b"# GRUB Environment Block\n"
+VARIABLES = ("ab_gen", "ab_default", "ab_A", "ab_B", "ab_trial", "ab_tries", "ab_end")
+GENERATIONS = ("0", "1", "2")
+MAX_TRIES = 9
+BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
+
+GRUB_LIB = Path("/usr/lib/grub/i386-pc")
+BIOS_SETUP = GRUB_LIB / "grub-bios-setup"
+MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "serial", "terminal", "loadenv",
+           "test", "echo", "linux", "normal")
+REFUSED_FS = {"btrfs": "btrfs", "zfs": "ZFS"}
+# What grub.cfg may carry verbatim on a `linux` line (no GRUB script syntax).
+_SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
+
+
+# ---------------------------------------------------------------- the envblk format
+
+def parse_envblk(data: bytes) -> dict[str, str] | None:
+    """Variables of a GRUB environment block, read exactly as GRUB's envblk.c reads them
+    (later duplicates win, a broken tail ends the reading); None without the signature."""
+    if len(data) < len(SIGNATURE) + 1 or not data.startswith(SIGNATURE):
+        return None
+    found: dict[str, str] = {}
+    p, end = len(SIGNATURE), len(data)
+    while p < end:
+        if data[p] != ord("#"):
+            name_end = data.find(b"=", p)
+            if name_end < 0:
+                break
+            q = name_end + 1
+            value = bytearray()
+            while q < end and data[q] != ord("\n"):
+                if data[q] == ord("\\"):
+                    q += 1
+                    if q >= end:
+                        break
+                value.append(data[q])
+                q += 1
+            if q >= end:
+                break
+            found[data[p:name_end].decode("latin-1")] = value.decode("latin-1")
+            p = q
+        p = _next_line(data, p)
+    return found
+
+
+def _next_line(data: bytes, p: int) -> int:
+    while p < len(data):
+        if data[p] == ord("\\"):
+            p += 2
+        elif data[p] == ord("\n"):
+            break
+        else:
+            p += 1
+    return p + 1
+
+
+def format_envblk(items: Sequence[tuple[str, str]], size: int = ENV_SIZE) -> bytes:
+    """A GRUB environment block of exactly `size` bytes, as grub-editenv writes one."""
+    body = bytearray(SIGNATURE)
+    for name, value in items:
+        if not name or "=" in name or "\n" in name or name.startswith("#"):
+            raise ValueError(f"invalid environment variable name {name!r}")
+        escaped = value.replace("\\", "\\\\").replace("\n", "\\\n")
+        body += f"{name}={escaped}\n".encode("latin-1")
+    if len(body) > size:
+        raise ValueError(f"environment block needs {len(body)} bytes, has {size}")
+    return bytes(body) + b"#" * (size - len(body))
+
+
+# ---------------------------------------------------------------- the protocol
+
+@dataclass(frozen=True)
+class EnvState:
+    """What one environment block says, as grub.cfg interprets it."""
+
+    default: Slot = Slot.A
+    good: frozenset[Slot] = frozenset()
+    trial: Slot | None = None
+    tries: int = 0
+
+    @classmethod
+    def from_vars(cls, env: Mapping[str, str]) -> EnvState:
+        tries = env.get("ab_tries", "")
+        trial = env.get("ab_trial")
+        return cls(
+            default=Slot.B if env.get("ab_default") == "B" else Slot.A,
+            good=frozenset(s for s in Slot if env.get(f"ab_{s.value}") == "g"),
+            trial=Slot(trial) if trial is not None and trial in ("A", "B") else None,
+            tries=int(tries) if len(tries) == 1 and tries in "0123456789" else 0,
+        )
+
+    def variables(self, generation: int) -> list[tuple[str, str]]:
+        gen = GENERATIONS[generation % 3]
+        return [
+            ("ab_gen", gen),
+            ("ab_default", self.default.value),
+            ("ab_A", "g" if Slot.A in self.good else "b"),
+            ("ab_B", "g" if Slot.B in self.good else "b"),
+            ("ab_trial", self.trial.value if self.trial else "-"),
+            ("ab_tries", str(min(max(self.tries, 0), MAX_TRIES))),
+            ("ab_end", gen),
+        ]
+
+    def block(self, generation: int) -> bytes:
+        return format_envblk(self.variables(generation))
+
+    def boot_state(self) -> BootState:
+        """What grub.cfg makes of this state on the next boots."""
+        default = self.default
+        if default not in self.good and default.other in self.good:
+            default = default.other
+        bootable = set(self.good)
+        if self.trial is not None and self.tries > 0:
+            bootable.add(self.trial)
+        return BootState(default=default, bootable=frozenset(bootable), trial=self.trial,
+                         tries_left=self.tries if self.trial is not None else 0)
+
+
+def block_generation(data: bytes) -> int | None:
+    """The generation of a valid block (0..2), None for a torn, foreign or damaged one."""
+    env = parse_envblk(data)
+    if env is None:
+        return None
+    gen = env.get("ab_gen")
+    if gen in GENERATIONS and env.get("ab_end") == gen:
+        return GENERATIONS.index(gen)
+    return None
+
+
+@dataclass(frozen=True)
+class Current:
+    """The block grub.cfg boots from (`index`, None when neither is valid) and its state."""
+
+    index: int | None
+    generation: int
+    state: EnvState
+
+    @property
+    def target(self) -> int:
+        """The block the next write goes to: never the current one."""
+        return 1 if self.index == 0 else 0
+
+
+def current(blocks: Sequence[bytes]) -> Current:
+    """The newest valid of the two blocks, chosen exactly as grub.cfg chooses it."""
+    gens = [block_generation(b) for b in blocks]
+    index: int | None = None
+    if gens[0] is not None:
+        index = 0
+        if gens[1] is not None and gens[1] == (gens[0] + 1) % 3:
+            index = 1
+    elif gens[1] is not None:
+        index = 1
+    if index is None:
+        return Current(None, 2, EnvState())  # a first write then gets generation 0
+    gen = gens[index]
+    assert gen is not None
+    env = parse_envblk(blocks[index])
+    assert env is not None
+    return Current(index, gen, EnvState.from_vars(env))
+
+
+# ---------------------------------------------------------------- the backend
+
+class Grub(Bootloader):
+    name: ClassVar[str] = "grub"
+    max_tries: ClassVar[int | None] = None  # [grub] tries is 1..9, all of them work
+
+    @property
+    def env_paths(self) -> tuple[Path, Path]:
+        return block_paths(self.config.grub.env)
+
+    # -- reading and writing the blocks
+
+    def _read_blocks(self) -> list[bytes]:
+        blocks = []
+        for path in self.env_paths:
+            try:
+                blocks.append(path.read_bytes())
+            except FileNotFoundError:
+                raise UsageError(f"no GRUB environment block at {path}",
+                                 hint="set [grub] env, or lay out the disk with "
+                                      "`abupgrade disk init --bootloader grub`") from None
+            except OSError as exc:
+                raise OperationalError(f"cannot read {path}: {exc.strerror}",
+                                       hint="is the boot partition mounted?") from None
+        return blocks
+
+    def current(self) -> Current:
+        return current(self._read_blocks())
+
+    def read(self) -> BootState:
+        return self.current().state.boot_state()
+
+    def write(self, state: EnvState) -> None:
+        """One in-place write of the block that is not current, with the next generation."""
+        now = self.current()
+        path = self.env_paths[now.target]
+        data = state.block(now.generation + 1)
+        write_in_place(path, data)
+        if read_exactly(path) != data:
+            raise OperationalError(f"{path} does not read back what was written",
+                                   hint="check the boot partition for errors")
+
+    def disable(self, slot: Slot) -> None:
+        state = self.current().state
+        effective = state.boot_state().default
+        if effective == slot:
+            if slot.other not in state.good:
+                raise PolicyRefusal(f"cannot disable slot {slot}: slot {slot.other} cannot boot",
+                                    hint="the machine would be left without a bootable slot")
+            state = replace(state, default=slot.other)
+        if state.trial == slot:
+            state = replace(state, trial=None, tries=0)
+        self.write(replace(state, good=state.good - {slot}))
+
+    def arm_trial(self, slot: Slot, tries: int) -> None:
+        if tries < 1:
+            raise ValueError("a trial needs at least one boot")
+        state = self.current().state
+        self.write(replace(state, trial=slot, tries=min(tries, MAX_TRIES)))
+
+    def commit(self, slot: Slot) -> None:
+        state = self.current().state
+        self.write(replace(state, default=slot, good=state.good | {slot}, trial=None, tries=0))
+
+    def boot_file_path(self, slot: Slot, name: str) -> Path:
+        try:
+            return self.config.grub.env.parent / "slots" / slot.value / BOOT_FILES[name]
+        except KeyError:
+            raise ValueError(f"unknown boot file {name!r}; known: {', '.join(BOOT_FILES)}") \
+                from None
+
+    # -- checks
+
+    def preflight(self) -> None:
+        env = self.config.grub.env
+        hint_init = "lay out the disk with `abupgrade disk init --bootloader grub`"
+        for path in self.env_paths:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise UsageError(f"no GRUB environment block at {path}",
+                                 hint=f"set [grub] env, or {hint_init}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"GRUB environment block {path} is not a regular file",
+                                 hint=hint_init)
+            if st.st_size != ENV_SIZE:
+                raise UsageError(
+                    f"GRUB environment block {path} has {st.st_size} bytes, not {ENV_SIZE}",
+                    hint="it was replaced (grub-editenv does that); " + hint_init)
+            if st.st_blocks * 512 < ENV_SIZE:
+                raise UsageError(f"GRUB environment block {path} is sparse",
+                                 hint="GRUB writes it through its disk sectors, so every byte "
+                                      "must be allocated: " + hint_init)
+            if not os.access(path, os.W_OK):
+                raise UsageError(f"GRUB environment block {path} is not writable",
+                                 hint="mount the boot partition read-write")
+        mount = find_mount(env, self.config.system.mountinfo)
+        if mount is None:
+            return
+        if mount.fstype in REFUSED_FS:
+            raise UsageError(
+                f"GRUB environment {env} is on {REFUSED_FS[mount.fstype]}, where GRUB "
+                "cannot write it in place",
+                hint="keep [grub] env on an ext2/3/4 boot partition on a plain disk")
+        stacked = stacked_kind(mount)
+        if stacked is not None:
+            raise UsageError(
+                f"GRUB environment {env} is on {stacked} ({mount.source}); GRUB writes the "
+                "block through the BIOS disk, beneath it",
+                hint="keep [grub] env on a plain partition of the boot disk")
+
+    # -- installing
+
+    def install(self, layout: DiskLayout) -> None:
+        """grub-mkimage + grub-bios-setup onto layout.disk, grub.cfg, both env blocks
+        (slot A default and good, B bad), and the boot files' folders."""
+        mkimage = require_tool("grub-mkimage", package="grub-common")
+        if not BIOS_SETUP.is_file():
+            raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
+        table = read_table(layout.disk)
+        if table is None:
+            raise UsageError(f"{layout.disk} has no partition table",
+                             hint="lay out the disk with `abupgrade disk init`")
+        label = "gpt" if table.kind is TableKind.GPT else "msdos"
+        env, env_rel = self._on_boot_fs(layout)
+        grub_dir = layout.boot_root / "grub"
+        modules_dir = grub_dir / "i386-pc"
+        modules_dir.mkdir(parents=True, exist_ok=True)
+        for item in sorted(GRUB_LIB.iterdir()):
+            if item.suffix in (".mod", ".lst") or item.name == "boot.img":
+                shutil.copyfile(item, modules_dir / item.name)
+        boot_device = f"(hd0,{label}{layout.boot_partition})"
+        run([mkimage, "-O", "i386-pc", "-d", GRUB_LIB, "-p", f"{boot_device}/grub",
+             "-o", modules_dir / "core.img", *MODULES], timeout=120)
+        parts = {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
+        cfg = render_cfg(boot_device=boot_device, env_rel=env_rel, parts=parts,
+                         roots=layout.slot_roots, cmdline=layout.kernel_cmdline)
+        atomic_write(grub_dir / "grub.cfg", cfg.encode())
+        for slot in Slot:
+            (env.parent / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
+        fresh = EnvState(default=Slot.A, good=frozenset({Slot.A}))
+        # Block 0 is current (generation 0); block 1 holds the same state one generation older.
+        for path, generation in zip(block_paths(env), (0, 2), strict=True):
+            atomic_write(path, fresh.block(generation))
+        run([BIOS_SETUP, "-d", modules_dir, layout.disk], timeout=120,
+            hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
+        fsync_dir(grub_dir)
+
+    def _on_boot_fs(self, layout: DiskLayout) -> tuple[Path, str]:
+        """Where `[grub] env` is while the boot fs is mounted at layout.boot_root, and its
+        path inside the boot filesystem."""
+        wanted, root = self.config.grub.env, layout.boot_root
+        if root in wanted.parents:
+            return wanted, wanted.relative_to(root).as_posix()
+        for point in sorted(self.config.mounts, key=lambda p: len(p.parts), reverse=True):
+            if point in wanted.parents:
+                rel = wanted.relative_to(point)
+                return root / rel, rel.as_posix()
+        raise UsageError(f"[grub] env {wanted} is not on a partition named in [mounts]",
+                         hint="put the GRUB environment under the boot partition's mount point")
+
+
+def block_paths(env: Path) -> tuple[Path, Path]:
+    return env, env.with_name(env.name + ".1")
+
+
+def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
+               roots: Mapping[Slot, str], cmdline: str) -> str:
+    """grub.cfg from grub.cfg.in. `boot_device` is GRUB's name of the boot partition
+    ("(hd0,gpt2)"), `env_rel` the env block's path inside it, `parts` GRUB's names of the
+    slot partitions, `roots` the kernel's root= of each slot."""
+    for what, text in (("kernel command line", cmdline), *((f"root of slot {s}", r)
+                                                          for s, r in roots.items())):
+        if not _SAFE_WORDS.fullmatch(text):
+            raise UsageError(f"{what} {text!r} cannot be written into grub.cfg",
+                             hint="use letters, digits and _.,:=/+@%- separated by single spaces")
+    env0 = f"{boot_device}/{env_rel}"
+    slots_dir = f"{boot_device}/{Path(env_rel).parent.as_posix()}/slots".replace("/./", "/")
+    values = {"ENV0": env0, "ENV1": env0 + ".1", "CMDLINE": cmdline}
+    for slot in Slot:
+        values[f"{slot.value}_PART"] = parts[slot]
+        values[f"{slot.value}_ROOT"] = roots[slot]
+        values[f"{slot.value}_KERNEL"] = f"{slots_dir}/{slot.value}/{BOOT_FILES['kernel']}"
+        values[f"{slot.value}_INITRD"] = f"{slots_dir}/{slot.value}/{BOOT_FILES['initrd']}"
+    template = resources.files("abupgrade.bootloader").joinpath("grub.cfg.in").read_text()
+    text = re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m[1]], template)
+    return text
+
+
+# ---------------------------------------------------------------- files and mounts
+
+def read_exactly(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(ENV_SIZE + 1)
+
+
+def write_in_place(path: Path, data: bytes) -> None:
+    """pwrite the whole block at offset 0 and fsync: the file is never truncated or moved."""
+    if len(data) != ENV_SIZE:
+        raise ValueError(f"an environment block is {ENV_SIZE} bytes, not {len(data)}")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as exc:
+        raise OperationalError(f"cannot open {path}: {exc.strerror}",
+                               hint="is the boot partition mounted read-write?") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != ENV_SIZE:
+            raise UsageError(f"GRUB environment block {path} has {size} bytes, not {ENV_SIZE}",
+                             hint="it was replaced; lay the boot disk out again")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+        os.fsync(fd)
+    except OSError as exc:
+        raise OperationalError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class MountFacts:
+    point: Path
+    devno: int
+    fstype: str
+    source: str
+
+
+def find_mount(path: Path, mountinfo: Path) -> MountFacts | None:
+    """The mount holding `path` (the last of the longest matching mount points)."""
+    target = path.resolve()
+    best: MountFacts | None = None
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, after = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(after) < 2:
+            continue
+        point = Path(_unescape(fields[4]))
+        if point != target and point not in target.parents:
+            continue
+        if best is None or len(point.parts) >= len(best.point.parts):
+            major, _, minor = fields[2].partition(":")
+            best = MountFacts(point, os.makedev(int(major), int(minor)), after[0],
+                              _unescape(after[1]))
+    return best
+
+
+def stacked_kind(mount: MountFacts) -> str | None:
+    """"LVM/device-mapper" or "software RAID" when the mount's device is one, else None."""
+    name = Path(mount.source).name
+    sysdir = Path(f"/sys/dev/block/{os.major(mount.devno)}:{os.minor(mount.devno)}")
+    if mount.source.startswith("/dev/mapper/") or name.startswith("dm-") \
+            or (sysdir / "dm").is_dir():
+        return "LVM/device-mapper"
+    if re.fullmatch(r"md\d+(p\d+)?|md/.+", name) or mount.source.startswith("/dev/md/") \
+            or (sysdir / "md").is_dir():
+        return "software RAID"
+    return None
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
