@@ -15,6 +15,7 @@ import ctypes.util
 import errno
 import fcntl
 import hashlib
+import io
 import mmap
 import os
 import stat
@@ -31,7 +32,7 @@ from abupgrade.progress import NullProgress, Progress
 
 BLOCK = 4096  # zero detection granularity (the usual filesystem block)
 CHUNK = 1024 * 1024  # bytes gathered before a write
-SYNC_EVERY = 64 * 1024 * 1024  # fsync after this many written bytes: keeps dirty memory flat
+SYNC_EVERY = 64 * 1024 * 1024  # writeback window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
 
 _BLKGETSIZE64 = 0x80081272
@@ -72,10 +73,10 @@ def copy_chunks(
     fill = 0
     pos = 0  # offset of pending[0] in the target
     written = 0
-    since_sync = 0
+    behind = _WriteBehind(out, sync_every)
 
     def put(data: memoryview, offset: int) -> None:
-        nonlocal written, since_sync
+        nonlocal written
         out.seek(offset)
         while data:
             n = out.write(data)
@@ -83,10 +84,6 @@ def copy_chunks(
                 raise OperationalError(f"short write at byte {offset}")
             data, offset = data[n:], offset + n
             written += n
-            since_sync += n
-        if since_sync >= sync_every:
-            _sync(out)
-            since_sync = 0
 
     def flush(length: int) -> None:
         if not skip_zeros:
@@ -122,6 +119,7 @@ def copy_chunks(
                     flush(CHUNK)
                     pos += CHUNK
                     fill = 0
+                    behind.reached(pos)
         if fill:
             flush(fill)
             pos += fill
@@ -138,16 +136,61 @@ def _sync(out: BinaryIO) -> None:
     out.flush()
     try:
         fd = out.fileno()
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, io.UnsupportedOperation):
         return  # an in-memory file: nothing to sync
     os.fsync(fd)
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+
+class _WriteBehind:
+    """Keeps dirty memory at about two windows without stalling the writes.
+
+    Each full window is handed to writeback at once (sync_file_range WRITE) and the window
+    before it is waited for; the final fsync still makes everything durable. Where
+    sync_file_range is not available, a full window is fsynced.
+    """
+
+    def __init__(self, out: BinaryIO, window: int) -> None:
+        self.window = window
+        self.start = 0  # the window being filled begins here
+        self.previous: tuple[int, int] | None = None  # the window in writeback
+        try:
+            self.fd: int | None = out.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            self.fd = None
+        self.out = out
+
+    def reached(self, pos: int) -> None:
+        if self.fd is None or pos - self.start < self.window:
+            return
+        current = (self.start, pos - self.start)
+        if not self._range(*current, _SYNC_FILE_RANGE_WRITE):
+            _sync(self.out)
+        elif self.previous is not None:
+            self._range(*self.previous, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
+                        | _SYNC_FILE_RANGE_WAIT_AFTER)
+        self.previous, self.start = current, pos
+
+    def _range(self, offset: int, length: int, flags: int) -> bool:
+        call = _libc.sync_file_range
+        call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        if call(self.fd, offset, length, flags) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.ESPIPE, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise OperationalError(f"writeback failed: {os.strerror(err)}")
+
+
 def _libc_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2) with flags (os.posix_fallocate has none); False when unsupported."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) == 0:
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
