@@ -1,0 +1,176 @@
+"""Build a signed image: hash the inputs, then write manifest, signatures and payloads."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from abupgrade.errors import ImageRejected, OperationalError, UsageError
+from abupgrade.fsutil import atomic_writer
+from abupgrade.image import signature
+from abupgrade.image.compress import encoder
+from abupgrade.image.keys import load_private
+from abupgrade.image.manifest import (
+    MANIFEST_NAME,
+    SIGNATURES_NAME,
+    Compression,
+    Manifest,
+    Payload,
+    PayloadKind,
+)
+from abupgrade.image.tar import END_MARKER, encode_header, padding
+from abupgrade.progress import NullProgress, Progress
+
+SLOT_PAYLOAD = "rootfs"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    kind: PayloadKind
+    path: Path
+    compression: Compression
+
+
+def build(
+    rootfs: Path,
+    version: str,
+    compatible: str,
+    keys: Sequence[Path],
+    out: Path,
+    *,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    compression: str | Compression = Compression.ZSTD,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Write a signed image of `rootfs` (plus optional kernel and initrd) to `out` atomically.
+
+    `compression` applies to the slot payload; kernel and initrd are stored as they are (they
+    come compressed already).
+    """
+    sink: Progress = progress or NullProgress()
+    codec = compression if isinstance(compression, Compression) else Compression.parse(compression)
+    if not keys:
+        raise UsageError("an image needs at least one signing key", hint="pass --key K.key")
+    private_keys = [load_private(path) for path in keys]
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory {out.parent} does not exist")
+    inputs = [_Input(SLOT_PAYLOAD, PayloadKind.SLOT, rootfs, codec)]
+    for name, path in (("kernel", kernel), ("initrd", initrd)):
+        if path is not None:
+            inputs.append(_Input(name, PayloadKind.BOOT, path, Compression.NONE))
+
+    payloads = tuple(_hash(item, sink) for item in inputs)
+    try:
+        manifest = Manifest.create(version, compatible, payloads)
+    except ImageRejected as e:
+        raise UsageError(e.message, hint=e.hint) from None
+    manifest_bytes = manifest.serialize()
+    sig_bytes = signature.sign(manifest_bytes, private_keys)
+    mtime = int(datetime.datetime.fromisoformat(manifest.created).timestamp())
+
+    sink.start("write", sum(p.size for p in payloads))
+    try:
+        with atomic_writer(out) as dest:
+            _write_member(dest, MANIFEST_NAME, manifest_bytes, mtime)
+            _write_member(dest, SIGNATURES_NAME, sig_bytes, mtime)
+            for item, payload in zip(inputs, payloads, strict=True):
+                _write_payload(dest, item, payload, mtime, sink)
+            dest.write(END_MARKER)
+    except OSError as e:
+        raise OperationalError(f"writing {out} failed: {e.strerror or e}") from None
+    finally:
+        sink.finish()
+    return manifest
+
+
+def _open(path: Path) -> io.BufferedReader:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory") from None
+    except OSError as e:
+        raise OperationalError(f"cannot read {path}: {e.strerror}") from None
+    mode = os.fstat(handle.fileno()).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        handle.close()
+        raise UsageError(f"{path} is neither a regular file nor a block device")
+    return handle
+
+
+def _blocks(handle: io.BufferedReader, path: Path) -> Iterator[memoryview]:
+    buffer = memoryview(bytearray(CHUNK))
+    while True:
+        try:
+            n = handle.readinto(buffer)
+        except OSError as e:
+            raise OperationalError(f"reading {path} failed: {e.strerror}") from None
+        if not n:
+            return
+        yield buffer[:n]
+
+
+def _hash(item: _Input, sink: Progress) -> Payload:
+    digest = hashlib.sha256()
+    size = 0
+    with _open(item.path) as handle:
+        sink.start(f"hash {item.name}", _size(handle))
+        for block in _blocks(handle, item.path):
+            digest.update(block)
+            size += len(block)
+            sink.advance(len(block))
+        sink.finish()
+    if size == 0:
+        raise UsageError(f"{item.path} is empty")
+    return Payload(item.name, item.kind, size, digest.hexdigest(), item.compression)
+
+
+def _size(handle: BinaryIO) -> int:
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(0)
+    return size
+
+
+def _write_member(dest: BinaryIO, name: str, data: bytes, mtime: int) -> None:
+    dest.write(encode_header(name, len(data), mtime))
+    dest.write(data)
+    dest.write(bytes(padding(len(data))))
+
+
+def _write_payload(dest: BinaryIO, item: _Input, payload: Payload, mtime: int, sink: Progress) -> None:
+    """Stream one payload; a compressed member's header is patched once its size is known."""
+    start = dest.tell()
+    dest.write(encode_header(payload.name, payload.size, mtime))
+    codec = encoder(payload.compression, payload.size)
+    digest = hashlib.sha256()
+    stored = 0
+    with _open(item.path) as handle:
+        for block in _blocks(handle, item.path):
+            digest.update(block)
+            if payload.compression is Compression.NONE:
+                stored += dest.write(block)
+            else:
+                stored += dest.write(codec.compress(block))
+            sink.advance(len(block))
+    stored += dest.write(codec.flush())
+    if digest.hexdigest() != payload.sha256:
+        raise OperationalError(
+            f"{item.path} changed while the image was being built", hint="build from a quiet file"
+        )
+    if stored != payload.size or payload.compression is not Compression.NONE:
+        end = dest.tell()
+        dest.seek(start)
+        dest.write(encode_header(payload.name, stored, mtime))
+        dest.seek(end)
+    dest.write(bytes(padding(stored)))

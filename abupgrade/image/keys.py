@@ -1,0 +1,170 @@
+"""Ed25519 signing keys: generate, load, identify, and the keyring of trusted public keys."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from abupgrade.errors import OperationalError, UsageError
+from abupgrade.fsutil import fsync_dir
+
+
+def key_paths(prefix: Path) -> tuple[Path, Path]:
+    """PREFIX.key and PREFIX.pub."""
+    return prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
+
+
+def generate(prefix: Path) -> tuple[Path, Path]:
+    """Write a new key pair to PREFIX.key (mode 0600) and PREFIX.pub; never overwrite either."""
+    private_path, public_path = key_paths(prefix)
+    for path in (private_path, public_path):
+        if path.exists() or path.is_symlink():
+            raise UsageError(f"{path} exists", hint="choose another prefix; keys are never overwritten")
+    if not prefix.parent.is_dir():
+        raise UsageError(f"directory {prefix.parent} does not exist")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _create_exclusive(private_path, private_pem, 0o600)
+    try:
+        _create_exclusive(public_path, public_pem, 0o644)
+    except BaseException:
+        private_path.unlink()
+        raise
+    fsync_dir(private_path.parent)
+    return private_path, public_path
+
+
+def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
+    """Write a complete file, then link it into place: all or nothing, and never over a file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OperationalError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} exists", hint="keys are never overwritten") from None
+    except OSError as e:
+        raise OperationalError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """The first 16 hex digits of the sha256 of the raw 32-byte public key."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory") from None
+    except OSError as e:
+        raise OperationalError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 private key in a PEM file (unencrypted PKCS8)."""
+    data = _read(path, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise UsageError(
+            f"{path} is not an unencrypted PEM private key", hint="make one with `abupgrade keygen`"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UsageError(f"{path} is not an Ed25519 key", hint="make one with `abupgrade keygen`")
+    return key
+
+
+def permission_warning(path: Path) -> str | None:
+    """A warning to show when the private key file is readable by group or others, else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        mode_text = f"{stat.S_IMODE(mode):04o}"
+        return f"private key {path} is readable by others (mode {mode_text}); chmod 600 it"
+    return None
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    """The Ed25519 public key in a PEM file (SubjectPublicKeyInfo)."""
+    data = _read(path, "public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise UsageError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UsageError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """The trusted public keys, by key id."""
+
+    keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    sources: Mapping[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def from_files(cls, paths: Iterable[Path]) -> Keyring:
+        keys: dict[str, Ed25519PublicKey] = {}
+        sources: dict[str, Path] = {}
+        for path in paths:
+            public = load_public(path)
+            kid = key_id(public)
+            keys[kid] = public
+            sources.setdefault(kid, path)
+        return cls(keys, sources)
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> Keyring:
+        """Every *.pub in `directory`."""
+        if not directory.is_dir():
+            raise UsageError(
+                f"keyring {directory} is not a directory",
+                hint="set `keyring` in the configuration or pass --pubkey",
+            )
+        return cls.from_files(sorted(directory.glob("*.pub")))
+
+    def get(self, kid: str) -> Ed25519PublicKey | None:
+        return self.keys.get(kid)
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def describe(self) -> str:
+        """Where the keys came from, for hints."""
+        if not self.sources:
+            return "the keyring is empty"
+        return "trusted: " + ", ".join(f"{k} ({p.name})" for k, p in sorted(self.sources.items()))

@@ -1,0 +1,247 @@
+"""The signed manifest: what an image holds, parsed strictly, serialized canonically."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from abupgrade.errors import ImageRejected
+from abupgrade.image.tar import NAME_RE
+
+FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURES_NAME = "manifest.sig"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_PAYLOAD_SIZE = 1 << 44  # 16 TiB: more than any slot, less than absurd
+MAX_PAYLOADS = 8
+BOOT_NAMES = ("kernel", "initrd")
+
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
+_COMPATIBLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class PayloadKind(enum.StrEnum):
+    SLOT = "slot"  # the root filesystem image, written to the whole slot
+    BOOT = "boot"  # a kernel or initrd the bootloader loads for this slot
+
+
+class Compression(enum.StrEnum):
+    NONE = "none"
+    GZIP = "gzip"
+    XZ = "xz"
+    ZSTD = "zstd"
+
+    @classmethod
+    def parse(cls, text: str) -> Compression:
+        from abupgrade.errors import UsageError
+
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(c.value for c in cls)
+            raise UsageError(f"unknown compression {text!r}", hint=f"use one of {choices}") from None
+
+
+@dataclass(frozen=True)
+class Payload:
+    name: str
+    kind: PayloadKind
+    size: int  # of the uncompressed bytes
+    sha256: str  # of the uncompressed bytes, lower-case hex
+    compression: Compression
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "size": self.size,
+            "sha256": self.sha256,
+            "compression": self.compression.value,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int
+    version: str
+    compatible: str
+    created: str  # ISO-8601, UTC
+    payloads: tuple[Payload, ...]
+
+    @property
+    def slot(self) -> Payload:
+        return next(p for p in self.payloads if p.kind is PayloadKind.SLOT)
+
+    def boot(self, name: str) -> Payload | None:
+        return next((p for p in self.payloads if p.kind is PayloadKind.BOOT and p.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "compatible": self.compatible,
+            "created": self.created,
+            "payloads": [p.to_json() for p in self.payloads],
+        }
+
+    def serialize(self) -> bytes:
+        """Canonical bytes: sorted keys, no whitespace, ASCII. These bytes are what is signed."""
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def create(cls, version: str, compatible: str, payloads: tuple[Payload, ...]) -> Manifest:
+        """A new manifest, checked by the same rules the reader applies."""
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        created = now.isoformat().replace("+00:00", "Z")
+        manifest = cls(FORMAT, version, compatible, created, payloads)
+        return parse(manifest.serialize())
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def strict_json(data: bytes, what: str) -> Any:
+    """json.loads that refuses duplicate keys, NaN/Infinity and non-UTF-8 input."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in items:
+            if key in result:
+                raise ImageRejected(f"{what}: duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    def constant(name: str) -> Any:
+        raise ImageRejected(f"{what}: {name} is not allowed")
+
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ImageRejected(f"{what} is not valid JSON: {e}") from None
+
+
+def parse(data: bytes) -> Manifest:
+    """The manifest in `data`, or ImageRejected naming the first problem."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ImageRejected(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    doc = _object(
+        strict_json(data, "manifest"),
+        "manifest",
+        {"format", "version", "compatible", "created", "payloads"},
+    )
+    if _int(doc["format"], "manifest format") != FORMAT:
+        raise ImageRejected(
+            f"unsupported manifest format {doc['format']}",
+            hint=f"this abupgrade reads format {FORMAT}; upgrade abupgrade first",
+        )
+    version = _text(doc["version"], "version", _VERSION_RE)
+    compatible = _text(doc["compatible"], "compatible", _COMPATIBLE_RE)
+    created = _str(doc["created"], "created")
+    try:
+        datetime.datetime.fromisoformat(created)
+    except ValueError:
+        raise ImageRejected(f"manifest created {created!r} is not an ISO-8601 time") from None
+    items = doc["payloads"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_PAYLOADS:
+        raise ImageRejected(f"manifest payloads must be a list of 1 to {MAX_PAYLOADS} entries")
+    payloads = tuple(_payload(item, i) for i, item in enumerate(items))
+    names = [p.name for p in payloads]
+    for name in names:
+        if names.count(name) > 1:
+            raise ImageRejected(f"manifest names payload {name!r} twice")
+    slots = [p for p in payloads if p.kind is PayloadKind.SLOT]
+    if len(slots) != 1:
+        raise ImageRejected(f"manifest has {len(slots)} slot payloads; exactly one is required")
+    return Manifest(FORMAT, version, compatible, created, payloads)
+
+
+def _payload(item: Any, index: int) -> Payload:
+    what = f"manifest payload {index}"
+    doc = _object(item, what, {"name", "kind", "size", "sha256", "compression"})
+    name = _text(doc["name"], f"{what} name", NAME_RE)
+    if name in (MANIFEST_NAME, SIGNATURES_NAME):
+        raise ImageRejected(f"{what} uses the reserved name {name!r}")
+    try:
+        kind = PayloadKind(_str(doc["kind"], f"{what} kind"))
+    except ValueError:
+        raise ImageRejected(f"{what} has unknown kind {doc['kind']!r}") from None
+    if kind is PayloadKind.BOOT and name not in BOOT_NAMES:
+        raise ImageRejected(f"boot payload {name!r} must be named one of {', '.join(BOOT_NAMES)}")
+    if kind is PayloadKind.SLOT and name in BOOT_NAMES:
+        raise ImageRejected(f"slot payload may not be named {name!r}")
+    size = _int(doc["size"], f"{what} size")
+    if not 1 <= size <= MAX_PAYLOAD_SIZE:
+        raise ImageRejected(f"payload {name!r} has an absurd size {size}")
+    sha256 = _text(doc["sha256"], f"{what} sha256", _SHA256_RE)
+    try:
+        compression = Compression(_str(doc["compression"], f"{what} compression"))
+    except ValueError:
+        raise ImageRejected(f"payload {name!r} has unknown compression {doc['compression']!r}") from None
+    return Payload(name, kind, size, sha256, compression)
+
+
+def _object(value: Any, what: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ImageRejected(f"{what} must be a JSON object")
+    unknown = sorted(set(value) - keys)
+    missing = sorted(keys - set(value))
+    if unknown:
+        raise ImageRejected(f"{what} has unknown key {unknown[0]!r}")
+    if missing:
+        raise ImageRejected(f"{what} lacks key {missing[0]!r}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ImageRejected(f"{what} must be an integer")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ImageRejected(f"{what} must be a string")
+    return value
+
+
+def _text(value: Any, what: str, pattern: re.Pattern[str]) -> str:
+    text = _str(value, what)
+    if not pattern.fullmatch(text):
+        raise ImageRejected(f"{what} {text[:80]!r} is not allowed (expected {pattern.pattern})")
+    return text
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as version `a` is older than, equal to, or newer than `b`.
+
+    Dot-separated parts compare numerically where numeric ("1.10" > "1.9"); missing parts count
+    as zero ("1.2" == "1.2.0"); letters within a part compare after its digits, alphabetically
+    ("1.2a" > "1.2"). A "-suffix" marks a pre-release that sorts before the plain version
+    ("2.0-rc1" < "2.0"); "+build" metadata is ignored.
+    """
+    ka, kb = _version_key(a), _version_key(b)
+    return (ka > kb) - (ka < kb)
+
+
+_Part = tuple[tuple[int, int, str], ...]
+
+
+def _version_key(version: str) -> tuple[tuple[_Part, ...], int, tuple[_Part, ...]]:
+    main, _, pre = version.split("+", 1)[0].partition("-")
+    parts = [_part(p) for p in main.split(".")]
+    while parts and parts[-1] == _part("0"):
+        parts.pop()
+    pre_parts = tuple(_part(p) for p in pre.split(".")) if pre else ()
+    return tuple(parts), 0 if pre else 1, pre_parts
+
+
+def _part(text: str) -> _Part:
+    runs = re.findall(r"\d+|[^\d]+", text)
+    return tuple((1, int(r), "") if r.isdigit() else (0, 0, r) for r in runs) or ((1, 0, ""),)

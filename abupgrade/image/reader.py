@@ -1,0 +1,321 @@
+"""Streaming, verifying image reader: one pass, flat memory, nothing extracted by name.
+
+The manifest and its signatures are read and checked before the first payload byte is handed
+out; each payload's chunks are hashed as they pass, and its iterator raises ImageRejected at its
+end when size or sha256 do not match. The consumer writes the chunks wherever it wants (a slot,
+/dev/null) and must not treat a payload as good before its iterator ended without error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, BinaryIO
+
+from abupgrade.errors import ImageRejected, OperationalError
+from abupgrade.image import manifest as manifest_mod
+from abupgrade.image import signature as signature_mod
+from abupgrade.image.compress import decoder, max_member_size
+from abupgrade.image.keys import Keyring
+from abupgrade.image.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SIGNATURES_NAME,
+    Compression,
+    Manifest,
+    Payload,
+)
+from abupgrade.image.signature import MAX_SIGNATURES_BYTES, Signature, SignatureStatus
+from abupgrade.image.tar import BLOCK, Header, decode_header, padding
+from abupgrade.progress import NullProgress, Progress
+
+CHUNK = 1 << 20
+MAX_TRAILING_PADDING = 1 << 20
+
+Chunk = bytes | memoryview
+
+
+def _readinto_by_read(stream: BinaryIO, view: memoryview) -> int:
+    data = stream.read(len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+class _Input:
+    """The image stream, read exactly, with the offset for messages."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._readinto: Callable[[memoryview], int | None] = getattr(stream, "readinto", None) or partial(
+            _readinto_by_read, stream
+        )
+        self.offset = 0
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill `view` as far as the stream goes; fewer bytes only at its end."""
+        got = 0
+        while got < len(view):
+            try:
+                n = self._readinto(view[got:])
+            except (OSError, http.client.HTTPException) as e:
+                at = self.offset + got
+                raise OperationalError(f"reading the image failed at byte {at}: {e}") from None
+            if not n:
+                break
+            got += n
+        self.offset += got
+        return got
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        self.readinto_exact(memoryview(buf), what)
+        return bytes(buf)
+
+    def readinto_exact(self, view: memoryview, what: str) -> None:
+        start = self.offset
+        if self.readinto(view) != len(view):
+            raise ImageRejected(f"image truncated at byte {self.offset} in {what} (from byte {start})")
+
+    def header(self) -> Header | None:
+        offset = self.offset
+        block = bytearray(BLOCK)
+        got = self.readinto(memoryview(block))
+        if got != BLOCK:
+            raise ImageRejected(f"image truncated at byte {self.offset} in a member header")
+        return decode_header(block, offset)
+
+    def padding(self, size: int, name: str) -> None:
+        pad = padding(size)
+        if pad and any(self.read_exact(pad, f"the padding of {name!r}")):
+            raise ImageRejected(f"non-zero padding after member {name!r}")
+
+
+class _Member:
+    """The stored bytes of one member, for decoders (compress.Source)."""
+
+    def __init__(self, source: _Input, size: int, name: str) -> None:
+        self._in = source
+        self._name = name
+        self.remaining = size
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.remaining)
+        data = self._in.read_exact(n, f"payload {self._name!r}") if n else b""
+        self.remaining -= n
+        return data
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        if n > self.remaining:
+            raise ImageRejected(f"{what} runs past the end of its member")
+        return self.read(n)
+
+
+@dataclass(frozen=True)
+class _Head:
+    manifest_bytes: bytes
+    signatures: tuple[Signature, ...]
+
+
+def _read_head(source: _Input) -> _Head:
+    first = source.header()
+    if first is None:
+        raise ImageRejected("image is an empty archive")
+    if first.name != MANIFEST_NAME:
+        raise ImageRejected(f"first member is {first.name!r}; an image starts with {MANIFEST_NAME}")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise ImageRejected(f"manifest is {first.size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    manifest_bytes = source.read_exact(first.size, MANIFEST_NAME)
+    source.padding(first.size, MANIFEST_NAME)
+    second = source.header()
+    if second is None or second.name != SIGNATURES_NAME:
+        raise ImageRejected(
+            f"image has no signature: {SIGNATURES_NAME} must follow {MANIFEST_NAME}",
+            hint="sign it with `abupgrade image build --key`",
+        )
+    if second.size > MAX_SIGNATURES_BYTES:
+        raise ImageRejected(f"{SIGNATURES_NAME} is {second.size} bytes, over the limit")
+    sig_bytes = source.read_exact(second.size, SIGNATURES_NAME)
+    source.padding(second.size, SIGNATURES_NAME)
+    return _Head(manifest_bytes, signature_mod.parse(sig_bytes))
+
+
+class ImageReader:
+    """Verify an image from a stream and hand out its payloads in order.
+
+    The constructor reads the manifest and signatures and raises ImageRejected unless a trusted
+    key signed the manifest. `payloads()` then yields (Payload, chunks) in manifest order;
+    consume each chunk before asking for the next: chunks of uncompressed payloads are views
+    into one reused buffer.
+    """
+
+    def __init__(self, stream: BinaryIO, keyring: Keyring, *, progress: Progress | None = None) -> None:
+        self._in = _Input(stream)
+        self._progress: Progress = progress or NullProgress()
+        head = _read_head(self._in)
+        self.manifest_bytes = head.manifest_bytes
+        self.signatures: tuple[SignatureStatus, ...] = signature_mod.check(
+            head.manifest_bytes, head.signatures, keyring, strict=True
+        )
+        self.manifest: Manifest = manifest_mod.parse(head.manifest_bytes)
+        self._buffer = memoryview(bytearray(min(CHUNK, max(p.size for p in self.manifest.payloads))))
+        self._started = False
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the stream read so far."""
+        return self._in.offset
+
+    def payloads(self) -> Iterator[tuple[Payload, Iterator[Chunk]]]:
+        """Each payload with an iterator over its uncompressed bytes; then the end is checked.
+
+        A payload whose iterator the consumer leaves unfinished is read to its end (and checked)
+        before the next one is yielded.
+        """
+        if self._started:
+            raise RuntimeError("payloads() can run only once per reader")
+        self._started = True
+        names = {p.name for p in self.manifest.payloads}
+        seen = {MANIFEST_NAME, SIGNATURES_NAME}
+        for payload in self.manifest.payloads:
+            header = self._payload_header(payload, names, seen)
+            chunks = self._chunks(payload, header.size)
+            yield payload, chunks
+            for _ in chunks:
+                pass
+            seen.add(payload.name)
+        self._check_end(names)
+
+    def _payload_header(self, payload: Payload, names: set[str], seen: set[str]) -> Header:
+        offset = self._in.offset
+        header = self._in.header()
+        if header is None:
+            raise ImageRejected(f"payload {payload.name!r} is missing: the archive ends at byte {offset}")
+        want = payload.name
+        if header.name != want:
+            if header.name in seen:
+                raise ImageRejected(f"member {header.name!r} appears twice (byte {offset})")
+            if header.name in names:
+                raise ImageRejected(
+                    f"member {header.name!r} is out of order: expected {want!r} at byte {offset}"
+                )
+            raise ImageRejected(f"member {header.name!r} at byte {offset} is not in the manifest")
+        if payload.compression is Compression.NONE and header.size != payload.size:
+            raise ImageRejected(
+                f"payload {want!r} holds {header.size} bytes, the manifest says {payload.size}"
+            )
+        if header.size > max_member_size(payload.compression, payload.size):
+            raise ImageRejected(
+                f"payload {payload.name!r} stores {header.size} compressed bytes, "
+                f"too many for {payload.size} uncompressed"
+            )
+        return header
+
+    def _chunks(self, payload: Payload, stored: int) -> Iterator[Chunk]:
+        name, size = payload.name, payload.size
+        digest = hashlib.sha256()
+        progress = self._progress
+        if payload.compression is Compression.NONE:
+            left = stored
+            while left:
+                view = self._buffer[: min(left, CHUNK)]
+                self._in.readinto_exact(view, f"payload {payload.name!r}")
+                digest.update(view)
+                left -= len(view)
+                progress.advance(len(view))
+                yield view
+            total = stored
+        else:
+            member = _Member(self._in, stored, payload.name)
+            dec = decoder(payload.compression, member, payload.name)
+            total = 0
+            while out := dec.read(min(CHUNK, payload.size - total + 1)):
+                total += len(out)
+                if total > payload.size:
+                    raise ImageRejected(f"payload {name!r} decompresses beyond its declared {size} bytes")
+                digest.update(out)
+                progress.advance(len(out))
+                yield out
+            if member.remaining:
+                raise ImageRejected(f"payload {payload.name!r}: data after its compressed stream")
+        self._in.padding(stored, payload.name)
+        if total != payload.size:
+            raise ImageRejected(
+                f"payload {payload.name!r} has {total} bytes; the manifest says {payload.size}"
+            )
+        if digest.hexdigest() != payload.sha256:
+            raise ImageRejected(f"payload {payload.name!r} does not match its sha256 in the manifest")
+
+    def _check_end(self, names: set[str]) -> None:
+        offset = self._in.offset
+        block = memoryview(bytearray(BLOCK))
+        for index in range(2):
+            got = self._in.readinto(block)
+            if got != BLOCK:
+                raise ImageRejected(f"image truncated at byte {self._in.offset} in the end-of-archive marker")
+            if any(block):
+                at = offset + index * BLOCK
+                header = decode_header(block, at)
+                if header is not None and header.name in names | {MANIFEST_NAME, SIGNATURES_NAME}:
+                    raise ImageRejected(f"member {header.name!r} appears twice (byte {at})")
+                if header is not None:
+                    raise ImageRejected(f"member {header.name!r} at byte {at} is not in the manifest")
+        extra = 0
+        tail = memoryview(bytearray(BLOCK))
+        while got := self._in.readinto(tail):
+            if any(tail[:got]):
+                at = offset + 2 * BLOCK + extra
+                raise ImageRejected(f"trailing garbage after the end of the archive (byte {at})")
+            extra += got
+            if extra > MAX_TRAILING_PADDING:
+                raise ImageRejected("more than 1 MiB of padding after the end of the archive")
+
+
+@dataclass(frozen=True)
+class VerifiedImage:
+    manifest: Manifest
+    signatures: tuple[SignatureStatus, ...]
+    size: int  # bytes read from the stream
+
+
+def verify(stream: BinaryIO, keyring: Keyring, progress: Progress | None = None) -> VerifiedImage:
+    """Check signature, every payload's size and hash, and the archive's end; write nothing."""
+    sink: Progress = progress or NullProgress()
+    reader = ImageReader(stream, keyring, progress=sink)
+    sink.start("verify", sum(p.size for p in reader.manifest.payloads))
+    try:
+        for _payload, chunks in reader.payloads():
+            for _ in chunks:
+                pass
+    finally:
+        sink.finish()
+    return VerifiedImage(reader.manifest, reader.signatures, reader.offset)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    manifest: Manifest
+    signatures: tuple[SignatureStatus, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `image inspect --json` document of the contract (plus format/created/kind)."""
+        return {
+            "version": self.manifest.version,
+            "compatible": self.manifest.compatible,
+            "format": self.manifest.format,
+            "created": self.manifest.created,
+            "payloads": [p.to_json() for p in self.manifest.payloads],
+            "signatures": [s.to_json() for s in self.signatures],
+        }
+
+
+def inspect(stream: BinaryIO, keyring: Keyring | None) -> ImageInfo:
+    """Manifest and signature status from the head of the image; payloads are not read.
+
+    Without a keyring every signature's trust is None. A signature that does not verify is
+    reported untrusted here; `verify` and ImageReader reject it.
+    """
+    head = _read_head(_Input(stream))
+    statuses = signature_mod.check(head.manifest_bytes, head.signatures, keyring, strict=False)
+    return ImageInfo(manifest_mod.parse(head.manifest_bytes), statuses)

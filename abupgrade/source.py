@@ -1,0 +1,64 @@
+"""Where an image comes from: a path, `-` for stdin, or an http(s) URL, always as a stream."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, cast
+
+from abupgrade.errors import OperationalError, UsageError
+
+TIMEOUT = 30.0  # seconds without progress before a download is given up
+
+
+@contextlib.contextmanager
+def open_source(spec: str, *, timeout: float = TIMEOUT) -> Iterator[BinaryIO]:
+    """Open an image for streaming; the stream is closed when the block ends (stdin is not)."""
+    if spec == "-":
+        yield sys.stdin.buffer
+        return
+    scheme = urllib.parse.urlsplit(spec).scheme.lower()
+    if scheme in ("http", "https"):
+        with _open_url(spec, timeout) as response:
+            yield response
+        return
+    if "://" in spec:
+        raise UsageError(
+            f"unsupported image source {spec!r}", hint="use a path, - or an http(s) URL"
+        )
+    with _open_path(Path(spec)) as handle:
+        yield handle
+
+
+def _open_path(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"image {path} is a directory") from None
+    except OSError as e:
+        raise OperationalError(f"cannot read image {path}: {e.strerror}") from None
+
+
+def _open_url(url: str, timeout: float) -> BinaryIO:
+    host = urllib.parse.urlsplit(url).netloc
+    request = urllib.request.Request(url, headers={"User-Agent": "abupgrade"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        raise OperationalError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise OperationalError(
+            f"cannot reach {host}: {e.reason}", hint="check the URL and the network"
+        ) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise OperationalError(f"download of {url} failed: {e}") from None
+    return cast(BinaryIO, response)
