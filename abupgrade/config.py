@@ -43,6 +43,7 @@ class SystemConfig:
 
     cmdline: Path = Path("/proc/cmdline")
     mountinfo: Path = Path("/proc/self/mountinfo")
+    boot_id: Path = Path("/proc/sys/kernel/random/boot_id")
     reboot: tuple[str, ...] = ("reboot",)
 
 
@@ -133,7 +134,7 @@ _KNOWN = {
     "grub": {"env", "tries"},
     "syslinux": {"dir"},
     "health": {"dir", "timeout", "deadline", "watchdog"},
-    "system": {"cmdline", "mountinfo", "reboot"},
+    "system": {"cmdline", "mountinfo", "boot_id", "reboot"},
 }
 
 
@@ -205,6 +206,7 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
         system=SystemConfig(
             cmdline=path(system_raw, "cmdline", "[system] ", SystemConfig.cmdline),
             mountinfo=path(system_raw, "mountinfo", "[system] ", SystemConfig.mountinfo),
+            boot_id=path(system_raw, "boot_id", "[system] ", SystemConfig.boot_id),
             reboot=tuple(reboot),
         ),
         mounts=mounts,
@@ -236,4 +238,10 @@ def render(config: Config) -> str:
     lines += ["", "[syslinux]", f'dir = "{config.syslinux.dir}"']
     lines += ["", "[health]", f'dir = "{config.health.dir}"', f"timeout = {config.health.timeout:g}",
               f"deadline = {config.health.deadline:g}"]
+    reboot = ", ".join(f'"{arg}"' for arg in config.system.reboot)
+    lines += ["", "[system]", f"reboot = [{reboot}]"]
+    for key in ("cmdline", "mountinfo", "boot_id"):
+        value = getattr(config.system, key)
+        if value != getattr(SystemConfig, key):
+            lines.append(f'{key} = "{value}"')
     return "\n".join(lines) + "\n"

@@ -249,7 +249,13 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
             return result
 
         # The point of no return for the target: unbootable before its first byte changes.
-        if target in system.bootloader.read().bootable:
+        bootable = system.bootloader.read().bootable
+        if target in bootable and target.other not in bootable:
+            if state.slots[target].state is not SlotState.EMPTY:
+                raise PolicyRefusal(f"slot {target} is the only bootable slot",
+                                    hint="writing it would leave nothing to boot")
+            # a fresh disk: nothing is installed anywhere, there is nothing to protect
+        elif target in bootable:
             system.bootloader.disable(target)
         system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
                                                   installed=None, sha256=None),
@@ -396,7 +402,7 @@ def boot_hook(options: Options, *, reboot: bool) -> dict[str, Any]:
     from abupgrade import hook
 
     with open_system(options) as system, system.store.lock():
-        return hook.run(system, reboot=reboot)
+        return hook.boot(system, reboot=reboot)
 
 
 def health(options: Options) -> dict[str, Any]:

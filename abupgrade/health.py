@@ -1,0 +1,147 @@
+"""Health checks: executables in `required.d/` and `wanted.d/`, each in its own process group,
+killed with everything it started when it overruns its timeout or leaves children behind."""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OUTPUT_TAIL = 600  # characters of a check's output kept for history and reports
+
+
+class Kind(enum.StrEnum):
+    BUILTIN = "builtin"
+    REQUIRED = "required"
+    WANTED = "wanted"
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    kind: Kind
+    ok: bool
+    seconds: float
+    output: str
+    timed_out: bool = False
+
+    @property
+    def blocking(self) -> bool:
+        """A failure that makes the boot unhealthy."""
+        return not self.ok and self.kind is not Kind.WANTED
+
+    def to_json(self) -> dict[str, Any]:
+        result = "pass" if self.ok else ("timeout" if self.timed_out else "fail")
+        return {"name": self.name, "kind": str(self.kind), "result": result,
+                "seconds": round(self.seconds, 3), "output": self.output}
+
+
+@dataclass(frozen=True)
+class Report:
+    results: tuple[Result, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return not any(r.blocking for r in self.results)
+
+    @property
+    def first_failure(self) -> Result | None:
+        return next((r for r in self.results if r.blocking), None)
+
+    def summary(self) -> str:
+        failed = self.first_failure
+        passed = sum(r.ok for r in self.results)
+        if failed is None:
+            wanted = [r.name for r in self.results if not r.ok]
+            extra = f"; wanted checks failed: {', '.join(wanted)}" if wanted else ""
+            return f"healthy: {passed} of {len(self.results)} checks passed{extra}"
+        why = "timed out" if failed.timed_out else "failed"
+        tail = failed.output.strip().splitlines()[-1:] or [""]
+        return f"{failed.kind} check {failed.name} {why}" + (f": {tail[0]}" if tail[0] else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "summary": self.summary(),
+                "checks": [r.to_json() for r in self.results]}
+
+
+def executables(directory: Path) -> Iterator[Path]:
+    """The executables of a folder in name order; a missing folder has none."""
+    try:
+        entries = sorted(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 and not entry.name.startswith("."):
+            yield entry
+
+
+def run_check(path: Path, *, kind: Kind, timeout: float, env: Mapping[str, str]) -> Result:
+    """Run one check in a new session; kill the whole group at the timeout and at its end."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as output:
+        try:
+            proc = subprocess.Popen(
+                [str(path)], stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                env={**os.environ, **env}, start_new_session=True, close_fds=True,
+            )
+        except OSError as exc:
+            return Result(path.name, kind, False, 0.0, f"cannot run {path}: {exc.strerror}")
+        timed_out = False
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            code = -1
+        _kill_group(proc.pid)
+        if timed_out:
+            proc.wait()
+        output.seek(0)
+        text = output.read()[-4 * OUTPUT_TAIL:].decode(errors="replace")
+    tail = text[-OUTPUT_TAIL:]
+    if timed_out:
+        tail = (tail + f"\n(killed after {timeout:g} s)").lstrip()
+    elif code != 0:
+        tail = (tail + f"\n(exit status {code})").lstrip()
+    return Result(path.name, kind, code == 0 and not timed_out, time.monotonic() - started,
+                  tail, timed_out)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+Builtin = Callable[[], str | None]  # returns None when fine, else what is wrong
+
+
+def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
+            builtins: Mapping[str, Builtin], keepalive: Callable[[], None] = lambda: None) -> Report:
+    results: list[Result] = []
+    for name, check in builtins.items():
+        started = time.monotonic()
+        try:
+            problem = check()
+        except OSError as exc:
+            problem = str(exc)
+        results.append(Result(name, Kind.BUILTIN, problem is None, time.monotonic() - started,
+                              problem or ""))
+        keepalive()
+    for kind in (Kind.REQUIRED, Kind.WANTED):
+        for path in executables(directory / f"{kind}.d"):
+            results.append(run_check(path, kind=kind, timeout=timeout, env=env))
+            keepalive()
+    return Report(tuple(results))

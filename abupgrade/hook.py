@@ -1,0 +1,289 @@
+"""The boot hook: a trial boot is committed only once its health checks pass; a sick trial is
+rolled back and rebooted; a boot that is not the trial we armed is recorded as a fallback.
+Run once per boot by init; running it again in the same boot changes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from abupgrade import health, run, slots
+from abupgrade.bootloader import BootState
+from abupgrade.errors import HealthFailed, OperationalError, UsageError
+from abupgrade.model import Slot, SlotState
+from abupgrade.state import SlotRecord, State, Trial
+from abupgrade.system import System
+
+log = logging.getLogger(__name__)
+
+LAST_BOOT_FILE = "last-boot"  # boot id of the last boot the hook finished, in state_dir
+
+
+class Deadline:
+    """Reboot the machine if the block does not end within `seconds`; keep /dev/watchdog
+    fed meanwhile, so a hang of the whole machine also ends in a reboot."""
+
+    def __init__(self, seconds: float, reboot: tuple[str, ...], watchdog: Path) -> None:
+        self.seconds = seconds
+        self.reboot = reboot
+        self.watchdog_path = watchdog
+        self.pid: int | None = None
+        self._watchdog: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Deadline:
+        pid = os.fork()
+        if pid == 0:  # the timer: a process of its own, so a hung hook cannot stop it
+            try:
+                os.setsid()
+                time.sleep(self.seconds)
+                os.write(2, f"abupgrade: boot hook deadline of {self.seconds:g} s passed; "
+                            "rebooting\n".encode())
+                os.execvp(self.reboot[0], list(self.reboot))
+            finally:
+                os._exit(1)
+        self.pid = pid
+        try:
+            self._watchdog = os.open(self.watchdog_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self._watchdog = None  # no watchdog, or a daemon owns it
+        if self._watchdog is not None:
+            self._thread = threading.Thread(target=self._feed, daemon=True)
+            self._thread.start()
+        return self
+
+    def _feed(self) -> None:
+        while not self._stop.wait(1.0):
+            if self._watchdog is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._watchdog, b"\0")
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._watchdog is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._watchdog, b"V")  # magic close: disarm what we armed
+            os.close(self._watchdog)
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def _boot_id(system: System) -> str:
+    try:
+        return system.config.system.boot_id.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _load_or_rebuild(system: System, boot: BootState) -> State:
+    """The state file, or - when it is corrupt - one rebuilt from the bootloader's view."""
+    try:
+        return system.store.load()
+    except OperationalError as exc:
+        broken = system.store.state_path
+        kept = broken.with_name(f"{broken.name}.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            os.replace(broken, kept)
+        state = State(slots={
+            slot: SlotRecord(state=SlotState.GOOD if slot in boot.bootable else SlotState.BAD)
+            for slot in Slot
+        })
+        system.store.save(state)
+        system.store.record("repaired", None, None,
+                            f"{exc.message}; kept as {kept.name}, rebuilt from the bootloader")
+        return state
+
+
+def _builtins(system: System, slot: Slot) -> dict[str, health.Builtin]:
+    def root_is_slot() -> str | None:
+        root = [m for m in slots.read_mountinfo(system.config.system.mountinfo) if m.point == "/"]
+        device = system.device(slot)
+        if root and root[-1].devno == device.stat().st_rdev:
+            return None
+        where = root[-1].source if root else "unknown"
+        return f"the root filesystem ({where}) is not slot {slot} ({device})"
+
+    def state_writable() -> str | None:
+        probe = system.store.dir / ".health-probe"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"ok\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+        return None
+
+    return {"root-is-slot": root_is_slot, "state-writable": state_writable}
+
+
+def _check_env(slot: Slot, state: State, trial: Trial | None) -> dict[str, str]:
+    return {
+        "ABUPGRADE_SLOT": str(slot),
+        "ABUPGRADE_VERSION": (trial.version if trial else state.slots[slot].version) or "",
+        "ABUPGRADE_PREVIOUS_VERSION": (trial.previous or "") if trial else "",
+        "ABUPGRADE_TRIAL": "1" if trial else "0",
+    }
+
+
+def check_now(system: System) -> dict[str, Any]:
+    """`abupgrade health`: the checks, run now, for the booted slot; nothing changes."""
+    slot = system.booted
+    if slot is None:
+        raise UsageError("cannot tell which slot is booted",
+                         hint="the kernel command line needs abupgrade.slot=A or B")
+    state = system.store.load()
+    trial = state.trial if state.trial and state.trial.slot == slot else None
+    report = health.run_all(system.config.health.dir, timeout=system.config.health.timeout,
+                            env=_check_env(slot, state, trial), builtins=_builtins(system, slot))
+    return report.to_json()
+
+
+def boot(system: System, *, reboot: bool) -> dict[str, Any]:
+    booted = system.booted
+    if booted is None:
+        raise UsageError("cannot tell which slot is booted",
+                         hint="the kernel command line needs abupgrade.slot=A or B")
+    system.store.ensure()
+    boot_id = _boot_id(system)
+    last = system.store.dir / LAST_BOOT_FILE
+    with contextlib.suppress(OSError):
+        done = last.read_text().split("\n", 1)
+        if boot_id and done[0] == boot_id:
+            return {"slot": str(booted), "outcome": "already-done",
+                    "summary": f"the boot hook already ran in this boot ({done[1].strip()})"}
+    loader = system.bootloader.read()
+    state = _load_or_rebuild(system, loader)
+    trial = state.trial
+    if trial is None and loader.trial == booted and state.slots[booted].state is not SlotState.EMPTY:
+        # armed in the bootloader, but the power went before state.json said so
+        trial = Trial(slot=booted, version=state.slots[booted].version,
+                      previous=state.slots[booted.other].version, armed="unknown")
+        state = replace(state, trial=trial)
+
+    if trial is not None and trial.slot == booted:
+        result = _trial_boot(system, state, trial, boot_id, reboot=reboot)
+    elif trial is not None:
+        result = _fallback(system, state, trial, booted, loader)
+    else:
+        result = _committed_boot(system, state, booted, loader)
+    _remember(system, boot_id, result["outcome"])
+    if result["outcome"] == "rolled-back":
+        if reboot:
+            run.run(system.config.system.reboot, timeout=60)
+        raise HealthFailed(result["summary"], hint="see `abupgrade history` for the check's output")
+    return result
+
+
+def _remember(system: System, boot_id: str, outcome: str) -> None:
+    from abupgrade.fsutil import atomic_write
+
+    if boot_id:
+        atomic_write(system.store.dir / LAST_BOOT_FILE, f"{boot_id}\n{outcome}\n".encode())
+
+
+def _trial_boot(system: System, state: State, trial: Trial, boot_id: str, *,
+                reboot: bool) -> dict[str, Any]:
+    slot = trial.slot
+    earlier = trial.phase
+    trial = replace(trial, phase="checking", boots=trial.boots + 1)
+    system.store.save(replace(state, trial=trial))  # progress first: a hang is told apart
+    system.store.record("trial-boot", slot, trial.version,
+                        f"boot {trial.boots} of the trial; running health checks"
+                        + (" again (the last boot died during them)" if earlier == "checking"
+                           else ""))
+    cfg = system.config
+    with Deadline(cfg.health.deadline, cfg.system.reboot, cfg.health.watchdog):
+        report = health.run_all(cfg.health.dir, timeout=cfg.health.timeout,
+                                env=_check_env(slot, state, trial),
+                                builtins=_builtins(system, slot))
+    state = system.store.load()
+    if report.healthy:
+        system.bootloader.commit(slot)
+        system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=None))
+        system.store.record("committed", slot, trial.version, report.summary())
+        return {"slot": str(slot), "outcome": "committed", "summary":
+                f"slot {slot} (version {trial.version}) is healthy and committed",
+                "health": report.to_json()}
+    failed = report.first_failure
+    assert failed is not None
+    system.bootloader.disable(slot)
+    system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=None))
+    detail = f"{report.summary()}; back to slot {slot.other}"
+    if failed.output.strip():
+        detail += f"; output: {' | '.join(failed.output.strip().splitlines()[-5:])}"
+    system.store.record("rolled-back", slot, trial.version, detail)
+    return {"slot": str(slot), "outcome": "rolled-back",
+            "summary": f"slot {slot} failed its health checks ({report.summary()}); "
+                       f"rolled back to slot {slot.other}" + ("" if reboot else ", reboot to finish"),
+            "health": report.to_json()}
+
+
+def _fallback(system: System, state: State, trial: Trial, booted: Slot,
+              boot: BootState) -> dict[str, Any]:
+    """We run on the other slot although a trial was armed: the trial never made it."""
+    if boot.trial == trial.slot and boot.tries_left > 0:
+        # The trial is still armed: we are on the old slot before the trial boot (a second
+        # hook run after apply, or apply from this very boot). Nothing happened yet.
+        return {"slot": str(booted), "outcome": "trial-pending",
+                "summary": f"slot {trial.slot} is armed for a trial on the next boot"}
+    if trial.phase == "checking":
+        why = (f"the trial slot booted {trial.boots} time(s) and died or hung during its "
+               "health checks")
+    else:
+        why = "the trial slot never reached the boot hook (kernel or init failed)"
+    system.bootloader.disable(trial.slot)
+    if boot.default != booted and booted in boot.bootable:
+        system.bootloader.commit(booted)
+    state = replace(state.with_slot(trial.slot, state=SlotState.BAD), trial=None)
+    if state.slots[booted].state is not SlotState.GOOD:
+        state = state.with_slot(booted, state=SlotState.GOOD)
+    system.store.save(state)
+    system.store.record("fallback", trial.slot, trial.version,
+                        f"{why}; the bootloader went back to slot {booted}")
+    return {"slot": str(booted), "outcome": "fallback",
+            "summary": f"the trial of slot {trial.slot} (version {trial.version}) failed: {why}; "
+                       f"running on slot {booted}"}
+
+
+def _committed_boot(system: System, state: State, booted: Slot, boot: BootState) -> dict[str, Any]:
+    """A normal boot: compare the bootloader with state.json, repair what is safe."""
+    repaired: list[str] = []
+    problems: list[str] = []
+    if boot.default == booted and state.slots[booted].state is not SlotState.GOOD:
+        state = state.with_slot(booted, state=SlotState.GOOD)
+        repaired.append(f"slot {booted} is committed and booted: recorded as good")
+    other = booted.other
+    if (other in boot.bootable and state.slots[other].state in (SlotState.BAD, SlotState.EMPTY)
+            and boot.trial != other):
+        system.bootloader.disable(other)
+        repaired.append(f"slot {other} is {state.slots[other].state} but was bootable: disabled")
+    if boot.default != booted:
+        problems.append(f"booted slot {booted} is not the committed slot {boot.default} "
+                        "(the bootloader fell back, or a rollback waits for its reboot)")
+    if state.slots[other].state is SlotState.GOOD and other not in boot.bootable:
+        problems.append(f"slot {other} is good in the state file but the bootloader will not boot it")
+    if repaired:
+        system.store.save(state)
+        system.store.record("repaired", booted, state.slots[booted].version, "; ".join(repaired))
+    summary = f"slot {booted} is committed; nothing to do"
+    if repaired or problems:
+        summary = f"slot {booted}: " + "; ".join(repaired + problems)
+    return {"slot": str(booted), "outcome": "committed-boot", "summary": summary,
+            "repaired": repaired, "problems": problems}
+
