@@ -1,0 +1,392 @@
+"""Unit tier: the syslinux backend's protocol against a model of syslinux.
+
+The model reads extlinux.conf and the two ADV copies the way syslinux 6.04 does at boot
+(first valid copy; a boot-once record is cleared on disk before the kernel loads; a label or
+kernel that fails to load runs `ONERROR reboot.c32`), written here independently of the
+backend's own parser. Every reachable state and every operation is explored, and a power cut
+is simulated after each byte of each ADV copy and on either side of each config rename.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from abupgrade.bootloader import adv
+from abupgrade.bootloader.adv import Adv
+from abupgrade.bootloader.base import BootState
+from abupgrade.bootloader.syslinux import (
+    ExtlinuxConf,
+    Snapshot,
+    Step,
+    Syslinux,
+    WriteAdv,
+    WriteConf,
+    fresh_config,
+    plan_arm_trial,
+    plan_commit,
+    plan_disable,
+)
+from abupgrade.config import Config, SyslinuxConfig
+from abupgrade.errors import AbupgradeError, OperationalError, PolicyRefusal
+from abupgrade.model import BootloaderKind, Slot
+
+ROOTS = {Slot.A: "LABEL=rootfs_a", Slot.B: "LABEL=rootfs_b"}
+
+
+# ---------------------------------------------------------------- the model of syslinux
+
+
+@dataclass(frozen=True)
+class Disk:
+    conf: str
+    pair: bytes  # the two ADV copies
+    kernels: frozenset[Slot]  # slots whose kernel and initrd are on the boot fs
+
+
+def _valid_copy(pair: bytes) -> bytes | None:
+    for copy in (pair[:512], pair[512:]):
+        words = struct.unpack("<128I", copy)
+        if (words[0], words[127]) == (0x5A2D2FA5, 0xDD28BF64) and \
+                sum(words[1:127]) & 0xFFFFFFFF == 0xA3041767:
+            return copy
+    return None
+
+
+def _records(copy: bytes) -> list[tuple[int, bytes]]:
+    out, pos, data = [], 0, copy[8:508]
+    while pos + 2 <= len(data) and data[pos] != 0 and pos + 2 + data[pos + 1] <= len(data):
+        out.append((data[pos], data[pos + 2 : pos + 2 + data[pos + 1]]))
+        pos += 2 + data[pos + 1]
+    return out
+
+
+@cache
+def model_once(pair: bytes) -> str | None:
+    copy = _valid_copy(pair)
+    for tag, data in _records(copy) if copy else []:
+        if tag == 1:
+            return data.decode()
+    return None
+
+
+@cache
+def model_clear_once(pair: bytes) -> bytes:
+    """What syslinux writes back before it runs a boot-once command (both copies)."""
+    copy = _valid_copy(pair)
+    body = b"".join(bytes((t, len(d))) + d for t, d in _records(copy) if t != 1) if copy else b""
+    body = body.ljust(500, b"\0")
+    csum = (0xA3041767 - sum(struct.unpack("<125I", body))) & 0xFFFFFFFF
+    one = struct.pack("<II", 0x5A2D2FA5, csum) + body + struct.pack("<I", 0xDD28BF64)
+    return one + one
+
+
+@cache
+def model_conf(text: str) -> tuple[str | None, dict[str, str]]:
+    default, labels, current = None, {}, None
+    for line in text.splitlines():
+        words = line.split(None, 1)
+        keyword, arg = (words[0].upper(), words[1].strip()) if len(words) == 2 else ("", "")
+        if keyword == "DEFAULT":
+            default = arg
+        elif keyword == "LABEL":
+            current = arg
+            labels[current] = ""
+        elif keyword == "LINUX" and current is not None:
+            labels[current] = arg
+    return default, labels
+
+
+@dataclass(frozen=True)
+class Boot:
+    slot: Slot | None  # None: no kernel loaded within 3 resets (stuck)
+    once: bool  # booted through the boot-once record
+    disk: Disk  # the disk after syslinux's own writes
+
+
+def model_boot(disk: Disk) -> Boot:
+    """One power-on: syslinux picks, clears the once record, loads a kernel or reboots."""
+    for _ in range(3):
+        once = model_once(disk.pair)
+        default, labels = model_conf(disk.conf)
+        if once is not None:
+            disk = replace(disk, pair=model_clear_once(disk.pair))
+        path = labels.get(once if once is not None else default or "")
+        slot = next((s for s in Slot if path == f"slots/{s.value}/vmlinuz"), None)
+        if slot is not None and slot in disk.kernels:
+            return Boot(slot, once is not None, disk)
+        # ONERROR reboot.c32 (or a missing label): reset and start over.
+    return Boot(None, False, disk)
+
+
+def snapshot(disk: Disk) -> Snapshot:
+    """What the backend reads from this disk (its own parser and ADV reader)."""
+    return Snapshot(conf=ExtlinuxConf.parse(disk.conf), adv=Adv.decode_pair(disk.pair) or Adv(),
+                    kernels=disk.kernels, initrds=disk.kernels)
+
+
+# ---------------------------------------------------------------- power cuts
+
+
+def apply_step(disk: Disk, step: Step) -> Disk:
+    if isinstance(step, WriteConf):
+        return replace(disk, conf=step.conf.render())
+    pair = disk.pair
+    for offset, data in adv.write_order(pair, step.adv):
+        pair = pair[:offset] + data + pair[offset + len(data):]
+    return replace(disk, pair=pair)
+
+
+def cut_states(disk: Disk, steps: list[Step]) -> Iterator[Disk]:
+    """Every state a power cut can leave: between steps (a rename is atomic: old or new
+    file) and after each byte of each ADV copy written in place."""
+    yield disk
+    for step in steps:
+        if isinstance(step, WriteAdv):
+            pair = disk.pair
+            for offset, data in adv.write_order(pair, step.adv):
+                for n in range(1, len(data)):
+                    yield replace(disk, pair=pair[:offset] + data[:n] + pair[offset + n:])
+                pair = pair[:offset] + data + pair[offset + len(data):]
+        disk = apply_step(disk, step)
+        yield disk
+
+
+# ---------------------------------------------------------------- exploring every transition
+
+Op = tuple[str, Slot]
+PLANS: dict[str, Callable[[Snapshot, Slot], list[Step]]] = {
+    "disable": plan_disable, "arm_trial": plan_arm_trial, "commit": plan_commit}
+
+
+def initial() -> Disk:
+    return Disk(fresh_config(ROOTS, "console=ttyS0 panic=5"), Adv().encode_pair(),
+                frozenset({Slot.A}))
+
+
+def successors(disk: Disk) -> Iterator[tuple[str, Disk]]:
+    """Everything that can happen next: an operation, a boot, writing a disabled slot."""
+    snap = snapshot(disk)
+    for name, plan in PLANS.items():
+        for slot in Slot:
+            try:
+                steps = plan(snap, slot)
+            except AbupgradeError:
+                continue
+            after = disk
+            for step in steps:
+                after = apply_step(after, step)
+            yield f"{name}({slot})", after
+    yield "boot", model_boot(disk).disk
+    for slot in Slot:
+        if slot not in snap.conf.enabled:  # abupgrade writes a slot only once it is disabled
+            yield f"write({slot})", replace(disk, kernels=disk.kernels ^ {slot})
+
+
+def reachable() -> list[Disk]:
+    seen = {initial()}
+    todo = [initial()]
+    while todo:
+        for _, nxt in successors(todo.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return sorted(seen, key=repr)
+
+
+STATES = reachable()
+
+
+def test_state_space_is_explored() -> None:
+    # default x enabled x once x kernels, minus what the protocol never reaches
+    assert 10 <= len(STATES) <= 100, len(STATES)
+    onces = {model_once(d.pair) for d in STATES}
+    assert onces == {None, "a", "b"}
+    assert {snapshot(d).conf.default for d in STATES} == set(Slot)
+
+
+@pytest.mark.parametrize("disk", STATES, ids=lambda d: repr(snapshot(d).state()))
+def test_every_state_boots_what_read_says(disk: Disk) -> None:
+    state = snapshot(disk).state()
+    first = model_boot(disk)
+    assert first.slot is not None, "syslinux never finds a kernel"
+    assert first.slot == state.next_boot
+    assert first.slot in state.bootable
+    # A trial gets exactly one boot: if it fails, the next power-on is the default.
+    second = model_boot(first.disk)
+    assert not second.once
+    assert second.slot == state.default
+    if state.trial is not None:
+        assert first.once and first.slot == state.trial and state.tries_left == 1
+
+
+@pytest.mark.parametrize("disk", STATES, ids=lambda d: repr(snapshot(d).state()))
+@pytest.mark.parametrize("op", [(n, s) for n in PLANS for s in Slot], ids=str)
+def test_every_transition_under_power_cuts(disk: Disk, op: Op) -> None:
+    name, slot = op
+    before = snapshot(disk)
+    try:
+        steps = PLANS[name](before, slot)
+    except PolicyRefusal:
+        assert name == "disable" and before.conf.default == slot
+        assert slot.other not in before.bootable
+        return
+    except OperationalError:
+        assert name in ("arm_trial", "commit") and slot not in disk.kernels
+        return
+    states = list(cut_states(disk, steps))
+    after = snapshot(states[-1]).state()
+    old = before.state()
+
+    # The result of the whole operation.
+    if name == "disable":
+        assert slot not in after.bootable and after.trial != slot and after.default != slot
+        assert after.default in after.bootable
+    elif name == "arm_trial":
+        assert (after.trial, after.next_boot, after.tries_left) == (slot, slot, 1)
+        assert after.default == old.default
+    else:
+        assert (after.default, after.trial, after.next_boot) == (slot, None, slot)
+        assert old.bootable - {slot} <= after.bootable
+    end = states[-1].pair
+    assert end[:512] == end[512:] and _valid_copy(end) is not None, "both ADV copies written"
+    boot = model_boot(states[-1])
+    assert boot.slot == after.next_boot
+    assert model_boot(boot.disk).slot == after.default
+
+    # Any instant of the operation: a slot from the old or new state boots, the other one
+    # follows when it fails, and what read() says is what syslinux does.
+    allowed = {old.default, old.next_boot, after.default, after.next_boot}
+    for cut in states:
+        assert _valid_copy(cut.pair) is not None, "a cut tears at most one ADV copy"
+        state = snapshot(cut).state()
+        first = model_boot(cut)
+        assert first.slot in allowed, (name, slot, cut)
+        assert first.slot == state.next_boot
+        assert state.default in {old.default, after.default}
+        assert model_boot(first.disk).slot == state.default
+
+
+def test_update_cycle_scenarios() -> None:
+    """disable, write, arm, boot: ok commits; panic and hang come back on the default."""
+    for outcome in ("ok", "panic", "hang"):
+        disk = initial()
+        for step in plan_disable(snapshot(disk), Slot.B):
+            disk = apply_step(disk, step)
+        disk = replace(disk, kernels=disk.kernels | {Slot.B})  # the new image's boot files
+        for step in plan_arm_trial(snapshot(disk), Slot.B):
+            disk = apply_step(disk, step)
+        boot = model_boot(disk)
+        assert (boot.slot, boot.once) == (Slot.B, True)
+        disk = boot.disk
+        assert snapshot(disk).state().next_boot == Slot.A, "the trial is used up"
+        if outcome == "ok":  # the boot hook's health checks passed: commit
+            for step in plan_commit(snapshot(disk), Slot.B):
+                disk = apply_step(disk, step)
+            want = Slot.B
+        else:  # panic=N reboot, or the watchdog resets a hung boot: no write happens
+            want = Slot.A
+        for _ in range(3):
+            boot = model_boot(disk)
+            assert (boot.slot, boot.once) == (want, False), outcome
+            disk = boot.disk
+
+
+def test_disabled_slot_is_never_default_nor_once() -> None:
+    for disk in STATES:
+        state = snapshot(disk).state()
+        default, labels = model_conf(disk.conf)
+        disabled = set(Slot) - snapshot(disk).conf.enabled
+        for slot in disabled:
+            assert slot.value.lower() not in labels, "a disabled slot has no bootable label"
+            assert default != slot.value.lower()
+            assert model_once(disk.pair) != slot.value.lower()
+            assert slot not in state.bootable
+
+
+def test_refuses_to_disable_the_last_bootable_slot() -> None:
+    with pytest.raises(PolicyRefusal) as caught:
+        plan_disable(snapshot(initial()), Slot.A)
+    assert caught.value.exit_code == 4
+
+
+def test_conf_edits_keep_user_lines() -> None:
+    text = initial().conf.replace("TIMEOUT 1", "TIMEOUT 1\nMENU TITLE kept")
+    conf = ExtlinuxConf.parse(text).with_enabled(Slot.B, True).with_default(Slot.B)
+    rendered = conf.render()
+    assert "MENU TITLE kept" in rendered and "DEFAULT b" in rendered
+    assert ExtlinuxConf.parse(rendered) == ExtlinuxConf.parse(rendered)
+    assert rendered.count("LABEL b\n") == 1 and "b-disabled" not in rendered
+    for broken in ("DEFAULT b-disabled", "DEFAULT c"):
+        with pytest.raises(OperationalError):
+            ExtlinuxConf.parse(text.replace("DEFAULT a", broken))
+    with pytest.raises(OperationalError, match="no LABEL b"):
+        ExtlinuxConf.parse(text.replace("LABEL b-disabled", "LABEL c"))
+
+
+def test_adv_codec_edges() -> None:
+    full = Adv().with_record(2, b"x" * 255).with_once("b" * 200)
+    assert Adv.decode(full.encode()) == full
+    with pytest.raises(ValueError):
+        full.with_record(3, b"y" * 100).encode()  # 259 + 202 + 102 > 500
+    with pytest.raises(ValueError):
+        Adv().with_record(0, b"x")
+    assert Adv().with_once("b").with_once(None) == Adv()
+    assert Adv.decode_pair(b"\0" * 1024) is None
+    assert model_once(Adv().with_once("b").encode_pair()) == "b"
+
+
+# ---------------------------------------------------------------- the real files
+
+
+def _files(tmp_path: Path, disk: Disk) -> Syslinux:
+    """The disk as plain files: a stand-in ldlinux.sys whose tail is the ADV pair."""
+    directory = tmp_path / "extlinux"
+    directory.mkdir(exist_ok=True)
+    (directory / "ldlinux.sys").write_bytes(b"\x90" * 4096 + disk.pair)
+    (directory / "extlinux.conf").write_text(disk.conf)
+    loader = Syslinux(Config(compatible="t", bootloader=BootloaderKind.SYSLINUX, slots=ROOTS,
+                             syslinux=SyslinuxConfig(dir=directory)))
+    for slot in disk.kernels:
+        for name in ("kernel", "initrd"):
+            path = loader.boot_file_path(slot, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"boot file")
+    return loader
+
+
+def _on_disk(loader: Syslinux) -> Disk:
+    return Disk(loader.conf_path.read_text(), adv.read_pair(loader.loader_path),
+                frozenset(s for s in Slot if loader.boot_file_path(s, "kernel").exists()))
+
+
+def test_backend_on_files_matches_the_model(tmp_path: Path) -> None:
+    disk = replace(initial(), kernels=frozenset(Slot))
+    loader = _files(tmp_path, disk)
+    calls: list[tuple[str, Slot, Callable[[Slot], None]]] = [
+        ("disable", Slot.B, loader.disable), ("arm_trial", Slot.B, lambda s: loader.arm_trial(s, 3)),
+        ("commit", Slot.B, loader.commit), ("arm_trial", Slot.A, lambda s: loader.arm_trial(s, 1)),
+        ("disable", Slot.A, loader.disable), ("commit", Slot.B, loader.commit)]
+    for name, slot, call in calls:
+        for step in PLANS[name](snapshot(disk), slot):
+            disk = apply_step(disk, step)
+        call(slot)
+        assert _on_disk(loader) == disk, (name, slot)
+        assert loader.read() == snapshot(disk).state()
+    assert loader.read() == BootState(default=Slot.B, bootable=frozenset({Slot.B}))
+
+
+def test_leftover_temp_file_of_a_cut_rename_changes_nothing(tmp_path: Path) -> None:
+    loader = _files(tmp_path, replace(initial(), kernels=frozenset(Slot)))
+    before = loader.read()
+    new = ExtlinuxConf.parse(initial().conf).with_default(Slot.B).render().encode()
+    for n in range(0, len(new) + 1, 7):  # the temp file at many lengths (a cut before rename)
+        (loader.dir / ".extlinux.conf.cut.tmp").write_bytes(new[:n])
+        assert loader.read() == before
+    loader.commit(Slot.B)
+    assert loader.read().default == Slot.B
