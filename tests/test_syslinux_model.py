@@ -124,6 +124,7 @@ def model_boot(disk: Disk) -> Boot:
     return Boot(None, False, disk)
 
 
+@cache
 def snapshot(disk: Disk) -> Snapshot:
     """What the backend reads from this disk (its own parser and ADV reader)."""
     return Snapshot(conf=ExtlinuxConf.parse(disk.conf), adv=Adv.decode_pair(disk.pair) or Adv(),
@@ -390,3 +391,15 @@ def test_leftover_temp_file_of_a_cut_rename_changes_nothing(tmp_path: Path) -> N
         assert loader.read() == before
     loader.commit(Slot.B)
     assert loader.read().default == Slot.B
+
+
+def test_reads_a_hand_written_config_and_once_command() -> None:
+    text = initial().conf.replace("DEFAULT a", "default\ta").replace("LABEL b-disabled", "LABEL b")
+    disk = replace(initial(), conf=text, kernels=frozenset(Slot),
+                   pair=Adv().with_once("b quiet").encode_pair())
+    state = snapshot(disk).state()
+    assert (state.default, state.trial, state.bootable) == (Slot.A, Slot.B, frozenset(Slot))
+    assert model_boot(disk).slot == Slot.B
+    upper = replace(disk, conf=text.replace("LABEL b", "LABEL B"))
+    with pytest.raises(OperationalError, match="no LABEL b"):
+        snapshot(upper)

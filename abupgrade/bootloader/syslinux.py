@@ -52,7 +52,7 @@ def label(slot: Slot) -> str:
 def slot_of_label(name: str) -> Slot | None:
     """The slot an enabled label names (`a`, `b`); None for anything else."""
     for slot in Slot:
-        if name.strip().lower() == label(slot):
+        if name == label(slot):
             return slot
     return None
 
@@ -87,8 +87,7 @@ class ExtlinuxConf:
         with_initrd: set[Slot] = set()
         current: Slot | None = None
         for line in text.splitlines():
-            keyword, _, arg = line.strip().partition(" ")
-            keyword, arg = keyword.upper(), arg.strip()
+            keyword, arg = _split(line)
             if keyword == "DEFAULT":
                 defaults += 1
                 default = slot_of_label(arg)
@@ -97,7 +96,7 @@ class ExtlinuxConf:
                 if current is not None:
                     if current in labels:
                         raise _broken(where, f"has two LABELs for slot {current}")
-                    labels[current] = arg.lower() == label(current)
+                    labels[current] = arg == label(current)
             elif keyword == "INITRD" and current is not None:
                 with_initrd.add(current)
         missing = [s for s in Slot if s not in labels]
@@ -121,9 +120,9 @@ class ExtlinuxConf:
         out: list[str] = []
         for line in self.lines:
             indent = line[: len(line) - len(line.lstrip())]
-            keyword, _, arg = line.strip().partition(" ")
-            slot = _slot_of_any_label(arg) if keyword.upper() == "LABEL" else None
-            if keyword.upper() == "DEFAULT":
+            keyword, arg = _split(line)
+            slot = _slot_of_any_label(arg) if keyword == "LABEL" else None
+            if keyword == "DEFAULT":
                 line = f"{indent}DEFAULT {label(self.default)}"
             elif slot is not None:
                 name = label(slot) if slot in self.enabled else label(slot) + DISABLED
@@ -132,8 +131,15 @@ class ExtlinuxConf:
         return "\n".join(out) + "\n"
 
 
+def _split(line: str) -> tuple[str, str]:
+    """(KEYWORD, argument) of a config line; syslinux keywords are case-insensitive."""
+    words = line.split(None, 1)
+    return (words[0].upper(), words[1].strip() if len(words) > 1 else "") if words else ("", "")
+
+
 def _slot_of_any_label(name: str) -> Slot | None:
-    name = name.strip().lower()
+    """The slot a label names, enabled (`b`) or disabled (`b-disabled`); labels are
+    case-sensitive to syslinux, so `B` is no slot's label."""
     return slot_of_label(name[: -len(DISABLED)] if name.endswith(DISABLED) else name)
 
 
@@ -187,17 +193,22 @@ class Snapshot:
     @property
     def once(self) -> Slot | None:
         """The slot the boot-once record names, whatever state its label is in."""
-        command = self.adv.once
-        return _slot_of_any_label(command) if command else None
+        return _slot_of_any_label(_once_label(self.adv))
 
     def state(self) -> BootState:
         # A record naming a disabled label or a slot without boot files makes syslinux fail
         # and reboot into the default: no trial, as far as the next boot goes.
-        trial = slot_of_label(self.adv.once) if self.adv.once else None
+        trial = slot_of_label(_once_label(self.adv))
         if trial not in self.bootable:
             trial = None
         return BootState(default=self.conf.default, bootable=self.bootable, trial=trial,
                          tries_left=1 if trial is not None else 0)
+
+
+def _once_label(record: Adv) -> str:
+    """The label a boot-once command line boots (its first word), or ""."""
+    words = (record.once or "").split()
+    return words[0] if words else ""
 
 
 @dataclass(frozen=True)
