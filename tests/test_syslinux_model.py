@@ -116,7 +116,8 @@ def model_boot(disk: Disk) -> Boot:
         default, labels = model_conf(disk.conf)
         if once is not None:
             disk = replace(disk, pair=model_clear_once(disk.pair))
-        path = labels.get(once if once is not None else default or "")
+        command = (once if once is not None else default or "").split()
+        path = labels.get(command[0]) if command else None  # find_label: the first word
         slot = next((s for s in Slot if path == f"slots/{s.value}/vmlinuz"), None)
         if slot is not None and slot in disk.kernels:
             return Boot(slot, once is not None, disk)
