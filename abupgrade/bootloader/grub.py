@@ -344,10 +344,7 @@ class Grub(Bootloader):
         atomic_write(grub_dir / "grub.cfg", cfg.encode())
         for slot in Slot:
             (env.parent / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
-        fresh = EnvState(default=Slot.A, good=frozenset({Slot.A}))
-        # Block 0 is current (generation 0); block 1 holds the same state one generation older.
-        for path, generation in zip(block_paths(env), (0, 2), strict=True):
-            atomic_write(path, fresh.block(generation))
+        create_blocks(env)
         run([BIOS_SETUP, "-d", modules_dir, layout.disk], timeout=120,
             hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
         fsync_dir(grub_dir)
@@ -368,6 +365,14 @@ class Grub(Bootloader):
 
 def block_paths(env: Path) -> tuple[Path, Path]:
     return env, env.with_name(env.name + ".1")
+
+
+def create_blocks(env: Path) -> None:
+    """Both blocks, fresh: slot A the default and good, B bad, no trial. Block 0 is current
+    (generation 0); block 1 holds the same state one generation older."""
+    fresh = EnvState(default=Slot.A, good=frozenset({Slot.A}))
+    for path, generation in zip(block_paths(env), (0, 2), strict=True):
+        atomic_write(path, fresh.block(generation))
 
 
 def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
