@@ -78,6 +78,8 @@ def attached(target: Path) -> Iterator[Disk]:
             device = stack.enter_context(_loop_device(target))
         else:
             raise UsageError(f"{target} is neither a block device nor an image file")
+        if image is not None:
+            _drop_stale_partitions(device)
         table = read_table(device)
         numbers = [p.number for p in table.partitions] if table else []
         present = _sysfs_partitions(device)
@@ -86,6 +88,19 @@ def attached(target: Path) -> Iterator[Disk]:
             stack.enter_context(_partx_added(device, missing))
         nodes = _wait_for_nodes(device, numbers)
         yield Disk(device, {n: nodes[n] for n in numbers}, table, image)
+
+
+def _drop_stale_partitions(device: Path) -> None:
+    """Partitions a loop device kept from its previous user (partx-made partitions outlive
+    a detach) point at that user's layout, and their page cache holds that user's bytes."""
+    stale = _sysfs_partitions(device)
+    if stale:
+        partx = require_tool("partx", package="util-linux")
+        log.debug("dropping stale partitions %s of %s", sorted(stale), device)
+        run([partx, "--delete", device], check=False)
+        if _sysfs_partitions(device):
+            raise OperationalError(f"{device} carries partitions of its previous user that "
+                                   "cannot be removed", hint="is one of them mounted?")
 
 
 @contextlib.contextmanager

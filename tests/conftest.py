@@ -7,10 +7,18 @@ a tier silently.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Generator
+import shutil
+import subprocess
+from collections.abc import Callable, Generator
+from pathlib import Path
 
 import pytest
+
+from abupgrade.model import BootloaderKind
+from fixtures.images import KeyPair, keypair, rootfs_image, signed_image
+from fixtures.machine import run_cli
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -25,3 +33,90 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped where every tier must run: {reason}"
+
+
+# ------------------------------------------------------------------ shared loop-tier fixtures
+
+
+
+COMPATIBLE = "test-box"
+LOOP_TOOLS = ("losetup", "partx", "sfdisk", "mkfs.ext4", "mount", "grub-editenv", "extlinux")
+
+
+def require_loop() -> None:
+    """Skip (with the reason) where loop devices cannot be used."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for loop devices and mounts")
+    missing = [t for t in LOOP_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
+
+
+abupgrade = run_cli
+
+
+def status_json(*args: str) -> dict[str, object]:
+    proc = abupgrade(*args, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, object] = json.loads(proc.stdout)
+    return data
+
+
+@pytest.fixture(scope="session")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    return keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def make_image(tmp_path_factory: pytest.TempPathFactory, signer: KeyPair) -> Callable[..., Path]:
+    """make_image(version, **options) -> a signed image with a small rootfs, kernel and initrd
+    (stand-ins: the loop tier never boots them), cached by its arguments."""
+    base = tmp_path_factory.mktemp("images")
+    kernel = base / "vmlinuz"
+    kernel.write_bytes(b"not a real kernel\n" * 1000)
+    initrd = base / "initrd.img"
+    initrd.write_bytes(b"not a real initrd\n" * 500)
+    made: dict[tuple[object, ...], Path] = {}
+
+    def make(version: str, *, compatible: str = COMPATIBLE, size: int = 16 << 20,
+             compression: str = "none", key: KeyPair | None = None) -> Path:
+        args = (version, compatible, size, compression, key)
+        if args not in made:
+            name = f"{version}-{compatible}-{size}-{compression}-{len(made)}"
+            rootfs = rootfs_image(base / f"{name}.ext4", tag=version, size=size)
+            made[args] = signed_image(base / f"{name}.tar", rootfs, key or signer,
+                                      version=version, compatible=compatible, kernel=kernel,
+                                      initrd=initrd, compression=compression)
+        return made[args]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def disk_template(tmp_path_factory: pytest.TempPathFactory, signer: KeyPair,
+                  make_image: Callable[..., Path]) -> Callable[[BootloaderKind], Path]:
+    """An A/B disk per bootloader made by `disk init --image` (version 1.0 committed in A)."""
+    made: dict[BootloaderKind, Path] = {}
+
+    def template(kind: BootloaderKind) -> Path:
+        require_loop()
+        if kind not in made:
+            disk = tmp_path_factory.mktemp(f"template-{kind}") / "disk.img"
+            proc = abupgrade("disk", "init", str(disk), "--bootloader", str(kind),
+                             "--size", "768M", "--slot-size", "64M",
+                             "--image", str(make_image("1.0")), "--pubkey", str(signer.public))
+            assert proc.returncode == 0, proc.stderr
+            made[kind] = disk
+        return made[kind]
+
+    return template
+
+
+@pytest.fixture(params=list(BootloaderKind), ids=str)
+def ab_disk(request: pytest.FixtureRequest, tmp_path: Path,
+            disk_template: Callable[[BootloaderKind], Path]) -> Path:
+    """A fresh copy of the template disk, for each bootloader."""
+    disk = tmp_path / f"{request.param}.img"
+    subprocess.run(["cp", "--sparse=always", str(disk_template(request.param)), str(disk)],
+                   check=True)
+    return disk
