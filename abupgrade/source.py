@@ -29,9 +29,7 @@ def open_source(spec: str, *, timeout: float = TIMEOUT) -> Iterator[BinaryIO]:
             yield response
         return
     if "://" in spec:
-        raise UsageError(
-            f"unsupported image source {spec!r}", hint="use a path, - or an http(s) URL"
-        )
+        raise UsageError(f"unsupported image source {spec!r}", hint="use a path, - or an http(s) URL")
     with _open_path(Path(spec)) as handle:
         yield handle
 

@@ -141,6 +141,12 @@ def _compressed_member(compression: Compression, stored: bytes) -> bytes:
     return head((payload("rootfs", ROOT, compression),)) + member("rootfs", stored) + END_MARKER
 
 
+def _zstd_window(window_log: int, data: bytes) -> bytes:
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    codec = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return codec.compress(data) + codec.flush()
+
+
 CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     "member not in manifest": (
         lambda: head() + member("rootfs", ROOT) + member("evil", b"x") + member("kernel", KERN),
@@ -254,6 +260,10 @@ CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     "zstd checksum missing": (
         lambda: _compressed_member(Compression.ZSTD, compressed(Compression.ZSTD, ROOT)[:-4]),
         "runs past the end of its member",
+    ),
+    "zstd window too large": (
+        lambda: _compressed_member(Compression.ZSTD, _zstd_window(27, ROOT)),
+        "corrupt zstd stream",
     ),
     "zstd skippable frame": (
         lambda: _compressed_member(Compression.ZSTD, b"\x50\x2a\x4d\x18" + bytes(4)),

@@ -18,7 +18,7 @@ from abupgrade.image.manifest import Compression
 
 IN_CHUNK = 1 << 20
 ZSTD_LEVEL = 3
-ZSTD_MAX_WINDOW = 1 << 25  # our builder uses 2 MiB windows; refuse frames that want more than 32
+ZSTD_MAX_WINDOW = 1 << 25  # the builder uses 2 MiB windows; frames wanting over 32 MiB are refused
 XZ_PRESET = 6
 XZ_MEMLIMIT = 128 << 20
 GZIP_LEVEL = 6
