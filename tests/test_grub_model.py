@@ -547,6 +547,46 @@ def check_run(m: Machine, image: str, tries: int, where: tuple[int, str, int]) -
         assert m.booted.count(Slot.B) == m.trial_boots, where
 
 
+def second_update(m: Machine, image: str, tries: int) -> int:
+    """B updated and committed, then A updated with `image`; the writes of the first part."""
+    assert m.update(Slot.B, "ok", tries)
+    for _ in range(2):
+        m.power_on()
+    first = len(m.log)
+    m.update(Slot.A, image, tries)
+    for _ in range(tries + 4):
+        m.power_on()
+    return first
+
+
+@pytest.mark.parametrize("image", ["ok", "panic"])
+def test_power_cut_in_an_update_of_a_after_b_was_committed(
+        env_dir: Path, monkeypatch: pytest.MonkeyPatch, image: str) -> None:
+    """The same, one update later: other values change, the generations wrap around."""
+    tries = 3
+    clean = Machine(env_dir, monkeypatch, tries)
+    first = second_update(clean, image, tries)
+    assert clean.booted[-1] is (Slot.A if image == "ok" else Slot.B)
+    for index in range(first, len(clean.log)):
+        write = clean.log[index]
+        for cut in distinct_cuts(write.old, write.new):
+            for f in env_dir.iterdir():
+                f.unlink()
+            m = Machine(env_dir, monkeypatch, tries, cut=(index, cut))
+            second_update(m, image, tries)
+            where = (index, write.who, cut)
+            assert m.images[m.booted[-1]] == "ok", where
+            after_commit = m.booted[2:]
+            a_trials = [w for w in m.log[first:] if w.who == "grub"]
+            if image == "panic":
+                assert after_commit.count(Slot.A) <= tries, where
+                assert m.booted[-1] is Slot.B and m.grub.read().next_boot is Slot.B, where
+                if a_trials and write.who == "abupgrade":
+                    assert after_commit.count(Slot.A) == tries, (where, m.booted)
+            elif a_trials:
+                assert m.grub.read().default is Slot.A and m.booted[-1] is Slot.A, where
+
+
 # ---------------------------------------------------------------- format and template
 
 def test_envblk_round_trip_with_escapes() -> None:
