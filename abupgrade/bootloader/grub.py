@@ -18,7 +18,9 @@ spends a trial boot - reads the newer block and writes the *other* block with th
 generation, so the newest valid block is never touched and a power cut at any byte leaves
 either the old or the new state. grub.cfg (rendered from grub.cfg.in at install) does the
 reading, the choice and the decrement with string comparisons only, as stock GRUB 2.06
-has no arithmetic. A trial boot is booted only after its decremented count is saved.
+has no arithmetic. A trial boot is booted only after its decremented count is saved, so a
+trial gets at most N boots; a power cut between that save and the kernel costs one of them.
+GRUB addresses the boot disk as hd0 (the BIOS boot drive).
 """
 
 from __future__ import annotations
@@ -385,6 +387,9 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
         if not _SAFE_WORDS.fullmatch(text):
             raise UsageError(f"{what} {text!r} cannot be written into grub.cfg",
                              hint="use letters, digits and _.,:=/+@%- separated by single spaces")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*", env_rel):
+        raise UsageError(f"[grub] env path {env_rel!r} cannot be written into grub.cfg",
+                         hint="use letters, digits and _.+- in the GRUB environment's path")
     env0 = f"{boot_device}/{env_rel}"
     slots_dir = f"{boot_device}/{Path(env_rel).parent.as_posix()}/slots".replace("/./", "/")
     values = {"ENV0": env0, "ENV1": env0 + ".1", "CMDLINE": cmdline}
