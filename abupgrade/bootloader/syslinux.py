@@ -281,6 +281,7 @@ class Syslinux(Bootloader):
     name = "syslinux"
     # Syslinux clears the boot-once record before loading the kernel: one boot per trial.
     max_tries: ClassVar[int | None] = 1
+    requires_boot_files: ClassVar[tuple[str, ...]] = ("kernel", "initrd")
 
     @property
     def dir(self) -> Path:
