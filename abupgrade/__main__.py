@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-from types import FrameType
 
-from abupgrade.errors import AbupgradeError, Interrupted
+from abupgrade import interrupt
+from abupgrade.errors import AbupgradeError
 
 GLOBAL_FLAGS = {"--json", "--quiet", "-q", "--debug"}
 GLOBAL_OPTIONS = {"--config", "--disk"}
@@ -36,18 +35,12 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}",
-                      hint="the target slot was left unbootable; run the command again")
-
-
 def main(argv: list[str] | None = None) -> int:
     from abupgrade import cli
 
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
+    interrupt.install()
     try:
         cli.app(args=args, prog_name="abupgrade")
     except AbupgradeError as exc:

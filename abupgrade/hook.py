@@ -18,6 +18,7 @@ from typing import Any
 from abupgrade import health, run, slots
 from abupgrade.bootloader import BootState
 from abupgrade.errors import HealthFailed, OperationalError, UsageError
+from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
 from abupgrade.state import SlotRecord, State, Trial
 from abupgrade.system import System
@@ -214,20 +215,22 @@ def _trial_boot(system: System, state: State, trial: Trial, boot_id: str, *,
                                 builtins=_builtins(system, slot))
     state = system.store.load()
     if report.healthy:
-        system.bootloader.commit(slot)
-        system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=None))
-        system.store.record("committed", slot, trial.version, report.summary())
+        with critical():
+            system.bootloader.commit(slot)
+            system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=None))
+            system.store.record("committed", slot, trial.version, report.summary())
         return {"slot": str(slot), "outcome": "committed", "summary":
                 f"slot {slot} (version {trial.version}) is healthy and committed",
                 "health": report.to_json()}
     failed = report.first_failure
     assert failed is not None
-    system.bootloader.disable(slot)
-    system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=None))
     detail = f"{report.summary()}; back to slot {slot.other}"
     if failed.output.strip():
         detail += f"; output: {' | '.join(failed.output.strip().splitlines()[-5:])}"
-    system.store.record("rolled-back", slot, trial.version, detail)
+    with critical():
+        system.bootloader.disable(slot)
+        system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=None))
+        system.store.record("rolled-back", slot, trial.version, detail)
     return {"slot": str(slot), "outcome": "rolled-back",
             "summary": f"slot {slot} failed its health checks ({report.summary()}); "
                        f"rolled back to slot {slot.other}" + ("" if reboot else ", reboot to finish"),
@@ -247,15 +250,16 @@ def _fallback(system: System, state: State, trial: Trial, booted: Slot,
                "health checks")
     else:
         why = "the trial slot never reached the boot hook (kernel or init failed)"
-    system.bootloader.disable(trial.slot)
-    if boot.default != booted and booted in boot.bootable:
-        system.bootloader.commit(booted)
-    state = replace(state.with_slot(trial.slot, state=SlotState.BAD), trial=None)
-    if state.slots[booted].state is not SlotState.GOOD:
-        state = state.with_slot(booted, state=SlotState.GOOD)
-    system.store.save(state)
-    system.store.record("fallback", trial.slot, trial.version,
-                        f"{why}; the bootloader went back to slot {booted}")
+    with critical():
+        system.bootloader.disable(trial.slot)
+        if boot.default != booted and booted in boot.bootable:
+            system.bootloader.commit(booted)
+        state = replace(state.with_slot(trial.slot, state=SlotState.BAD), trial=None)
+        if state.slots[booted].state is not SlotState.GOOD:
+            state = state.with_slot(booted, state=SlotState.GOOD)
+        system.store.save(state)
+        system.store.record("fallback", trial.slot, trial.version,
+                            f"{why}; the bootloader went back to slot {booted}")
     return {"slot": str(booted), "outcome": "fallback",
             "summary": f"the trial of slot {trial.slot} (version {trial.version}) failed: {why}; "
                        f"running on slot {booted}"}

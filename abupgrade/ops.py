@@ -26,6 +26,7 @@ from abupgrade.image import build as image_builder
 from abupgrade.image import keys
 from abupgrade.image.manifest import PayloadKind, compare_versions
 from abupgrade.image.reader import ImageReader, inspect, verify
+from abupgrade.interrupt import critical
 from abupgrade.model import BootloaderKind, Slot, SlotState
 from abupgrade.progress import Progress
 from abupgrade.source import open_source
@@ -188,15 +189,16 @@ def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, 
         tries = system.config.grub.tries
         if system.bootloader.max_tries is not None:
             tries = min(tries, system.bootloader.max_tries)
-        system.bootloader.arm_trial(target, tries)
-        state = system.store.load()
-        system.store.save(replace(
-            state.with_slot(target, state=SlotState.TRIAL),
-            trial=Trial(slot=target, version=result["version"],
-                        previous=state.slots[active].version, armed=now()),
-        ))
-        system.store.record("trial-armed", target, result["version"],
-                            f"{tries} boot(s) before falling back to slot {active}")
+        with critical():
+            system.bootloader.arm_trial(target, tries)
+            state = system.store.load()
+            system.store.save(replace(
+                state.with_slot(target, state=SlotState.TRIAL),
+                trial=Trial(slot=target, version=result["version"],
+                            previous=state.slots[active].version, armed=now()),
+            ))
+            system.store.record("trial-armed", target, result["version"],
+                                f"{tries} boot(s) before falling back to slot {active}")
         result["tries"] = tries
         if reboot:
             _reboot(system)
@@ -255,14 +257,15 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                 raise PolicyRefusal(f"slot {target} is the only bootable slot",
                                     hint="writing it would leave nothing to boot")
             # a fresh disk: nothing is installed anywhere, there is nothing to protect
-        elif target in bootable:
-            system.bootloader.disable(target)
-        system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
-                                                  installed=None, sha256=None),
-                                  trial=None))
-        for name in ("kernel", "initrd"):
-            with contextlib.suppress(FileNotFoundError):
-                system.bootloader.boot_file_path(target, name).unlink()
+        with critical():
+            if target in bootable and target.other in bootable:
+                system.bootloader.disable(target)
+            system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
+                                                      installed=None, sha256=None),
+                                      trial=None))
+            for name in ("kernel", "initrd"):
+                with contextlib.suppress(FileNotFoundError):
+                    system.bootloader.boot_file_path(target, name).unlink()
         try:
             for payload, chunks in reader.payloads():
                 if payload.kind is PayloadKind.SLOT:
@@ -282,11 +285,13 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
             system.store.record("install-failed", target, manifest.version,
                                 f"{exc.message}; the slot stays unbootable")
             raise
-        state = system.store.load()
-        system.store.save(state.with_slot(target, state=SlotState.BAD, version=manifest.version,
-                                          installed=now(), sha256=manifest.slot.sha256))
-        system.store.record("installed", target, manifest.version,
-                            f"{manifest.slot.size:,} bytes to {device}, read back and verified")
+        with critical():
+            state = system.store.load()
+            system.store.save(state.with_slot(target, state=SlotState.BAD,
+                                              version=manifest.version, installed=now(),
+                                              sha256=manifest.slot.sha256))
+            system.store.record("installed", target, manifest.version,
+                                f"{manifest.slot.size:,} bytes to {device}, read back and verified")
     result["seconds"] = round(time.monotonic() - started, 3)
     return result
 
@@ -316,12 +321,13 @@ def mark_good(options: Options) -> dict[str, Any]:
 
 
 def _commit(system: System, slot: Slot, event: str, detail: str) -> dict[str, Any]:
-    system.bootloader.commit(slot)
-    state = system.store.load()
-    trial = state.trial if state.trial is not None and state.trial.slot != slot else None
-    version = state.slots[slot].version
-    system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=trial))
-    system.store.record(event, slot, version, detail)
+    with critical():
+        system.bootloader.commit(slot)
+        state = system.store.load()
+        trial = state.trial if state.trial is not None and state.trial.slot != slot else None
+        version = state.slots[slot].version
+        system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=trial))
+        system.store.record(event, slot, version, detail)
     return {"slot": str(slot), "version": version}
 
 
@@ -337,10 +343,11 @@ def mark_bad(options: Options, slot: Slot | None) -> dict[str, Any]:
         if slot == boot.default and not other_ok:
             raise PolicyRefusal(f"slot {slot} is the only good slot",
                                 hint="marking it bad would leave nothing to boot")
-        system.bootloader.disable(slot)
-        trial = state.trial if state.trial is not None and state.trial.slot != slot else None
-        system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=trial))
-        system.store.record("marked-bad", slot, state.slots[slot].version, "marked bad by hand")
+        with critical():
+            system.bootloader.disable(slot)
+            trial = state.trial if state.trial is not None and state.trial.slot != slot else None
+            system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=trial))
+            system.store.record("marked-bad", slot, state.slots[slot].version, "marked bad by hand")
         return {"slot": str(slot), "next_boot": str(system.bootloader.read().next_boot)}
 
 
@@ -355,13 +362,14 @@ def rollback(options: Options, *, reboot: bool) -> dict[str, Any]:
                 f"slot {target} holds no good image "
                 f"({_slot_state(target, state.slots[target], boot)})",
                 hint="rollback goes only to a slot that booted healthy before")
-        if state.trial is not None and state.trial.slot == active:
-            system.bootloader.disable(active)
-            state = state.with_slot(active, state=SlotState.BAD)
-        system.bootloader.commit(target)
-        system.store.save(replace(state, trial=None))
-        system.store.record("manual-rollback", target, state.slots[target].version,
-                            f"by hand, from slot {active}")
+        with critical():
+            if state.trial is not None and state.trial.slot == active:
+                system.bootloader.disable(active)
+                state = state.with_slot(active, state=SlotState.BAD)
+            system.bootloader.commit(target)
+            system.store.save(replace(state, trial=None))
+            system.store.record("manual-rollback", target, state.slots[target].version,
+                                f"by hand, from slot {active}")
         result = {"slot": str(target), "version": state.slots[target].version}
         if reboot:
             _reboot(system)
