@@ -31,6 +31,8 @@ class System:
     bootloader: Bootloader
     store: Store
     _devices: dict[Slot, Path] = field(default_factory=dict)
+    # How to name a slot's device to the user when its /dev path is only ours for a while.
+    _names: dict[Slot, str] = field(default_factory=dict)
 
     def device(self, slot: Slot) -> Path:
         if slot not in self._devices:
@@ -39,6 +41,8 @@ class System:
 
     def device_text(self, slot: Slot) -> str:
         """The slot's device for display; its spec when it does not resolve."""
+        if slot in self._names:
+            return self._names[slot]
         try:
             return str(self.device(slot))
         except Exception:
@@ -61,7 +65,10 @@ def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]
         with open_disk(options.disk, readonly=readonly) as session:
             cfg = session.config
             devices = {slot: Path(os.path.realpath(spec)) for slot, spec in cfg.slots.items()}
-            yield System(cfg, None, True, backend(cfg), Store(cfg.state_dir), devices)
+            numbers = {node: n for n, node in session.disk.partitions.items()}
+            names = {slot: f"{options.disk} partition {numbers[dev]}"
+                     for slot, dev in devices.items() if dev in numbers}
+            yield System(cfg, None, True, backend(cfg), Store(cfg.state_dir), devices, names)
         return
     cfg = configuration.load(configuration.config_path(options.config))
     yield System(cfg, slots.booted_slot(cfg), False, backend(cfg), Store(cfg.state_dir))
