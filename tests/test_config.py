@@ -1,0 +1,80 @@
+"""config.py: TOML in, frozen dataclasses out; every mistake a one-line exit-2 error."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from abupgrade import config
+from abupgrade.errors import UsageError
+from abupgrade.model import BootloaderKind, Slot
+
+GOOD: dict[str, Any] = {
+    "compatible": "acme-box",
+    "bootloader": "grub",
+    "slots": {"A": {"device": "PARTLABEL=rootfs_a"}, "B": {"device": "PARTLABEL=rootfs_b"}},
+    "mounts": {"/boot": "PARTLABEL=boot"},
+    "grub": {"tries": 5},
+    "health": {"timeout": 7},
+    "system": {"reboot": ["reboot", "-f"]},
+}
+
+
+def test_parse_defaults_and_values() -> None:
+    cfg = config.parse(GOOD)
+    assert cfg.bootloader is BootloaderKind.GRUB
+    assert cfg.slots[Slot.B] == "PARTLABEL=rootfs_b"
+    assert cfg.grub.tries == 5 and cfg.grub.env == Path("/boot/grub/grubenv")
+    assert cfg.health.timeout == 7.0 and cfg.system.reboot == ("reboot", "-f")
+    assert cfg.state_dir == Path("/var/lib/abupgrade")
+
+
+def test_render_round_trips() -> None:
+    cfg = config.parse(GOOD)
+    assert config.parse(tomllib.loads(config.render(cfg))) == cfg
+
+
+def test_rebased_moves_paths_under_mounts_only() -> None:
+    cfg = config.parse(GOOD)
+    moved = cfg.rebased({Path("/boot"): Path("/tmp/m/boot")})
+    assert moved.grub.env == Path("/tmp/m/boot/grub/grubenv")
+    assert moved.state_dir == cfg.state_dir  # not under /boot
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bootloader": "lilo"}, "not supported"),
+    ({"compatible": 3}, "must be a str"),
+    ({"slots": {"A": {"device": "x"}}}, "[slots.B] is required"),
+    ({"slots": {"A": {"device": "x"}, "B": {"device": "y"}, "C": {"device": "z"}}}, "unknown slot"),
+    ({"grub": {"tries": 0}}, "between 1 and 9"),
+    ({"grub": {"tries": True}}, "must be a int"),
+    ({"keyring": "relative/keys"}, "absolute path"),
+    ({"colour": "blue"}, "unknown key"),
+    ({"health": {"timeout": -1}}, "positive"),
+    ({"system": {"reboot": []}}, "reboot must be a command"),
+])
+def test_bad_values_are_usage_errors(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        config.parse({**GOOD, **change})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_load_reports_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no configuration"):
+        config.load(tmp_path / "none.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("compatible = \n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        config.load(broken)
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("ABUPGRADE_CONFIG", raising=False)
+    assert config.config_path(None) == config.DEFAULT_PATH
+    monkeypatch.setenv("ABUPGRADE_CONFIG", str(tmp_path / "env.toml"))
+    assert config.config_path(None) == tmp_path / "env.toml"
+    assert config.config_path(tmp_path / "x.toml") == tmp_path / "x.toml"
