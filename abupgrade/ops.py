@@ -263,9 +263,7 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
             system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
                                                       installed=None, sha256=None),
                                       trial=None))
-            for name in ("kernel", "initrd"):
-                with contextlib.suppress(FileNotFoundError):
-                    system.bootloader.boot_file_path(target, name).unlink()
+            _drop_boot_files(system, target)
         try:
             for payload, chunks in reader.payloads():
                 if payload.kind is PayloadKind.SLOT:
@@ -277,11 +275,13 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                                      chunks, payload.size, progress)
                     result["written"] += payload.size
         except (Interrupted, KeyboardInterrupt) as exc:
+            _drop_boot_files(system, target)
             system.store.record("interrupted", target, manifest.version,
                                 f"writing slot {target} stopped: {exc or 'interrupted'}; "
                                 "the slot stays unbootable")
             raise
         except (ImageRejected, OperationalError, PolicyRefusal) as exc:
+            _drop_boot_files(system, target)
             system.store.record("install-failed", target, manifest.version,
                                 f"{exc.message}; the slot stays unbootable")
             raise
@@ -294,6 +294,13 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                                 f"{manifest.slot.size:,} bytes to {device}, read back and verified")
     result["seconds"] = round(time.monotonic() - started, 3)
     return result
+
+
+def _drop_boot_files(system: System, target: Slot) -> None:
+    """Remove the target's kernel and initrd: none is left behind by an install that failed."""
+    for name in ("kernel", "initrd"):
+        with contextlib.suppress(FileNotFoundError):
+            system.bootloader.boot_file_path(target, name).unlink()
 
 
 def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
