@@ -48,6 +48,18 @@ class SystemConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """How `oci://` references reach their registry."""
+
+    # host[:port] that may be reached over plain HTTP (loopback always may)
+    insecure: tuple[str, ...] = ()
+    # CA certificate(s), PEM, trusted for registries besides the system's
+    ca_file: Path | None = None
+    # docker-style config.json with an "auths" table; credentials never go on the command line
+    auth_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     compatible: str
     bootloader: BootloaderKind
@@ -63,6 +75,7 @@ class Config:
     mounts: Mapping[Path, str] = field(default_factory=dict)
     hooks_dir: Path | None = None
     source: Path | None = None
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def rebased(self, mounted: Mapping[Path, Path]) -> Config:
         """The same configuration with paths under a mount point moved to where it is mounted."""
@@ -130,11 +143,12 @@ def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: An
 
 _KNOWN = {
     "": {"compatible", "bootloader", "keyring", "state_dir", "slots", "grub", "syslinux",
-         "health", "system", "mounts", "hooks_dir"},
+         "health", "system", "mounts", "hooks_dir", "registry"},
     "grub": {"env", "tries"},
     "syslinux": {"dir"},
     "health": {"dir", "timeout", "deadline", "watchdog"},
     "system": {"cmdline", "mountinfo", "boot_id", "reboot"},
+    "registry": {"insecure", "ca_file", "auth_file"},
 }
 
 
@@ -212,7 +226,17 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
         mounts=mounts,
         hooks_dir=Path(_absolute(hooks, "hooks_dir")) if isinstance(hooks, str) else None,
         source=source,
+        registry=_registry(_section(raw, "registry")),
     )
+
+
+def _registry(table: Mapping[str, Any]) -> RegistryConfig:
+    insecure = table.get("insecure", [])
+    if not isinstance(insecure, list) or not all(isinstance(h, str) and h for h in insecure):
+        raise UsageError('configuration: [registry] insecure must be a list of "host[:port]" strings')
+    files = {key: Path(_absolute(_get(table, key, str, "[registry] "), f"[registry] {key}"))
+             for key in ("ca_file", "auth_file") if key in table}
+    return RegistryConfig(insecure=tuple(insecure), **files)
 
 
 def _absolute(text: str, where: str) -> str:

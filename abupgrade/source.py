@@ -1,4 +1,5 @@
-"""Where an image comes from: a path, `-` for stdin, or an http(s) URL, always as a stream."""
+"""Where an image comes from: a path, `-` for stdin, an http(s) URL or an oci:// reference,
+always as a stream."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from abupgrade.config import RegistryConfig
 from abupgrade.errors import OperationalError, UsageError
 
 TIMEOUT = 30.0  # seconds without progress before a download is given up
 
 
 @contextlib.contextmanager
-def open_source(spec: str, *, timeout: float = TIMEOUT) -> Iterator[BinaryIO]:
-    """Open an image for streaming; the stream is closed when the block ends (stdin is not)."""
+def open_source(spec: str, *, timeout: float = TIMEOUT,
+                registry: RegistryConfig | None = None) -> Iterator[BinaryIO]:
+    """Open an image for streaming; the stream is closed when the block ends (stdin is not).
+
+    `registry` says how oci:// references reach their registry (TLS, insecure hosts, credentials).
+    """
     if spec == "-":
         yield sys.stdin.buffer
         return
@@ -28,8 +34,15 @@ def open_source(spec: str, *, timeout: float = TIMEOUT) -> Iterator[BinaryIO]:
         with _open_url(spec, timeout) as response:
             yield response
         return
+    if scheme == "oci":
+        from abupgrade.oci import open_image
+
+        with open_image(spec, settings=registry) as layers:
+            yield layers
+        return
     if "://" in spec:
-        raise UsageError(f"unsupported image source {spec!r}", hint="use a path, - or an http(s) URL")
+        raise UsageError(f"unsupported image source {spec!r}",
+                         hint="use a path, -, an http(s) URL or an oci:// reference")
     with _open_path(Path(spec)) as handle:
         yield handle
 

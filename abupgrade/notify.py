@@ -1,0 +1,46 @@
+"""Notification hooks: executables in `<hooks_dir>/<event>.d/`, run after a state change.
+
+A hook tells the outside world (a fleet manager, a log shipper) what happened; it can never
+change what happened. Each runs in its own process group with a timeout, like a health check,
+and whatever goes wrong comes back as a line for the caller to record, never as an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from abupgrade.health import Kind, executables, run_check
+
+EVENTS = ("committed", "rolled-back", "fallback")
+TIMEOUT = 30.0  # seconds per hook
+
+_EVENT_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+def run_hooks(directory: Path | None, event: str, env: Mapping[str, str], *,
+              timeout: float = TIMEOUT) -> list[str]:
+    """Run `<directory>/<event>.d/*` in name order with `env` plus ABUPGRADE_EVENT; the problems.
+
+    No directory, no folder for the event, or no executables in it: nothing to do. A hook that
+    fails, cannot start or overruns `timeout` gives one line in the result; the others still run.
+    """
+    if directory is None:
+        return []
+    if not _EVENT_RE.fullmatch(event):
+        return [f"not running hooks for {event!r}: not an event name"]
+    problems: list[str] = []
+    hook_env = {**env, "ABUPGRADE_EVENT": event}
+    for path in executables(directory / f"{event}.d"):
+        result = run_check(path, kind=Kind.WANTED, timeout=timeout, env=hook_env)
+        if result.ok:
+            continue
+        if result.timed_out:
+            problems.append(f"{event} hook {path.name} timed out after {timeout:g} s")
+            continue
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        status = lines.pop().strip("()") if lines and lines[-1].startswith("(exit status") else ""
+        said = f": {lines[-1].strip()}" if lines else ""
+        problems.append(f"{event} hook {path.name} failed" + (f" ({status})" if status else "") + said)
+    return problems
