@@ -212,7 +212,7 @@ def image_build(
 @image_app.command("verify")
 def image_verify(
     ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, - for stdin, or an http(s) URL.")],
+    image: Annotated[str, typer.Argument(help="Image path, - for stdin, an http(s) URL or oci://HOST/REPO:TAG.")],
     pubkey: Annotated[list[Path] | None, typer.Option(
         help="Trusted public key; repeat for several [default: the configured keyring].")] = None,
 ) -> None:
@@ -230,7 +230,7 @@ def image_verify(
 @image_app.command("inspect")
 def image_inspect(
     ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, - for stdin, or an http(s) URL.")],
+    image: Annotated[str, typer.Argument(help="Image path, - for stdin, an http(s) URL or oci://HOST/REPO:TAG.")],
     pubkey: Annotated[list[Path] | None, typer.Option(help="Public key to check signatures with.")] = None,
 ) -> None:
     """Show the manifest and the signature status."""
@@ -248,6 +248,42 @@ def image_inspect(
         for sig in info["signatures"]:
             trust = {True: "trusted", False: "NOT trusted", None: "trust unknown (no keyring)"}
             stdout.print(f"signature by key {sig['key_id']}: {trust[sig['trusted']]}")
+
+
+@image_app.command("push")
+def image_push(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(help="The signed image file.")],
+    target: Annotated[str, typer.Argument(help="oci://HOST[:PORT]/REPO:TAG")],
+    pubkey: Annotated[list[Path] | None, typer.Option(
+        help="Verify the image with this key before pushing; repeat for several.")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA certificate(s) of the registry, PEM.")] = None,
+    auth_file: Annotated[Path | None, typer.Option(
+        help="docker-style config.json with the registry's credentials.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow plain HTTP to this registry.")] = False,
+) -> None:
+    """Publish a signed image to an OCI registry; payloads already there are not uploaded again."""
+    g = _globals(ctx)
+    progress = progress_for(g)
+    try:
+        result = ops.image_push(image, target, pubkeys=pubkey or [], ca_file=ca_file,
+                                auth_file=auth_file, insecure=insecure, progress=progress)
+    finally:
+        _close(progress)
+    emit(g, result, f"pushed {result['reference']}")
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    reference: Annotated[str, typer.Argument(help="oci://HOST[:PORT]/REPO:TAG")],
+) -> None:
+    """Exit 0 and print the version when the tag holds something newer than the committed
+    version; exit 6 when it does not."""
+    g = _globals(ctx)
+    result = ops.check(g.options(), reference)
+    emit(g, result, result["version"])
 
 
 # ------------------------------------------------------------------ the running system
@@ -283,7 +319,7 @@ def status(ctx: typer.Context) -> None:
 @app.command()
 def apply(
     ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, - for stdin, or an http(s) URL.")],
+    image: Annotated[str, typer.Argument(help="Image path, - for stdin, an http(s) URL or oci://HOST/REPO:TAG.")],
     reboot: Annotated[bool, typer.Option("--reboot", help="Reboot into the trial when done.")] = False,
     allow_downgrade: Annotated[bool, typer.Option(
         "--allow-downgrade", help="Accept a version lower than the committed one.")] = False,

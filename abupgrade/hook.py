@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from abupgrade import health, run, slots
+from abupgrade import health, notify, run, slots
 from abupgrade.bootloader import BootState
 from abupgrade.errors import HealthFailed, OperationalError, UsageError
 from abupgrade.interrupt import critical
@@ -184,11 +184,23 @@ def boot(system: System, *, reboot: bool) -> dict[str, Any]:
     else:
         result = _committed_boot(system, state, booted, loader)
     _remember(system, boot_id, result["outcome"])
+    if result["outcome"] in ("committed", "rolled-back", "fallback"):
+        _notify(system, result["outcome"], state, trial)
     if result["outcome"] == "rolled-back":
         if reboot:
             run.run(system.config.system.reboot, timeout=60)
         raise HealthFailed(result["summary"], hint="see `abupgrade history` for the check's output")
     return result
+
+
+def _notify(system: System, event: str, state: State, trial: Trial | None) -> None:
+    """Tell the fleet agent's hooks; a failing hook is recorded, never fatal."""
+    if system.config.hooks_dir is None or trial is None:
+        return
+    problems = notify.run_hooks(system.config.hooks_dir, event,
+                                _check_env(trial.slot, state, trial))
+    for problem in problems:
+        system.store.record("hook-failed", trial.slot, trial.version, problem)
 
 
 def _remember(system: System, boot_id: str, outcome: str) -> None:

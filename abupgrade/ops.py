@@ -14,6 +14,7 @@ from typing import Any
 
 from abupgrade import diskinit, run
 from abupgrade.bootloader import BootState
+from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import (
     ImageRejected,
     Interrupted,
@@ -73,10 +74,18 @@ def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
         return system.keyring()
 
 
+def _registry(options: Options) -> RegistryConfig:
+    """The configured registry settings, or the defaults where no configuration is at hand."""
+    if options.config is None and options.disk is None and not config_path(None).exists():
+        return RegistryConfig()
+    with open_system(options, readonly=True) as system:
+        return system.config.registry
+
+
 def image_verify(options: Options, spec: str, pubkeys: Sequence[Path],
                  progress: Progress) -> dict[str, Any]:
     keyring = _keyring(options, pubkeys)
-    with open_source(spec) as stream:
+    with open_source(spec, registry=_registry(options) if spec.startswith("oci://") else None) as stream:
         verified = verify(stream, keyring, progress)
     return {
         "version": verified.manifest.version,
@@ -92,8 +101,33 @@ def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> dict[
         keyring = keys.Keyring.from_files(pubkeys)
     elif options.config is not None or options.disk is not None:
         keyring = _keyring(options, [])
-    with open_source(spec) as stream:
+    registry = _registry(options) if spec.startswith("oci://") else None
+    with open_source(spec, registry=registry) as stream:
         return inspect(stream, keyring).to_json()
+
+
+def image_push(image: Path, target: str, *, pubkeys: Sequence[Path], ca_file: Path | None,
+               auth_file: Path | None, insecure: bool, progress: Progress) -> dict[str, Any]:
+    from abupgrade import oci
+    from abupgrade.oci.reference import parse_reference
+
+    host = parse_reference(target, need_tag=True).host
+    settings = RegistryConfig(insecure=(host,) if insecure else (), ca_file=ca_file,
+                              auth_file=auth_file)
+    keyring = keys.Keyring.from_files(pubkeys) if pubkeys else None
+    return oci.push(image, target, settings=settings, keyring=keyring, progress=progress).to_json()
+
+
+def check(options: Options, reference: str) -> dict[str, Any]:
+    """Whether `reference` holds a version newer than the committed one (NothingNewer if not)."""
+    from abupgrade import oci
+
+    with open_system(options, readonly=True) as system:
+        boot = system.bootloader.read()
+        committed = system.store.load().slots[boot.default].version
+        version = oci.check(reference, committed, compatible=system.config.compatible,
+                            settings=system.config.registry)
+    return {"reference": reference, "version": version, "committed": committed}
 
 
 # ------------------------------------------------------------------ state of the machine
@@ -215,7 +249,7 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
         raise PolicyRefusal(f"slot {target} ({device}) is mounted",
                             hint=f"unmount {device} first")
     started = time.monotonic()
-    with open_source(spec) as stream:
+    with open_source(spec, registry=system.config.registry) as stream:
         reader = ImageReader(stream, system.keyring())  # the signature is checked here
         manifest = reader.manifest
         if manifest.compatible != system.config.compatible:

@@ -216,3 +216,23 @@ def test_health_command_reports(machine: Machine) -> None:
                        "20-meh": "fail"}
     machine.add_check("required", "30-bad", "exit 1")
     assert machine.cli("health").returncode == 5
+
+
+def test_event_hooks_hear_of_commit_and_rollback(
+        machine: Machine, make_image: Callable[..., Path]) -> None:
+    assert machine.config.hooks_dir is not None
+    heard = machine.workdir / "heard"
+    for event in ("committed", "rolled-back"):
+        hook = machine.config.hooks_dir / f"{event}.d" / "10-report"
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text(f"#!/bin/sh\necho $ABUPGRADE_EVENT $ABUPGRADE_SLOT $ABUPGRADE_VERSION >> {heard}\n")
+        hook.chmod(0o755)
+    armed(machine, make_image)
+    machine.boot(Slot.B)
+    assert machine.cli("boot-hook", "--no-reboot").returncode == 0
+    assert heard.read_text().splitlines() == ["committed B 2.0"]
+    armed(machine, make_image, "3.0")  # into A, from B
+    machine.add_check("required", "10-no", "exit 1")
+    machine.boot(Slot.A)
+    assert machine.cli("boot-hook", "--no-reboot").returncode == 5
+    assert heard.read_text().splitlines() == ["committed B 2.0", "rolled-back A 3.0"]

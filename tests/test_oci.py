@@ -219,6 +219,26 @@ def test_apply_from_registry(ab_disk: Path, plain: RegistryServer,
 
 
 @pytest.mark.loop
+def test_push_check_apply_through_the_command_line(
+        ab_disk: Path, plain: RegistryServer, make_image: Callable[..., Path], signer: KeyPair) -> None:
+    """The fleet loop as a cron job runs it: push a release, poll the channel, apply it."""
+    require_loop()
+    channel = plain.reference("cli/os", "stable")
+    proc = abupgrade("image", "push", str(make_image("2.0")), channel, "--pubkey", str(signer.public))
+    assert proc.returncode == 0, proc.stderr
+    proc = abupgrade("--disk", str(ab_disk), "check", channel)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "2.0"), proc.stderr
+    assert abupgrade("--disk", str(ab_disk), "apply", channel).returncode == 0
+    assert abupgrade("--disk", str(ab_disk), "mark-bad", "B").returncode == 0
+    # the committed version (1.0 in A) is what counts: 2.0 is still newer
+    assert abupgrade("--disk", str(ab_disk), "check", channel).returncode == 0
+    proc = abupgrade("image", "push", str(make_image("0.5")), channel)
+    assert proc.returncode == 0, proc.stderr
+    proc = abupgrade("--disk", str(ab_disk), "check", channel)
+    assert proc.returncode == 6 and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.loop
 def test_apply_fails_cleanly_when_the_registry_cannot_resume(
         ab_disk: Path, plain: RegistryServer, make_image: Callable[..., Path]) -> None:
     require_loop()
