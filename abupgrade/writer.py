@@ -18,16 +18,18 @@ import hashlib
 import io
 import mmap
 import os
+import queue
 import stat
 import struct
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from abupgrade.errors import ImageRejected, OperationalError, PolicyRefusal
+from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal
 from abupgrade.progress import NullProgress, Progress
 
 BLOCK = 4096  # zero detection granularity (the usual filesystem block)
@@ -60,76 +62,140 @@ def copy_chunks(
     skip_zeros: bool = False,
     progress: Progress | None = None,
     sync_every: int = SYNC_EVERY,
+    on_durable: Callable[[int], None] | None = None,
 ) -> WriteStats:
     """Write exactly `size` bytes from `chunks` to `out` from offset 0.
 
-    With `skip_zeros`, all-zero 4 KiB blocks are not written: the caller guarantees the
-    target already reads zeros there. More or fewer bytes than `size` is ImageRejected.
+    The caller's thread gathers the chunks (reading and hashing the image) while a writer
+    thread writes the gathered ones. With `skip_zeros`, all-zero 4 KiB blocks are not written:
+    the caller guarantees the target already reads zeros there. `on_durable(end)` is called
+    (from the writer thread) each time [0, end) has reached the device. More or fewer bytes
+    than `size` is ImageRejected.
     """
     progress = progress or NullProgress()
     started = time.monotonic()
-    pending = bytearray(CHUNK)
-    view = memoryview(pending)
-    fill = 0
-    pos = 0  # offset of pending[0] in the target
-    written = 0
-    behind = _WriteBehind(out, sync_every)
+    pos = 0  # bytes handed to the writer so far
+    progress.start("write", size)
+    try:
+        with _WriterThread(out, skip_zeros, _WriteBehind(out, sync_every, on_durable)) as writer:
+            buffer = writer.take_buffer()
+            fill = 0
+            for chunk in chunks:
+                data = memoryview(chunk).cast("B")
+                if pos + fill + len(data) > size:
+                    raise ImageRejected(f"payload is longer than its declared {size:,} bytes")
+                while data:
+                    n = min(CHUNK - fill, len(data))
+                    buffer[fill : fill + n] = data[:n]
+                    fill += n
+                    data = data[n:]
+                    if fill == CHUNK:
+                        writer.put(buffer, pos, fill)
+                        progress.advance(fill)
+                        pos, fill = pos + fill, 0
+                        buffer = writer.take_buffer()
+            if fill:
+                writer.put(buffer, pos, fill)
+                progress.advance(fill)
+                pos += fill
+            if pos != size:
+                raise ImageRejected(f"payload ended after {pos:,} of its declared {size:,} bytes")
+            writer.drain()
+        _sync(out)
+    finally:
+        progress.finish()
+    return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started)
 
-    def put(data: memoryview, offset: int) -> None:
-        nonlocal written
-        out.seek(offset)
+
+class _WriterThread:
+    """Writes gathered chunks in a thread of its own, so that the writes (and waiting for the
+    device) overlap with reading and hashing the next chunks. A few chunk buffers go round
+    between the two threads: memory stays flat. An error in the thread is raised in the
+    caller's at its next `put` or `drain`."""
+
+    BUFFERS = 4
+
+    def __init__(self, out: BinaryIO, skip_zeros: bool, behind: _WriteBehind) -> None:
+        self.out = out
+        self.skip_zeros = skip_zeros
+        self.behind = behind
+        self.written = 0
+        self.error: BaseException | None = None
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.work: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="abupgrade-writer", daemon=True)
+
+    def __enter__(self) -> _WriterThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is not None and self.error is None:
+            self.error = value or Interrupted("stopped")  # the thread skips what is queued
+        self.work.put(None)
+        self.thread.join()
+
+    def take_buffer(self) -> bytearray:
+        return self.free.get()
+
+    def put(self, buffer: bytearray, offset: int, length: int) -> None:
+        self._raise()
+        self.work.put((buffer, offset, length))
+
+    def drain(self) -> None:
+        """Wait until everything put is written."""
+        self.work.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.work.get()) is not None:
+            buffer, offset, length = item
+            try:
+                if self.error is None:
+                    self._write(buffer, offset, length)
+                    self.behind.reached(offset + length)
+            except BaseException as exc:  # handed to the caller's thread
+                self.error = exc
+            finally:
+                self.free.put(buffer)
+                self.work.task_done()
+
+    def _write(self, buffer: bytearray, offset: int, length: int) -> None:
+        with memoryview(buffer) as view:
+            if not self.skip_zeros:
+                self._put(view[:length], offset)
+            elif length == CHUNK and buffer == _ZEROS:
+                pass
+            elif buffer.find(_ZERO_BLOCK, 0, length) < 0:  # no zero block at all: one write
+                self._put(view[:length], offset)
+            else:
+                run_start = None
+                for at in range(0, length, BLOCK):
+                    end = min(at + BLOCK, length)
+                    zero = buffer[at:end] == _ZERO_BLOCK[: end - at]
+                    if zero and run_start is not None:
+                        self._put(view[run_start:at], offset + run_start)
+                        run_start = None
+                    elif not zero and run_start is None:
+                        run_start = at
+                if run_start is not None:
+                    self._put(view[run_start:length], offset + run_start)
+
+    def _put(self, data: memoryview, offset: int) -> None:
+        self.out.seek(offset)
         while data:
-            n = out.write(data)
+            n = self.out.write(data)
             if not n:
                 raise OperationalError(f"short write at byte {offset}")
             data, offset = data[n:], offset + n
-            written += n
-
-    def flush(length: int) -> None:
-        if not skip_zeros:
-            put(view[:length], pos)
-        elif length == CHUNK and pending == _ZEROS:
-            pass
-        else:
-            run_start = None
-            for at in range(0, length, BLOCK):
-                end = min(at + BLOCK, length)
-                zero = pending[at:end] == _ZERO_BLOCK[: end - at]
-                if zero and run_start is not None:
-                    put(view[run_start:at], pos + run_start)
-                    run_start = None
-                elif not zero and run_start is None:
-                    run_start = at
-            if run_start is not None:
-                put(view[run_start:length], pos + run_start)
-        progress.advance(length)
-
-    progress.start("write", size)
-    try:
-        for chunk in chunks:
-            data = memoryview(chunk).cast("B")
-            if pos + fill + len(data) > size:
-                raise ImageRejected(f"payload is longer than its declared {size:,} bytes")
-            while data:
-                n = min(CHUNK - fill, len(data))
-                view[fill : fill + n] = data[:n]
-                fill += n
-                data = data[n:]
-                if fill == CHUNK:
-                    flush(CHUNK)
-                    pos += CHUNK
-                    fill = 0
-                    behind.reached(pos)
-        if fill:
-            flush(fill)
-            pos += fill
-        if pos != size:
-            raise ImageRejected(f"payload ended after {pos:,} of its declared {size:,} bytes")
-        _sync(out)
-    finally:
-        view.release()
-        progress.finish()
-    return WriteStats(size, written, size - written, time.monotonic() - started)
+            self.written += n
 
 
 def _sync(out: BinaryIO) -> None:
@@ -152,11 +218,14 @@ class _WriteBehind:
 
     Each full window is handed to writeback at once (sync_file_range WRITE) and the window
     before it is waited for; the final fsync still makes everything durable. Where
-    sync_file_range is not available, a full window is fsynced.
+    sync_file_range is not available, a full window is fsynced. `on_durable(end)` hears when
+    [0, end) has reached the device.
     """
 
-    def __init__(self, out: BinaryIO, window: int) -> None:
+    def __init__(self, out: BinaryIO, window: int,
+                 on_durable: Callable[[int], None] | None = None) -> None:
         self.window = window
+        self.on_durable = on_durable
         self.start = 0  # the window being filled begins here
         self.previous: tuple[int, int] | None = None  # the window in writeback
         try:
@@ -169,12 +238,17 @@ class _WriteBehind:
         if self.fd is None or pos - self.start < self.window:
             return
         current = (self.start, pos - self.start)
+        durable = None
         if not self._range(*current, _SYNC_FILE_RANGE_WRITE):
             _sync(self.out)
+            durable = pos
         elif self.previous is not None:
             self._range(*self.previous, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
                         | _SYNC_FILE_RANGE_WAIT_AFTER)
+            durable = self.start
         self.previous, self.start = current, pos
+        if durable is not None and self.on_durable is not None:
+            self.on_durable(durable)
 
     def _range(self, offset: int, length: int, flags: int) -> bool:
         call = _libc.sync_file_range
@@ -278,14 +352,19 @@ class SlotWriter:
                 f"payload larger than the slot: {size:,} bytes into {self.capacity:,} "
                 f"({self.path})", hint="build the image for this disk's slot size")
         skip = self._make_zeros(out.fileno(), size)
-        stats = copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
-                            sync_every=self.sync_every)
         if not self._block_device and os.fstat(out.fileno()).st_size < size:
-            os.ftruncate(out.fileno(), size)  # trailing zeros were skipped
-            os.fsync(out.fileno())
+            os.ftruncate(out.fileno(), size)  # skipped zeros at the end read as zeros too
         self._expected = (size, sha256.lower())
-        if self.verify:
-            self.verify_readback()
+        if not self.verify:
+            return copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
+                               sync_every=self.sync_every)
+        # The read-back follows the writeback: each window is read from the device once it
+        # got there, while the next ones are written; the rest after the final fsync.
+        with _ReadBack(self.path, size) as readback:
+            stats = copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
+                                sync_every=self.sync_every, on_durable=readback.allow)
+            digest = readback.finish(self.progress)
+        self._check(digest)
         return stats
 
     def _make_zeros(self, fd: int, size: int) -> bool:
@@ -313,12 +392,12 @@ class SlotWriter:
         """Read the written bytes from the device itself and compare their sha256."""
         if self._expected is None:
             raise OperationalError("nothing written to verify")
-        size, expected = self._expected
-        self.progress.start("verify", size)
-        try:
-            digest = _read_digest(self.path, size, self.progress)
-        finally:
-            self.progress.finish()
+        with _ReadBack(self.path, self._expected[0]) as readback:
+            self._check(readback.finish(self.progress))
+
+    def _check(self, digest: str) -> None:
+        assert self._expected is not None
+        expected = self._expected[1]
         if digest != expected:
             raise OperationalError(
                 f"read-back of {self.path} does not match what was written "
@@ -326,38 +405,99 @@ class SlotWriter:
                 hint="the storage may be failing; the slot stays unbootable")
 
 
-def _read_digest(path: Path, size: int, progress: Progress) -> str:
-    """sha256 of the first `size` bytes of `path`, bypassing the page cache."""
-    digest = hashlib.sha256()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-        direct = True
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends: no O_DIRECT
-        direct = False
-    buf = mmap.mmap(-1, READ_CHUNK)  # page aligned, as O_DIRECT wants
-    try:
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        done = 0
-        with memoryview(buf) as view:
-            while done < size:
-                try:
-                    n = os.preadv(fd, [view], done)
-                except OSError as exc:
-                    raise OperationalError(f"read-back of {path} failed at byte {done:,}: "
-                                           f"{exc.strerror}") from None
-                if n <= 0:
-                    raise OperationalError(f"read-back of {path} ended at byte {done:,} "
-                                           f"of {size:,}")
-                take = min(n, size - done)
-                digest.update(view[:take])
-                done += take
-                progress.advance(take)
-    finally:
-        with contextlib.suppress(BufferError):
-            buf.close()
-        os.close(fd)
-    return digest.hexdigest()
+class _ReadBack:
+    """sha256 of the first `size` bytes of a slot, read from the device (O_DIRECT, not the
+    page cache) in a thread, up to what `allow` says has reached the device."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.done = 0  # bytes read and hashed
+        self.limit = 0  # bytes that may be read
+        self.digest = hashlib.sha256()
+        self.error: OperationalError | None = None
+        self.stop = False
+        self.changed = threading.Condition()
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            self.direct = True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends
+            self.direct = False
+        self.thread = threading.Thread(target=self._run, name="abupgrade-readback", daemon=True)
+
+    def __enter__(self) -> _ReadBack:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        with self.changed:
+            self.stop = True
+            self.changed.notify_all()
+        self.thread.join()
+        os.close(self.fd)
+
+    def allow(self, limit: int) -> None:
+        with self.changed:
+            limit = self.size if limit >= self.size else limit - limit % BLOCK  # O_DIRECT
+            self.limit = max(self.limit, limit)
+            self.changed.notify_all()
+
+    def finish(self, progress: Progress) -> str:
+        """Read the rest (the caller made it durable) and return the hex digest."""
+        progress.start("verify", self.size)
+        try:
+            self.allow(self.size)
+            reported = 0
+            while self.thread.is_alive() and self.done < self.size and self.error is None:
+                with self.changed:
+                    self.changed.wait(0.2)
+                progress.advance(self.done - reported)
+                reported = self.done
+            progress.advance(self.done - reported)
+        finally:
+            progress.finish()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+    def _run(self) -> None:
+        buf = mmap.mmap(-1, READ_CHUNK)  # page aligned, as O_DIRECT wants
+        try:
+            if not self.direct:
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            with memoryview(buf) as view:
+                while self.done < self.size:
+                    with self.changed:
+                        while not self.stop and self.limit <= self.done:
+                            self.changed.wait()
+                        if self.stop:
+                            return
+                        limit = self.limit
+                    self._read(view, limit)
+                    with self.changed:
+                        self.changed.notify_all()
+        except OperationalError as exc:
+            self.error = exc
+        finally:
+            with contextlib.suppress(BufferError):
+                buf.close()
+
+    def _read(self, view: memoryview, limit: int) -> None:
+        """Read and hash [done, limit): whole buffers, but never past `limit` before the end."""
+        while self.done < limit and not self.stop:
+            want = len(view) if limit == self.size else min(len(view), limit - self.done)
+            try:
+                n = os.preadv(self.fd, [view[:want]], self.done)
+            except OSError as exc:
+                raise OperationalError(f"read-back of {self.path} failed at byte "
+                                       f"{self.done:,}: {exc.strerror}") from None
+            if n <= 0:
+                raise OperationalError(f"read-back of {self.path} ended at byte "
+                                       f"{self.done:,} of {self.size:,}")
+            take = min(n, limit - self.done)
+            self.digest.update(view[:take])
+            self.done += take
