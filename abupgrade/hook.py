@@ -100,14 +100,32 @@ def _load_or_rebuild(system: System, boot: BootState) -> State:
         kept = broken.with_name(f"{broken.name}.corrupt-{int(time.time())}")
         with contextlib.suppress(OSError):
             os.replace(broken, kept)
+        installed = _installed_from_history(system)
         state = State(slots={
-            slot: SlotRecord(state=SlotState.GOOD if slot in boot.bootable else SlotState.BAD)
+            slot: SlotRecord(state=SlotState.GOOD, version=installed[slot][0],
+                             installed=installed[slot][1]) if slot in boot.bootable
+            else SlotRecord(state=SlotState.BAD)
             for slot in Slot
         })
         system.store.save(state)
         system.store.record("repaired", None, None,
-                            f"{exc.message}; kept as {kept.name}, rebuilt from the bootloader")
+                            f"{exc.message}; kept as {kept.name}, rebuilt from the bootloader "
+                            "and the history")
         return state
+
+
+def _installed_from_history(system: System) -> dict[Slot, tuple[str | None, str | None]]:
+    """(version, time) of each slot's last complete install, by the history."""
+    found: dict[Slot, tuple[str | None, str | None]] = {slot: (None, None) for slot in Slot}
+    with contextlib.suppress(OperationalError):
+        for event in system.store.history():
+            if event.slot is None:
+                continue
+            if event.event == "installed":
+                found[event.slot] = (event.version, event.time)
+            elif event.event in ("install-failed", "interrupted"):
+                found[event.slot] = (None, None)
+    return found
 
 
 def _builtins(system: System, slot: Slot) -> dict[str, health.Builtin]:
