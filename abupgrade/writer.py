@@ -204,7 +204,12 @@ def _sync(out: BinaryIO) -> None:
         fd = out.fileno()
     except (AttributeError, OSError, io.UnsupportedOperation):
         return  # an in-memory file: nothing to sync
-    os.fsync(fd)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # EIO from a failing or vanished device surfaces here
+        raise OperationalError(f"the slot's storage failed while writing: {exc.strerror}",
+                               hint="the storage may be failing; the slot stays unbootable"
+                               ) from None
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
