@@ -405,7 +405,21 @@ def boot_hook(
     """Run by init at every boot: trial -> health checks -> commit, or roll back and reboot."""
     g = _globals(ctx)
     result = ops.boot_hook(g.options(), reboot=not no_reboot)
-    emit(g, result, result["summary"])
+    emit(g, result, f"abupgrade boot-hook: {result['summary']}")
+
+
+@app.command("install-hook")
+def install_hook(
+    ctx: typer.Context,
+    init: Annotated[str | None, typer.Option(
+        help="sysvinit, openrc, runit, busybox or systemd [default: detected].")] = None,
+    root: Annotated[Path, typer.Option(help="The root filesystem to install into.")] = Path("/"),
+    force: Annotated[bool, typer.Option("--force", help="Replace a different existing file.")] = False,
+) -> None:
+    """Make this system's init run `abupgrade boot-hook` once per boot."""
+    g = _globals(ctx)
+    result = ops.install_hook(init, root, force=force)
+    emit(g, result, f"{result['init']}: " + (", ".join(result["written"]) or "already installed"))
 
 
 @app.command()

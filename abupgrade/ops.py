@@ -447,6 +447,14 @@ def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size
 # ------------------------------------------------------------------ boot hook and health
 
 
+def install_hook(init: str | None, root: Path, *, force: bool) -> dict[str, Any]:
+    from abupgrade import integrations
+
+    kind = init or integrations.detect(root)
+    written = integrations.install(kind, root, force=force)
+    return {"init": kind, "root": str(root), "written": [str(p) for p in written]}
+
+
 def boot_hook(options: Options, *, reboot: bool) -> dict[str, Any]:
     from abupgrade import hook
 

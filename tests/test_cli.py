@@ -60,3 +60,14 @@ def test_build_verify_inspect_through_the_cli(tmp_path: Path) -> None:
     assert proc.returncode == 3 and proc.stderr.count("\n") == 1
     proc = run_cli("image", "verify", "-", "--pubkey", str(key.public), stdin=out.read_bytes()[:-2000])
     assert proc.returncode == 3
+
+
+def test_install_hook_into_a_root(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    proc = run_cli("install-hook", "--root", str(tmp_path), "--init", "busybox", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] == [str(tmp_path / "etc/inittab")]
+    assert "abupgrade boot-hook" in (tmp_path / "etc/inittab").read_text()
+    again = run_cli("install-hook", "--root", str(tmp_path), "--init", "busybox", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["written"] == []
+    assert run_cli("install-hook", "--root", str(tmp_path), "--init", "upstart").returncode == 2
