@@ -478,3 +478,142 @@ def test_sweep_finds_a_slot_written_without_fsync(
     out = sweep(bench, "apply-without-fsync", lambda r: _initialised(bench, r),
                 lambda r, s: bench.apply(r, s, "2.0"), figures=False)
     assert out.bricks, "a slot written without fsync went unnoticed"
+
+
+# ---------------------------------------------------------------- one real cut, in QEMU
+
+REAL_CUT_BOOT = 240  # seconds one boot of the Python guest may take under TCG (apply included)
+
+APPLY_NEXT = """#!/bin/sh
+# after the boot hook: apply /data/next.tar if the host left one there
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+if [ -f /data/next.tar ]; then
+  echo "{marker} applying"
+  abupgrade apply /data/next.tar </dev/null >/dev/console 2>&1
+  echo "{marker} applied rc=$?"
+fi
+"""
+
+
+def guest_that_applies(work: Path, key: KeyPair, wheel: Path, boot: Any) -> Path:
+    """Version 1.0 of the Python guest, which also runs `abupgrade apply /data/next.tar`."""
+    from fixtures import pyguest
+    from fixtures.guest import MARKER, make_ext4_image
+    from fixtures.images import signed_image
+
+    tree = pyguest.guest_tree(work / "v1.tree", version="1.0", wheel=wheel)
+    script = tree / pyguest.GUEST_DIR / "apply-next"
+    script.write_text(APPLY_NEXT.format(marker=MARKER))
+    script.chmod(0o755)
+    inittab = tree / "etc/inittab"
+    report = f"::wait:/{pyguest.GUEST_DIR}/report"
+    text = inittab.read_text()
+    assert report in text, text
+    inittab.write_text(text.replace(report, f"::wait:/{pyguest.GUEST_DIR}/apply-next\n{report}"))
+    ext4 = make_ext4_image(work / "v1.ext4", tree, pyguest.IMAGE_SIZE, "rootfs")
+    shutil.rmtree(tree)
+    return signed_image(work / "v1.tar", ext4, key, version="1.0", compatible="test-box",
+                        kernel=boot.kernel, initrd=boot.initrd, compression="zstd")
+
+
+def _qemu_pid(log: Path) -> int | None:
+    """The QEMU this test started, found by its own serial log path."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if f"file:{log}".encode() in (proc / "cmdline").read_bytes().split(b"\0"):
+                return int(proc.name)
+    return None
+
+
+@pytest.mark.boot
+@pytest.mark.loop
+def test_qemu_killed_in_the_middle_of_an_apply_in_the_guest(tmp_path: Path) -> None:
+    """A real cut: the guest runs `abupgrade apply`; QEMU is killed once slot B's first bytes
+    have changed on the disk image; the next boot is on slot A (1.0), healthy, and the host
+    can apply again."""
+    import signal
+    import threading
+    import time
+
+    from abupgrade.disk import open_disk
+    from abupgrade.partitions import read_table
+    from fixtures import pyguest
+    from fixtures.guest import QEMU, GuestUnavailable, missing_tools, qemu_boot, require_root
+    from fixtures.machine import run_cli
+
+    try:
+        require_root()
+    except GuestUnavailable as exc:
+        pytest.skip(str(exc))
+    missing = missing_tools(QEMU, "debootstrap", "losetup", "partx", "sfdisk", "mkfs.ext4",
+                            "mount", "grub-mkimage")
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
+    try:
+        key = keypair(tmp_path / "keys")
+        boot = pyguest.boot_files(tmp_path / "boot-files")
+        wheel = pyguest.build_wheel(tmp_path / "wheel")
+        v1 = guest_that_applies(tmp_path, key, wheel, boot)
+        v2 = pyguest.signed_guest_image(tmp_path / "v2.tar", key, version="2.0", wheel=wheel,
+                                        boot=boot)
+    except GuestUnavailable as exc:
+        pytest.skip(str(exc))
+
+    disk = tmp_path / "disk.img"
+    made = run_cli("disk", "init", str(disk), "--bootloader", "grub", "--size", "1G",
+                   "--slot-size", pyguest.SLOT_SIZE, "--image", str(v1),
+                   "--pubkey", str(key.public))
+    assert made.returncode == 0, made.stderr
+    with open_disk(disk) as session:
+        shutil.copyfile(v2, session.config.state_dir.parent / "next.tar")
+    table = read_table(disk)
+    assert table is not None
+    slot_b = sorted(table.partitions, key=lambda p: p.number)[-2]  # ..., a, b, data
+    with open(disk, "rb") as f:
+        f.seek(slot_b.start)
+        b_before = f.read(1 << 20)
+
+    log = tmp_path / "cut.log"
+    result: list[str] = []
+    qemu = threading.Thread(target=lambda: result.append(
+        qemu_boot(disk, log, timeout=2 * REAL_CUT_BOOT, no_reboot=True)))
+    qemu.start()
+    killed_after = None
+    started = time.monotonic()
+    try:
+        while qemu.is_alive() and time.monotonic() - started < 2 * REAL_CUT_BOOT:
+            with open(disk, "rb") as f:
+                f.seek(slot_b.start)
+                if f.read(1 << 20) != b_before:  # the writer has begun on slot B
+                    time.sleep(2)
+                    pid = _qemu_pid(log)
+                    if pid is not None:
+                        os.kill(pid, signal.SIGKILL)
+                        killed_after = time.monotonic() - started
+                    break
+            time.sleep(0.5)
+    finally:
+        qemu.join(timeout=2 * REAL_CUT_BOOT + 30)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    tail = "\n".join(text.splitlines()[-30:])
+    assert killed_after is not None, f"slot B was never written; serial log tail:\n{tail}"
+    assert "applied rc=" not in text, f"the apply finished before the cut:\n{tail}"
+
+    status = json.loads(run_cli("--disk", str(disk), "status", "--json").stdout)
+    assert status["next_boot"] == "A" and status["trial"] is None, status
+    assert status["slots"]["B"]["state"] != "good", status
+    with open_disk(disk) as session:
+        (session.config.state_dir.parent / "next.tar").unlink()
+
+    text = qemu_boot(disk, tmp_path / "after.log", timeout=REAL_CUT_BOOT, no_reboot=True)
+    boots = pyguest.reports(text)
+    tail = "\n".join(text.splitlines()[-30:])
+    assert [(b.slot, b.version) for b in boots] == [("A", "1.0")], tail
+    assert boots[0].status is not None and boots[0].status["booted"] == "A", tail
+    again = run_cli("--disk", str(disk), "apply", str(v2))
+    assert again.returncode == 0, again.stderr
+    record("qemu", "grub", tried=1, bricks=0)
+    print(f"\nQEMU killed {killed_after:.0f} s into the boot, mid-apply; the next boot ran "
+          "slot A (1.0) and a new apply succeeded")
