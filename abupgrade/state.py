@@ -238,8 +238,11 @@ class Store:
                     f"another abupgrade (pid {holder}) holds the lock {path}",
                     hint="wait for it to finish",
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass  # the pid is for the message of a refused run only; the lock holds anyway
             yield
         finally:
             os.close(fd)
