@@ -200,7 +200,7 @@ def image_build(
     g = _globals(ctx)
     progress = progress_for(g)
     try:
-        summary = ops.image_build(rootfs=rootfs, version=version, compatible=compatible, keys=key,
+        summary = ops.image_build(rootfs=rootfs, version=version, compatible=compatible, signing_keys=key,
                                   output=output, kernel=kernel, initrd=initrd,
                                   compression=compress, progress=progress)
     finally:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import struct
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -48,23 +49,17 @@ def keygen(prefix: Path) -> tuple[Path, Path, str]:
     return private, public, keys.key_id(keys.load_public(public))
 
 
-def image_build(*, rootfs: Path, version: str, compatible: str, keys: Sequence[Path],
+def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
                 progress: Progress) -> dict[str, Any]:
-    import logging
-
-    from abupgrade.image import keys as key_mod
-
-    for key in keys:
-        warning = key_mod.permission_warning(key)
+    for key in signing_keys:
+        warning = keys.permission_warning(key)
         if warning:
-            logging.getLogger("abupgrade").warning(warning)
-            print(f"abupgrade: warning: {warning}", file=__import__("sys").stderr)
-    image_builder.build(rootfs, version, compatible, keys, output, kernel=kernel,
-                                   initrd=initrd, compression=compression, progress=progress)
+            print(f"abupgrade: warning: {warning}", file=sys.stderr)
+    image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
+                        initrd=initrd, compression=compression, progress=progress)
     with open_source(str(output)) as stream:
-        info = inspect(stream, None)
-    return info.to_json()
+        return inspect(stream, None).to_json()
 
 
 def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
