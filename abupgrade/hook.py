@@ -46,6 +46,7 @@ class Deadline:
         if pid == 0:  # the timer: a process of its own, so a hung hook cannot stop it
             try:
                 os.setsid()
+                _detach()
                 time.sleep(self.seconds)
                 os.write(2, f"abupgrade: boot hook deadline of {self.seconds:g} s passed; "
                             "rebooting\n".encode())
@@ -82,6 +83,21 @@ class Deadline:
                 os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
+
+
+def _detach() -> None:
+    """The timer keeps nothing of its parent open: not the lock (a hook that died would keep
+    it), not the state folder's files (a mount would stay busy), not its output pipes (whoever
+    reads the hook's output would wait for the timer). What it has to say goes to the console."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        out = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        out = null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
 
 
 def _boot_id(system: System) -> str:

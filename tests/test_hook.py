@@ -49,7 +49,9 @@ def armed(m: Machine, make_image: Callable[..., Path], version: str = "2.0") -> 
 
 def test_healthy_trial_is_committed(machine: Machine, make_image: Callable[..., Path]) -> None:
     env_dump = machine.workdir / "check-env"
-    machine.add_check("required", "10-env", f"env | grep ^ABUPGRADE_ | sort > {env_dump}")
+    machine.add_check("required", "10-env",
+                      f"env | grep -E '^ABUPGRADE_(SLOT|VERSION|PREVIOUS_VERSION|TRIAL)=' "
+                      f"| sort > {env_dump}")
     armed(machine, make_image)
     machine.boot(Slot.B)
     proc = machine.cli("boot-hook", "--no-reboot")
