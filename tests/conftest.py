@@ -112,6 +112,10 @@ def disk_template(tmp_path_factory: pytest.TempPathFactory, signer: KeyPair,
     return template
 
 
+# For a test whose subject does not depend on the bootloader: one disk (GRUB) is enough.
+any_bootloader = pytest.mark.parametrize("ab_disk", [BootloaderKind.GRUB], indirect=True, ids=str)
+
+
 @pytest.fixture(params=list(BootloaderKind), ids=str)
 def ab_disk(request: pytest.FixtureRequest, tmp_path: Path,
             disk_template: Callable[[BootloaderKind], Path]) -> Path:

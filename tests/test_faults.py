@@ -23,6 +23,7 @@ from abupgrade.model import Slot
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
 from fixtures.reliability import record
+from tests.conftest import any_bootloader
 
 pytestmark = pytest.mark.loop
 
@@ -117,6 +118,7 @@ def case(fn: Callable[..., None]) -> Callable[..., None]:
 # ---------------------------------------------------------------- two applies at once
 
 
+@any_bootloader
 @case
 def test_second_apply_refused_at_once_while_one_writes(
         machine: Machine, make_image: Callable[..., Path]) -> None:
@@ -169,6 +171,7 @@ def fill(folder: Path) -> None:
         os.close(fd)
 
 
+@any_bootloader
 @case
 def test_full_state_folder(machine: Machine, make_image: Callable[..., Path],
                            tmp_path: Path) -> None:
@@ -276,6 +279,7 @@ def failing_device(tmp_path: Path, size: int, room: str) -> Iterator[Path]:
             subprocess.run(["losetup", "-d", loop], check=True)
 
 
+@any_bootloader
 @case
 def test_slot_device_fails_mid_write(machine: Machine, signer: KeyPair,
                                      tmp_path: Path) -> None:
@@ -318,6 +322,7 @@ def test_slot_device_fails_mid_write(machine: Machine, signer: KeyPair,
 # ---------------------------------------------------------------- a corrupt state file
 
 
+@any_bootloader
 @pytest.mark.parametrize("during", ["committed boot", "trial boot"])
 @case
 def test_hook_with_corrupt_state_file(machine: Machine, make_image: Callable[..., Path],

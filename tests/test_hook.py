@@ -13,6 +13,7 @@ import pytest
 
 from abupgrade.model import Slot
 from fixtures.machine import Machine, running_machine
+from tests.conftest import any_bootloader
 
 pytestmark = pytest.mark.loop
 
@@ -96,6 +97,7 @@ def test_failing_required_check_rolls_back_and_reboots(
     assert status(machine)["next_boot"] == "A"
 
 
+@any_bootloader
 def test_failing_wanted_check_is_only_recorded(
         machine: Machine, make_image: Callable[..., Path]) -> None:
     machine.add_check("wanted", "50-telemetry", "echo no network; exit 1")
@@ -107,6 +109,7 @@ def test_failing_wanted_check_is_only_recorded(
     assert status(machine)["next_boot"] == "B"
 
 
+@any_bootloader
 def test_hung_check_and_its_children_are_killed(
         machine: Machine, make_image: Callable[..., Path]) -> None:
     pidfile = machine.workdir / "child.pid"
@@ -123,6 +126,7 @@ def test_hung_check_and_its_children_are_killed(
     assert slot_state(machine, "B") == "bad"
 
 
+@any_bootloader
 def test_lingering_child_of_a_passing_check_is_killed(
         machine: Machine, make_image: Callable[..., Path]) -> None:
     pidfile = machine.workdir / "child.pid"
@@ -184,6 +188,7 @@ def _restore_trial(machine: Machine, *, phase: str) -> None:
                                    phase=phase, boots=1 if phase == "checking" else 0)))
 
 
+@any_bootloader
 def test_deadline_reboots_a_hook_that_overruns(
         ab_disk: Path, tmp_path: Path, make_image: Callable[..., Path]) -> None:
     with running_machine(ab_disk, tmp_path / "m", booted=Slot.A, health_timeout=30,
@@ -195,6 +200,7 @@ def test_deadline_reboots_a_hook_that_overruns(
         assert m.reboot_marker.exists(), "the deadline did not reboot"
 
 
+@any_bootloader
 def test_corrupt_state_file_is_rebuilt(machine: Machine, make_image: Callable[..., Path]) -> None:
     state_file = machine.config.state_dir / "state.json"
     state_file.write_text('{"format": 1, "slots": {"A": ')
@@ -207,6 +213,7 @@ def test_corrupt_state_file_is_rebuilt(machine: Machine, make_image: Callable[..
     armed(machine, make_image)  # and the machine takes updates again
 
 
+@any_bootloader
 def test_health_command_reports(machine: Machine) -> None:
     machine.add_check("required", "10-ok", "echo fine")
     machine.add_check("wanted", "20-meh", "echo meh; exit 1")
@@ -220,6 +227,7 @@ def test_health_command_reports(machine: Machine) -> None:
     assert machine.cli("health").returncode == 5
 
 
+@any_bootloader
 def test_event_hooks_hear_of_commit_and_rollback(
         machine: Machine, make_image: Callable[..., Path]) -> None:
     assert machine.config.hooks_dir is not None
