@@ -194,7 +194,8 @@ def _edit(path: str, value: object) -> bytes:
     [
         ("extra", 1, "unknown key 'extra'"),
         ("version", KeyError, "lacks key 'version'"),
-        ("format", 2, "unsupported manifest format"),
+        ("format", 3, "unsupported manifest format"),
+        ("format", 2, "one index payload, right before the slot payload"),
         ("format", True, "must be an integer"),
         ("version", 3, "must be a string"),
         ("version", "", "not allowed"),

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
 import os
 import stat
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, ChunkIndex, chunk_id
 from abupgrade.errors import ImageRejected, OperationalError, UsageError
 from abupgrade.fsutil import atomic_writer
 from abupgrade.image import signature
-from abupgrade.image.compress import encoder
+from abupgrade.image.compress import compress_chunks, encoder
 from abupgrade.image.keys import load_private
 from abupgrade.image.manifest import (
     MANIFEST_NAME,
@@ -29,7 +34,9 @@ from abupgrade.image.tar import END_MARKER, encode_header, padding
 from abupgrade.progress import NullProgress, Progress
 
 SLOT_PAYLOAD = "rootfs"
+INDEX_SUFFIX = ".index"
 CHUNK = 1 << 20
+BATCH = 1 << 22  # bytes of chunks compressed at once (on every core)
 
 
 @dataclass(frozen=True)
@@ -50,12 +57,15 @@ def build(
     kernel: Path | None = None,
     initrd: Path | None = None,
     compression: str | Compression = Compression.ZSTD,
+    index: bool = True,
     progress: Progress | None = None,
 ) -> Manifest:
     """Write a signed image of `rootfs` (plus optional kernel and initrd) to `out` atomically.
 
     `compression` applies to the slot payload; kernel and initrd are stored as they are (they
-    come compressed already).
+    come compressed already). With `index` (and compression none or zstd), a chunk index goes
+    before the slot payload and a zstd payload is stored chunk by chunk, so that `apply` can
+    build the slot from what the machine holds and fetch only the rest (see abupgrade.delta).
     """
     sink: Progress = progress or NullProgress()
     codec = compression if isinstance(compression, Compression) else Compression.parse(compression)
@@ -64,12 +74,35 @@ def build(
     private_keys = [load_private(path) for path in keys]
     if not out.parent.is_dir():
         raise UsageError(f"output directory {out.parent} does not exist")
-    inputs = [_Input(SLOT_PAYLOAD, PayloadKind.SLOT, rootfs, codec)]
+    indexed = index and codec in (Compression.NONE, Compression.ZSTD)
+    slot_codec = Compression.ZSTD_CHUNKED if indexed and codec is Compression.ZSTD else codec
+    inputs = [_Input(SLOT_PAYLOAD, PayloadKind.SLOT, rootfs, slot_codec)]
     for name, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None:
             inputs.append(_Input(name, PayloadKind.BOOT, path, Compression.NONE))
 
-    payloads = tuple(_hash(item, sink) for item in inputs)
+    with contextlib.ExitStack() as stack:
+        if not indexed:
+            payloads = tuple(_hash(item, sink) for item in inputs)
+            return _write(out, version, compatible, private_keys, inputs, payloads, {}, sink)
+        stored = stack.enter_context(tempfile.TemporaryFile(dir=out.parent))
+        slot, index_bytes = _chunked(inputs[0], stored, sink)
+        index_input = _Input(SLOT_PAYLOAD + INDEX_SUFFIX, PayloadKind.INDEX, rootfs, Compression.NONE)
+        index_payload = Payload(index_input.name, PayloadKind.INDEX, len(index_bytes),
+                                hashlib.sha256(index_bytes).hexdigest(), Compression.NONE)
+        payloads = (index_payload, slot, *(_hash(item, sink) for item in inputs[1:]))
+        sources: dict[str, bytes | BinaryIO] = {index_input.name: index_bytes}
+        if slot.compression is Compression.ZSTD_CHUNKED:
+            sources[SLOT_PAYLOAD] = stored
+        return _write(out, version, compatible, private_keys, [index_input, *inputs], payloads,
+                      sources, sink)
+
+
+def _write(out: Path, version: str, compatible: str, private_keys: Sequence[Ed25519PrivateKey],
+           inputs: Sequence[_Input], payloads: tuple[Payload, ...],
+           sources: dict[str, bytes | BinaryIO], sink: Progress) -> Manifest:
+    """Sign the manifest of `payloads` and write the image. A payload named in `sources` is
+    written from those bytes (or that file of stored bytes), the others from their input."""
     try:
         manifest = Manifest.create(version, compatible, payloads)
     except ImageRejected as e:
@@ -84,7 +117,14 @@ def build(
             _write_member(dest, MANIFEST_NAME, manifest_bytes, mtime)
             _write_member(dest, SIGNATURES_NAME, sig_bytes, mtime)
             for item, payload in zip(inputs, payloads, strict=True):
-                _write_payload(dest, item, payload, mtime, sink)
+                source = sources.get(payload.name)
+                if isinstance(source, bytes):
+                    _write_member(dest, payload.name, source, mtime)
+                elif source is not None:
+                    _copy_member(dest, payload.name, source, mtime)
+                    sink.advance(payload.size)
+                else:
+                    _write_payload(dest, item, payload, mtime, sink)
             dest.write(END_MARKER)
     except OSError as e:
         raise OperationalError(f"writing {out} failed: {e.strerror or e}") from None
@@ -134,6 +174,53 @@ def _hash(item: _Input, sink: Progress) -> Payload:
     if size == 0:
         raise UsageError(f"{item.path} is empty")
     return Payload(item.name, item.kind, size, digest.hexdigest(), item.compression)
+
+
+def _chunked(item: _Input, stored: BinaryIO, sink: Progress) -> tuple[Payload, bytes]:
+    """Cut the slot input into chunks, compress each into its own zstd frame in `stored` (an
+    uncompressed payload stores nothing here), and return the payload entry and the index."""
+    digest = hashlib.sha256()
+    ids: list[bytes] = []
+    sizes: list[int] = []
+    size = 0
+    chunk = BLOCK * CHUNK_BLOCKS
+    with _open(item.path) as handle:
+        sink.start(f"index {item.name}", _size(handle))
+        while batch := _read_full(handle, item.path, BATCH):
+            digest.update(batch)
+            pieces = [batch[at:at + chunk] for at in range(0, len(batch), chunk)]
+            ids += [chunk_id(piece) for piece in pieces]
+            if item.compression is Compression.ZSTD_CHUNKED:
+                frames = compress_chunks(pieces)
+                stored.writelines(frames)
+                sizes += [len(frame) for frame in frames]
+            else:  # stored as it is: written from the input like any plain payload
+                sizes += [len(piece) for piece in pieces]
+            size += len(batch)
+            sink.advance(len(batch))
+        sink.finish()
+    if size == 0:
+        raise UsageError(f"{item.path} is empty")
+    index = ChunkIndex.create(size, b"".join(ids), sizes)
+    stored.flush()
+    stored.seek(0)
+    return Payload(item.name, item.kind, size, digest.hexdigest(), item.compression), index.serialize()
+
+
+def _read_full(handle: io.BufferedReader, path: Path, n: int) -> bytes:
+    try:
+        return handle.read(n)
+    except OSError as e:
+        raise OperationalError(f"reading {path} failed: {e.strerror}") from None
+
+
+def _copy_member(dest: BinaryIO, name: str, source: BinaryIO, mtime: int) -> None:
+    size = source.seek(0, os.SEEK_END)
+    source.seek(0)
+    dest.write(encode_header(name, size, mtime))
+    while data := source.read(CHUNK):
+        dest.write(data)
+    dest.write(bytes(padding(size)))
 
 
 def _size(handle: BinaryIO) -> int:

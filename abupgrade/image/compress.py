@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lzma
 import zlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import zstandard
@@ -18,6 +19,7 @@ from abupgrade.image.manifest import Compression
 
 IN_CHUNK = 1 << 20
 ZSTD_LEVEL = 3
+CHUNK_LEVEL = 15  # chunks are small: a higher level pays (see bench/README.md)
 ZSTD_MAX_WINDOW = 1 << 25  # the builder uses 2 MiB windows; frames wanting over 32 MiB are refused
 XZ_PRESET = 6
 XZ_MEMLIMIT = 128 << 20
@@ -53,6 +55,31 @@ def encoder(compression: Compression, size: int) -> Encoder:
             )
             obj: Encoder = cctx.compressobj(size=size)
             return obj
+        case Compression.ZSTD_CHUNKED:
+            raise ValueError("chunked payloads are compressed chunk by chunk (compress_chunks)")
+
+
+def compress_chunks(chunks: Sequence[bytes], level: int = CHUNK_LEVEL) -> list[bytes]:
+    """One independent zstd frame per chunk (content size in the header, no checksum: the
+    chunk index and the manifest's sha256 check the bytes), on every core."""
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True,
+                                    write_dict_id=False)
+    if len(chunks) == 1:
+        return [cctx.compress(chunks[0])]
+    frames = cctx.multi_compress_to_buffer([bytes(c) for c in chunks], threads=-1)
+    return [frames[i].tobytes() for i in range(len(chunks))]
+
+
+def decompress_chunk(frame: bytes, size: int) -> bytes:
+    """The `size` bytes one chunk frame holds, or ImageRejected."""
+    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+    try:
+        data = reader.decompress(frame)
+    except zstandard.ZstdError as e:
+        raise ImageRejected(f"corrupt zstd chunk ({e})") from None
+    if len(data) != size or not reader.eof or reader.unused_data:
+        raise ImageRejected(f"a zstd chunk holds {len(data)} bytes where {size} belong")
+    return data
 
 
 def max_member_size(compression: Compression, size: int) -> int:
@@ -86,6 +113,8 @@ def decoder(compression: Compression, source: Source, name: str) -> Decoder:
             return _XzDecoder(source, name)
         case Compression.ZSTD:
             return _ZstdDecoder(source, name)
+        case Compression.ZSTD_CHUNKED:
+            return _ZstdDecoder(source, name, frames=True)
         case Compression.NONE:
             raise ValueError("uncompressed payloads are read directly")
 
@@ -159,22 +188,27 @@ _ZSTD_BATCH_OUT = 4 << 20
 
 
 class _ZstdDecoder:
-    """One zstd frame, fed to libzstd in whole blocks whose possible output is bounded.
+    """One zstd frame (with `frames`, one or more in a row), fed to libzstd in whole blocks
+    whose possible output is bounded.
 
     libzstd's one-shot streaming call returns all the output its input can make; walking the
     block headers ourselves keeps each call under a few MiB and tells exactly where the frame
-    ends, so nothing but the frame may fill the member.
+    ends, so nothing but the frame(s) may fill the member.
     """
 
-    def __init__(self, source: Source, name: str) -> None:
+    def __init__(self, source: Source, name: str, *, frames: bool = False) -> None:
         self._source = source
         self._name = name
-        self._d = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+        self._frames = frames
         self._pending = memoryview(b"")
+        self._end = False
+        self._new_frame()
+
+    def _new_frame(self) -> None:
+        self._d = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
         self._started = False
         self._checksum = False
         self._frame_done = False
-        self._end = False
 
     def read(self, n: int) -> bytes | memoryview:
         while not self._pending:
@@ -188,9 +222,14 @@ class _ZstdDecoder:
             if self._frame_done:
                 if not self._d.eof:
                     raise ImageRejected(f"payload {self._name!r}: zstd frame did not end cleanly")
-                if self._d.unused_data or self._source.remaining:
+                if self._d.unused_data:
                     raise _trailing(self._name)
-                self._end = True
+                if self._frames and self._source.remaining:
+                    self._new_frame()
+                elif self._source.remaining:
+                    raise _trailing(self._name)
+                else:
+                    self._end = True
         chunk, self._pending = self._pending[:n], self._pending[n:]
         return chunk
 

@@ -12,7 +12,9 @@ from typing import Any
 from abupgrade.errors import ImageRejected
 from abupgrade.image.tar import NAME_RE
 
-FORMAT = 1
+FORMAT = 1  # images without a chunk index: every abupgrade reads them
+FORMAT_INDEXED = 2  # a chunk index before the slot payload, for delta updates
+FORMATS = (FORMAT, FORMAT_INDEXED)
 MANIFEST_NAME = "manifest.json"
 SIGNATURES_NAME = "manifest.sig"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -28,6 +30,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 class PayloadKind(enum.StrEnum):
     SLOT = "slot"  # the root filesystem image, written to the whole slot
     BOOT = "boot"  # a kernel or initrd the bootloader loads for this slot
+    INDEX = "index"  # the chunk index of the slot payload that follows it (delta updates)
 
 
 class Compression(enum.StrEnum):
@@ -35,16 +38,19 @@ class Compression(enum.StrEnum):
     GZIP = "gzip"
     XZ = "xz"
     ZSTD = "zstd"
+    ZSTD_CHUNKED = "zstd-chunked"  # one zstd frame per chunk of the index: each decodes alone
 
     @classmethod
     def parse(cls, text: str) -> Compression:
+        """A compression a user may ask `image build` for."""
         from abupgrade.errors import UsageError
 
+        choices = [c for c in cls if c is not cls.ZSTD_CHUNKED]
         try:
-            return cls(text)
-        except ValueError:
-            choices = ", ".join(c.value for c in cls)
-            raise UsageError(f"unknown compression {text!r}", hint=f"use one of {choices}") from None
+            return next(c for c in choices if c.value == text)
+        except StopIteration:
+            names = ", ".join(c.value for c in choices)
+            raise UsageError(f"unknown compression {text!r}", hint=f"use one of {names}") from None
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ class Manifest:
     def boot(self, name: str) -> Payload | None:
         return next((p for p in self.payloads if p.kind is PayloadKind.BOOT and p.name == name), None)
 
+    @property
+    def index(self) -> Payload | None:
+        """The chunk index of the slot payload, in images made for delta updates."""
+        return next((p for p in self.payloads if p.kind is PayloadKind.INDEX), None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": self.format,
@@ -98,7 +109,8 @@ class Manifest:
         """A new manifest, checked by the same rules the reader applies."""
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         created = now.isoformat().replace("+00:00", "Z")
-        manifest = cls(FORMAT, version, compatible, created, payloads)
+        indexed = any(p.kind is PayloadKind.INDEX for p in payloads)
+        manifest = cls(FORMAT_INDEXED if indexed else FORMAT, version, compatible, created, payloads)
         return parse(manifest.serialize())
 
 
@@ -136,10 +148,11 @@ def parse(data: bytes) -> Manifest:
         "manifest",
         {"format", "version", "compatible", "created", "payloads"},
     )
-    if _int(doc["format"], "manifest format") != FORMAT:
+    fmt = _int(doc["format"], "manifest format")
+    if fmt not in FORMATS:
         raise ImageRejected(
             f"unsupported manifest format {doc['format']}",
-            hint=f"this abupgrade reads format {FORMAT}; upgrade abupgrade first",
+            hint=f"this abupgrade reads formats {FORMAT} and {FORMAT_INDEXED}; upgrade abupgrade first",
         )
     version = _text(doc["version"], "version", _VERSION_RE)
     compatible = _text(doc["compatible"], "compatible", _COMPATIBLE_RE)
@@ -159,7 +172,30 @@ def parse(data: bytes) -> Manifest:
     slots = [p for p in payloads if p.kind is PayloadKind.SLOT]
     if len(slots) != 1:
         raise ImageRejected(f"manifest has {len(slots)} slot payloads; exactly one is required")
-    return Manifest(FORMAT, version, compatible, created, payloads)
+    _check_index(fmt, payloads)
+    return Manifest(fmt, version, compatible, created, payloads)
+
+
+def _check_index(fmt: int, payloads: tuple[Payload, ...]) -> None:
+    """Format 2 has one chunk index, right before the slot payload it describes; format 1 none."""
+    kinds = [p.kind for p in payloads]
+    slot = kinds.index(PayloadKind.SLOT)
+    chunked = payloads[slot].compression is Compression.ZSTD_CHUNKED
+    if fmt == FORMAT:
+        if PayloadKind.INDEX in kinds or chunked:
+            raise ImageRejected("a format 1 manifest has no chunk index")
+        return
+    if kinds.count(PayloadKind.INDEX) != 1 or slot == 0 or kinds[slot - 1] is not PayloadKind.INDEX:
+        raise ImageRejected("a format 2 manifest has one index payload, right before the slot payload")
+    index = payloads[slot - 1]
+    if index.compression is not Compression.NONE:
+        raise ImageRejected(f"index payload {index.name!r} must be stored uncompressed")
+    if payloads[slot].compression not in (Compression.NONE, Compression.ZSTD_CHUNKED):
+        raise ImageRejected(f"slot payload {payloads[slot].name!r}: an indexed payload is stored "
+                            "uncompressed or as zstd chunks")
+    for payload in payloads:
+        if payload.compression is Compression.ZSTD_CHUNKED and payload.kind is not PayloadKind.SLOT:
+            raise ImageRejected(f"payload {payload.name!r}: only the slot payload is stored in chunks")
 
 
 def _payload(item: Any, index: int) -> Payload:
@@ -174,8 +210,8 @@ def _payload(item: Any, index: int) -> Payload:
         raise ImageRejected(f"{what} has unknown kind {doc['kind']!r}") from None
     if kind is PayloadKind.BOOT and name not in BOOT_NAMES:
         raise ImageRejected(f"boot payload {name!r} must be named one of {', '.join(BOOT_NAMES)}")
-    if kind is PayloadKind.SLOT and name in BOOT_NAMES:
-        raise ImageRejected(f"slot payload may not be named {name!r}")
+    if kind is not PayloadKind.BOOT and name in BOOT_NAMES:
+        raise ImageRejected(f"{kind} payload may not be named {name!r}")
     size = _int(doc["size"], f"{what} size")
     if not 1 <= size <= MAX_PAYLOAD_SIZE:
         raise ImageRejected(f"payload {name!r} has an absurd size {size}")

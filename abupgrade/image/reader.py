@@ -27,6 +27,7 @@ from abupgrade.image.manifest import (
     Compression,
     Manifest,
     Payload,
+    PayloadKind,
 )
 from abupgrade.image.signature import MAX_SIGNATURES_BYTES, Signature, SignatureStatus
 from abupgrade.image.tar import BLOCK, Header, decode_header, padding
@@ -168,7 +169,8 @@ class ImageReader:
         return self._in.offset
 
     def payloads(self) -> Iterator[tuple[Payload, Iterator[Chunk]]]:
-        """Each payload with an iterator over its uncompressed bytes; then the end is checked.
+        """Each slot and boot payload with an iterator over its uncompressed bytes; then the end
+        is checked. A chunk index is checked and passed over (delta updates read it by range).
 
         A payload whose iterator the consumer leaves unfinished is read to its end (and checked)
         before the next one is yielded.
@@ -181,7 +183,8 @@ class ImageReader:
         for payload in self.manifest.payloads:
             header = self._payload_header(payload, names, seen)
             chunks = self._chunks(payload, header.size)
-            yield payload, chunks
+            if payload.kind is not PayloadKind.INDEX:
+                yield payload, chunks
             for _ in chunks:
                 pass
             seen.add(payload.name)
@@ -213,39 +216,7 @@ class ImageReader:
         return header
 
     def _chunks(self, payload: Payload, stored: int) -> Iterator[Chunk]:
-        name, size = payload.name, payload.size
-        digest = hashlib.sha256()
-        progress = self._progress
-        if payload.compression is Compression.NONE:
-            left = stored
-            while left:
-                view = self._buffer[: min(left, CHUNK)]
-                self._in.readinto_exact(view, f"payload {payload.name!r}")
-                digest.update(view)
-                left -= len(view)
-                progress.advance(len(view))
-                yield view
-            total = stored
-        else:
-            member = _Member(self._in, stored, payload.name)
-            dec = decoder(payload.compression, member, payload.name)
-            total = 0
-            while out := dec.read(min(CHUNK, payload.size - total + 1)):
-                total += len(out)
-                if total > payload.size:
-                    raise ImageRejected(f"payload {name!r} decompresses beyond its declared {size} bytes")
-                digest.update(out)
-                progress.advance(len(out))
-                yield out
-            if member.remaining:
-                raise ImageRejected(f"payload {payload.name!r}: data after its compressed stream")
-        self._in.padding(stored, payload.name)
-        if total != payload.size:
-            raise ImageRejected(
-                f"payload {payload.name!r} has {total} bytes; the manifest says {payload.size}"
-            )
-        if digest.hexdigest() != payload.sha256:
-            raise ImageRejected(f"payload {payload.name!r} does not match its sha256 in the manifest")
+        return _member_chunks(self._in, self._buffer, payload, stored, self._progress)
 
     def _check_end(self, names: set[str]) -> None:
         offset = self._in.offset
@@ -270,6 +241,52 @@ class ImageReader:
             extra += got
             if extra > MAX_TRAILING_PADDING:
                 raise ImageRejected("more than 1 MiB of padding after the end of the archive")
+
+
+def _member_chunks(source: _Input, buffer: memoryview, payload: Payload, stored: int,
+                   progress: Progress) -> Iterator[Chunk]:
+    """The uncompressed bytes of a member of `stored` bytes at the stream's position, hashed as
+    they pass; ImageRejected at the end unless size and sha256 match the manifest."""
+    name, size = payload.name, payload.size
+    digest = hashlib.sha256()
+    if payload.compression is Compression.NONE:
+        left = stored
+        while left:
+            view = buffer[: min(left, CHUNK)]
+            source.readinto_exact(view, f"payload {payload.name!r}")
+            digest.update(view)
+            left -= len(view)
+            progress.advance(len(view))
+            yield view
+        total = stored
+    else:
+        member = _Member(source, stored, payload.name)
+        dec = decoder(payload.compression, member, payload.name)
+        total = 0
+        while out := dec.read(min(CHUNK, payload.size - total + 1)):
+            total += len(out)
+            if total > payload.size:
+                raise ImageRejected(f"payload {name!r} decompresses beyond its declared {size} bytes")
+            digest.update(out)
+            progress.advance(len(out))
+            yield out
+        if member.remaining:
+            raise ImageRejected(f"payload {payload.name!r}: data after its compressed stream")
+    source.padding(stored, payload.name)
+    if total != payload.size:
+        raise ImageRejected(
+            f"payload {payload.name!r} has {total} bytes; the manifest says {payload.size}"
+        )
+    if digest.hexdigest() != payload.sha256:
+        raise ImageRejected(f"payload {payload.name!r} does not match its sha256 in the manifest")
+
+
+def read_member(stream: BinaryIO, payload: Payload, stored: int,
+                progress: Progress | None = None) -> Iterator[Chunk]:
+    """The verified bytes of one member whose data (`stored` bytes, then its padding) the
+    stream is positioned at: for readers that find members by offset (delta updates)."""
+    buffer = memoryview(bytearray(min(CHUNK, max(stored, 1))))
+    return _member_chunks(_Input(stream), buffer, payload, stored, progress or NullProgress())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""An image read by offset: its signed head first, then where each member lies, then the
+chunk index - each checked before anything else is read or written.
+
+The head goes through the same ImageReader as a streamed image (signature first). Members are
+then found by walking their tar headers; the index member is read whole and must match its
+sha256 in the manifest; boot payloads are read whole through the same verifying code as a
+streamed image. The slot payload itself is left to the assembler, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, cast
+
+from abupgrade.delta import index as index_mod
+from abupgrade.delta.index import ChunkIndex
+from abupgrade.delta.remote import RangeSource
+from abupgrade.errors import ImageRejected
+from abupgrade.image.compress import max_member_size
+from abupgrade.image.keys import Keyring
+from abupgrade.image.manifest import Compression, Manifest, Payload
+from abupgrade.image.reader import Chunk, ImageReader, read_member
+from abupgrade.image.signature import SignatureStatus
+from abupgrade.image.tar import BLOCK, decode_header, padding
+from abupgrade.progress import Progress
+
+READ_AHEAD = 1 << 16
+
+
+class _RangeStream(io.RawIOBase):
+    """A RangeSource read forward from an offset, as a stream."""
+
+    def __init__(self, ranges: RangeSource, offset: int) -> None:
+        super().__init__()
+        self._ranges = ranges
+        self._at = offset
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._ranges.size - self._at)
+        if n <= 0:
+            return 0
+        data = self._ranges.read(self._at, n)
+        view[:n] = data
+        self._at += n
+        return n
+
+
+def stream_at(ranges: RangeSource, offset: int, buffer: int = READ_AHEAD) -> BinaryIO:
+    return cast(BinaryIO, io.BufferedReader(_RangeStream(ranges, offset), buffer_size=buffer))
+
+
+@dataclass(frozen=True)
+class Member:
+    payload: Payload
+    data: int  # offset of its stored bytes in the image
+    stored: int  # bytes stored
+
+
+class IndexedImage:
+    """The verified head, the members and (in format 2 images) the chunk index."""
+
+    def __init__(self, ranges: RangeSource, keyring: Keyring) -> None:
+        self.ranges = ranges
+        reader = ImageReader(stream_at(ranges, 0), keyring)  # the signature is checked here
+        self.manifest: Manifest = reader.manifest
+        self.signatures: tuple[SignatureStatus, ...] = reader.signatures
+        self.members: dict[str, Member] = {}
+        at = reader.offset
+        for payload in self.manifest.payloads:
+            header = decode_header(ranges.read(at, BLOCK), at)
+            if header is None or header.name != payload.name:
+                raise ImageRejected(f"payload {payload.name!r} is not where the manifest puts it "
+                                    f"(byte {at})")
+            if header.size > max_member_size(payload.compression, payload.size) or (
+                    payload.compression is Compression.NONE and header.size != payload.size):
+                raise ImageRejected(f"payload {payload.name!r} stores {header.size} bytes, "
+                                    f"which cannot hold {payload.size}")
+            self.members[payload.name] = Member(payload, at + BLOCK, header.size)
+            at += BLOCK + header.size + padding(header.size)
+        self.index: ChunkIndex | None = self._read_index()
+
+    def _read_index(self) -> ChunkIndex | None:
+        entry = self.manifest.index
+        if entry is None:
+            return None
+        member = self.members[entry.name]
+        data = self.ranges.read(member.data, member.stored)
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ImageRejected(f"payload {entry.name!r} does not match its sha256 in the manifest")
+        slot = self.manifest.slot
+        index = index_mod.parse(data, payload_size=slot.size)
+        if index.stored_size != self.members[slot.name].stored:
+            raise ImageRejected(f"the chunk index says payload {slot.name!r} stores "
+                                f"{index.stored_size} bytes; the image holds "
+                                f"{self.members[slot.name].stored}")
+        if slot.compression is Compression.NONE and any(
+                index.stored[c] != index.span(c)[1] for c in range(index.count)):
+            raise ImageRejected("the chunk index does not fit an uncompressed payload")
+        return index
+
+    @property
+    def slot(self) -> Member:
+        return self.members[self.manifest.slot.name]
+
+    def boot_payload(self, name: str, progress: Progress | None = None) -> Iterator[Chunk]:
+        """The verified bytes of a boot payload (ImageRejected at the end on a mismatch)."""
+        member = self.members[name]
+        return read_member(stream_at(self.ranges, member.data, 1 << 20), member.payload,
+                           member.stored, progress)

@@ -1,0 +1,344 @@
+"""Byte ranges of an image where it lives: a local file, an http(s) URL, an OCI registry.
+
+`fetch` takes the ranges a delta update needs (ascending), merges those that lie close together
+into one request, and yields each range's bytes in order while the response streams: memory
+holds one range and one read buffer. A connection that breaks inside a request is resumed with
+a Range request from the byte it reached. A server that ignores Range requests raises
+RangesUnsupported, so the caller can stream the whole image instead.
+
+Nothing here trusts the bytes: the caller checks them against the signed manifest and index.
+`received` counts every byte that came over the network (merged gaps included).
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from abupgrade.config import RegistryConfig
+from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError, UsageError
+from abupgrade.oci.client import Registry, Response
+
+PIECE = 1 << 20  # bytes read from a response at a time
+GAP = 4096  # ranges closer than this are fetched in one request (the gap is thrown away)
+RESUMES = 5  # broken connections resumed per request before the fetch fails
+BACKOFF = 0.5  # seconds, times the attempt number
+TIMEOUT = 30.0
+MAX_REDIRECTS = 5
+USER_AGENT = "abupgrade"
+
+Span = tuple[int, int]  # (offset, length)
+
+
+class RangesUnsupported(AbupgradeError):
+    """The server does not answer Range requests; stream the whole image instead."""
+
+
+class RangeSource(Protocol):
+    received: int
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def fetch(self, ranges: Sequence[Span]) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+def coalesce(ranges: Sequence[Span], gap: int = GAP) -> list[Span]:
+    """Merge ascending, non-overlapping ranges whose gaps are at most `gap` bytes."""
+    merged: list[Span] = []
+    end = -1
+    for offset, length in ranges:
+        if offset < end:
+            raise ValueError("ranges must ascend without overlapping")
+        if merged and offset - end <= gap:
+            start = merged[-1][0]
+            merged[-1] = (start, offset + length - start)
+        else:
+            merged.append((offset, length))
+        end = offset + length
+    return merged
+
+
+class _Ranged:
+    """Shared by every source: merging, slicing responses into the asked ranges."""
+
+    size: int = 0
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.requests = 0
+        self.gap = GAP
+
+    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+        """The bytes of [offset, offset + length), in pieces, resumed where a connection broke."""
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ImageRejected(f"image ends before byte {offset + length:,} (it has {self.size:,})")
+        return b"".join(self._get(offset, length)) if length else b""
+
+    def fetch(self, ranges: Sequence[Span]) -> Iterator[bytes]:
+        wanted = [r for r in ranges if r[1] > 0]
+        pending = iter(wanted)
+        current = next(pending, None)
+        for start, length in coalesce(wanted, self.gap):
+            if start + length > self.size:
+                raise ImageRejected(f"image ends before byte {start + length:,}")
+            buffer = bytearray()
+            at = start  # offset of buffer[0]
+            for piece in self._get(start, length):
+                buffer += piece
+                while current is not None and current[0] + current[1] <= at + len(buffer):
+                    lo = current[0] - at
+                    yield bytes(buffer[lo:lo + current[1]])
+                    del buffer[:lo + current[1]]
+                    at = current[0] + current[1]
+                    current = next(pending, None)
+                if current is None or current[0] >= at + len(buffer):
+                    skip = len(buffer) if current is None else min(len(buffer), current[0] - at)
+                    del buffer[:skip]
+                    at += skip
+
+    def close(self) -> None:
+        pass
+
+
+class FileRanges(_Ranged):
+    """An image file on this machine: reads cost no network."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        try:
+            self._file = path.open("rb")
+        except FileNotFoundError:
+            raise UsageError(f"image {path} does not exist") from None
+        except OSError as exc:
+            raise OperationalError(f"cannot read image {path}: {exc.strerror}") from None
+        self.size = self._file.seek(0, 2)
+        self.gap = 0
+
+    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+        end = offset + length
+        while offset < end:
+            self._file.seek(offset)
+            piece = self._file.read(min(PIECE, end - offset))
+            if not piece:
+                raise ImageRejected(f"image ends at byte {offset:,}")
+            offset += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Body(Protocol):
+    def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+Opener = Callable[[int, int], Body]
+
+
+def _resuming(opener: Opener, offset: int, length: int, what: str,
+              counter: Callable[[int], None]) -> Iterator[bytes]:
+    """Stream [offset, offset + length) from responses `opener(at, end)` hands out; a
+    connection that breaks is opened again at the byte reached."""
+    end = offset + length
+    at = offset
+    failures = 0
+    while at < end:
+        failure: BaseException | None = None
+        try:
+            response = opener(at, end)
+            try:
+                while at < end:
+                    piece = response.read(min(PIECE, end - at))
+                    if not piece:
+                        break
+                    at += len(piece)
+                    counter(len(piece))
+                    yield piece
+            finally:
+                response.close()
+        except (OSError, http.client.HTTPException) as exc:
+            failure = exc
+        if at < end:
+            failures += 1
+            if failures > RESUMES:
+                reason = failure or ConnectionResetError("the connection closed early")
+                raise OperationalError(f"{what}: the connection broke at byte {at:,} {RESUMES} times "
+                                       f"({reason})", hint="retry later")
+            time.sleep(BACKOFF * failures)
+
+
+def _check_partial(response: http.client.HTTPResponse, at: int, end: int, total: int | None,
+                   what: str) -> int:
+    """The total size the server states, after checking it answered exactly [at, end)."""
+    if response.status == 200 and at == 0 and end == total:
+        return total  # the whole body was asked for: a plain answer is the right one
+    if response.status != 206:
+        response.close()
+        raise RangesUnsupported(f"{what} does not answer Range requests (HTTP {response.status})")
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.getheader("Content-Range") or "")
+    if match is None or int(match[1]) != at or int(match[2]) != end - 1:
+        response.close()
+        raise OperationalError(f"{what} answered the wrong range "
+                               f"({response.getheader('Content-Range')}, asked {at}-{end - 1})")
+    stated = int(match[3]) if match[3] != "*" else None
+    if total is not None and stated not in (None, total):
+        response.close()
+        raise ImageRejected(f"{what} changed while it was read ({stated} bytes, was {total})")
+    return stated if stated is not None else end
+
+
+class HttpRanges(_Ranged):
+    """An image at an http(s) URL, read with Range requests over one kept-alive connection."""
+
+    def __init__(self, url: str, *, timeout: float = TIMEOUT) -> None:
+        super().__init__()
+        self.url = url
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self._conn_key: tuple[str, str] | None = None
+        self._total: int | None = None
+        first = self._open(0, 1)
+        first.read()
+        self.size = self._total or 0
+        if not self.size:
+            raise RangesUnsupported(f"{url} does not say how large it is")
+
+    @property
+    def _what(self) -> str:
+        return urllib.parse.urlsplit(self.url).netloc
+
+    def _connection(self, url: str) -> http.client.HTTPConnection:
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        if self._conn is None or self._conn_key != key:
+            self.close()
+            if parts.scheme == "https":
+                self._conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
+                                                         context=ssl.create_default_context())
+            else:
+                self._conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+            self._conn_key = key
+        return self._conn
+
+    def _open(self, at: int, end: int) -> http.client.HTTPResponse:
+        url = self.url
+        for _hop in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            conn = self._connection(url)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            try:
+                conn.request("GET", path, headers={"Range": f"bytes={at}-{end - 1}",
+                                                   "User-Agent": USER_AGENT})
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+            self.requests += 1
+            location = response.getheader("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                response.read()
+                url = urllib.parse.urljoin(url, location)
+                if response.status in (301, 308):
+                    self.url = url
+                continue
+            if response.status >= 400:
+                response.read()
+                raise OperationalError(f"download of {self.url} failed: HTTP {response.status} "
+                                       f"{response.reason}")
+            self._total = _check_partial(response, at, end, self._total, self._what)
+            if response.will_close:
+                self._conn = None  # this response ends the connection: the next one reconnects
+            return response
+        raise OperationalError(f"{self.url}: more than {MAX_REDIRECTS} redirects")
+
+    def _count(self, n: int) -> None:
+        self.received += n
+
+    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+        return _resuming(self._open, offset, length, self._what, self._count)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class OciRanges(_Ranged):
+    """An image in an OCI registry: its layers, concatenated, are the image tar; ranges of
+    it are Range requests on the blobs."""
+
+    def __init__(self, reference: str, settings: RegistryConfig | None = None) -> None:
+        from abupgrade.oci.pull import _fetch_manifest
+        from abupgrade.oci.reference import parse_reference
+
+        super().__init__()
+        self.ref = parse_reference(reference)
+        self.registry = Registry(self.ref.host, settings)
+        artifact, self.digest = _fetch_manifest(self.registry, self.ref)
+        self.layers = artifact.layers
+        self.starts: list[int] = []
+        at = 0
+        for layer in self.layers:
+            self.starts.append(at)
+            at += layer.size
+        self.size = at
+
+    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+        end = offset + length
+        for number, layer in enumerate(self.layers):
+            start = self.starts[number]
+            lo, hi = max(offset, start), min(end, start + layer.size)
+            if lo >= hi:
+                continue
+            yield from _resuming(self._opener(number), lo - start, hi - lo,
+                                 f"blob {layer.digest[:19]} of {self.ref}", self._count)
+
+    def _count(self, n: int) -> None:
+        self.received += n
+
+    def _opener(self, number: int) -> Opener:
+        layer = self.layers[number]
+        what = f"registry {self.ref.host}"
+
+        def open_range(at: int, end: int) -> Body:
+            response = self.registry.request(
+                "GET", f"/v2/{self.ref.repository}/blobs/{layer.digest}",
+                scope=f"repository:{self.ref.repository}:pull",
+                headers={"Range": f"bytes={at}-{end - 1}"}, ok=(200, 206), stream=True,
+                what=f"reading blob {layer.digest[:19]} of {self.ref}")
+            self.requests += 1
+            assert response.raw is not None
+            try:
+                _check_partial(response.raw, at, end, layer.size, what)
+            except BaseException:
+                response.close()
+                raise
+            return _RegistryBody(response)
+
+        return open_range
+
+
+class _RegistryBody:
+    def __init__(self, response: Response) -> None:
+        self._response = response
+
+    def read(self, n: int) -> bytes:
+        assert self._response.raw is not None
+        return self._response.raw.read(n)
+
+    def close(self) -> None:
+        self._response.close()
