@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from abupgrade.errors import ImageRejected
 from abupgrade.image import reader, signature
-from abupgrade.image.compress import encoder
+from abupgrade.delta.index import CHUNK_BLOCKS, ChunkIndex, chunk_id
+from abupgrade.image.compress import compress_chunks, encoder
 from abupgrade.image.keys import Keyring, key_id
 from abupgrade.image.manifest import Compression, Manifest, Payload, PayloadKind
 from abupgrade.image.tar import BLOCK, END_MARKER, encode_header, padding
@@ -63,7 +64,8 @@ def head(
     keys: tuple[Ed25519PrivateKey, ...] = (KEY,),
     version: str = "1.0",
 ) -> bytes:
-    manifest = Manifest(1, version, "acme-box", "2024-05-01T00:00:00Z", payloads)
+    fmt = 2 if any(p.kind is PayloadKind.INDEX for p in payloads) else 1
+    manifest = Manifest(fmt, version, "acme-box", "2024-05-01T00:00:00Z", payloads)
     data = manifest.serialize()
     return member("manifest.json", data) + member("manifest.sig", signature.sign(data, keys))
 
@@ -82,6 +84,20 @@ def read(data: bytes) -> dict[str, bytes]:
 def compressed(compression: Compression, data: bytes) -> bytes:
     codec = encoder(compression, len(data))
     return codec.compress(data) + codec.flush()
+
+
+def chunked_image(data: bytes) -> bytes:
+    """A format 2 image: the chunk index, then `data` as one zstd frame per chunk."""
+    size = CHUNK_BLOCKS * 4096
+    pieces = [data[at:at + size] for at in range(0, len(data), size)]
+    frames = compress_chunks(pieces)
+    index = ChunkIndex.create(len(data), b"".join(chunk_id(p) for p in pieces),
+                              [len(f) for f in frames]).serialize()
+    p_index = Payload("rootfs.index", PayloadKind.INDEX, len(index),
+                      hashlib.sha256(index).hexdigest(), Compression.NONE)
+    p_root = payload("rootfs", data, Compression.ZSTD_CHUNKED)
+    return (head((p_index, p_root)) + member("rootfs.index", index)
+            + member("rootfs", b"".join(frames)) + END_MARKER)
 
 
 def test_good_baseline_is_accepted() -> None:
@@ -312,6 +328,10 @@ def test_bad_signature_is_rejected_before_any_payload_is_read() -> None:
 def test_truncation_at_every_offset_is_rejected(compression: Compression) -> None:
     if compression is Compression.NONE:
         image = GOOD
+    elif compression is Compression.ZSTD_CHUNKED:
+        data = ROOT * 20
+        image = chunked_image(data)
+        assert read(image) == {"rootfs": data}
     else:
         p = payload("rootfs", ROOT, compression)
         image = head((p,)) + member("rootfs", compressed(compression, ROOT)) + END_MARKER

@@ -1,0 +1,360 @@
+"""Delta updates on plain files: the chunk index, the block cache, the planner, range fetching
+(a local file, an HTTP server with and without Range, a broken connection, a real registry) and
+the assembler, including slots that changed behind abupgrade's back and servers that lie."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from abupgrade import oci
+from abupgrade.delta import index as index_mod
+from abupgrade.delta.assemble import STALE_LIMIT, Assembler, DeltaFailed
+from abupgrade.delta.blocks import BlockCache, SlotBlocks, read_slot
+from abupgrade.delta.image import IndexedImage
+from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, ChunkIndex, chunk_id
+from abupgrade.delta.plan import Source, make_plan
+from abupgrade.delta.remote import (
+    FileRanges,
+    HttpRanges,
+    OciRanges,
+    RangeSource,
+    RangesUnsupported,
+    coalesce,
+)
+from abupgrade.errors import ImageRejected
+from abupgrade.image import build
+from abupgrade.image.keys import Keyring
+from abupgrade.image.manifest import Compression, PayloadKind
+from abupgrade.image.reader import ImageReader
+from fixtures.files import serve
+from fixtures.images import KeyPair, keypair
+from fixtures.registry import CuttingProxy, available, registry
+
+CHUNK = BLOCK * CHUNK_BLOCKS
+
+
+@dataclass(frozen=True)
+class Releases:
+    """v1 in both slots, v2 as a signed image; v2 differs by a few blocks, a shifted region and
+    a block that appears nowhere in v1."""
+
+    v1: bytes
+    v2: bytes
+    key: KeyPair
+    image: Path
+    target: Path
+    active: Path
+
+    @property
+    def ring(self) -> Keyring:
+        return Keyring.from_files([self.key.public])
+
+
+def make_releases(tmp: Path, compression: str = "zstd") -> Releases:
+    rng = random.Random(15)
+    v1 = bytearray(rng.randbytes(1 << 20) + bytes(1 << 20) + rng.randbytes(512 << 10))
+    v2 = bytearray(v1)
+    v2[10 * BLOCK:12 * BLOCK] = rng.randbytes(2 * BLOCK)  # changed in place
+    v2[100 * BLOCK:200 * BLOCK] = v1[101 * BLOCK:201 * BLOCK]  # moved by a block (a file shrank)
+    v2[300 * BLOCK:301 * BLOCK] = bytes(BLOCK)  # zeroed
+    key = keypair(tmp / "keys")
+    (tmp / "v2.img").write_bytes(v2)
+    image = tmp / f"v2-{compression}.tar"
+    build.build(tmp / "v2.img", "2.0", "box", [key.private], image, compression=compression)
+    (tmp / "target.img").write_bytes(v1)
+    (tmp / "active.img").write_bytes(v1)
+    return Releases(bytes(v1), bytes(v2), key, image, tmp / "target.img", tmp / "active.img")
+
+
+def run_delta(rel: Releases, ranges: RangeSource, *, target_blocks: SlotBlocks | None = None,
+              active_blocks: SlotBlocks | None = None) -> tuple[Assembler, int]:
+    """Assemble v2 into the target like apply does: pieces in place are not written, and of the
+    others only the blocks that differ from the target's."""
+    image = IndexedImage(ranges, rel.ring)
+    assert image.index is not None
+    plan = make_plan(image.index, target=target_blocks or read_slot(rel.target, len(rel.v2)),
+                     active=active_blocks or read_slot(rel.active, len(rel.v1)))
+    written = 0
+    with Assembler(plan, image, target=rel.target, active=rel.active) as assembler:
+        pieces = list(assembler.pieces())  # every read happens before the writes here
+    with rel.target.open("r+b") as out:
+        at = 0
+        for piece in pieces:
+            for block in range(0, len(piece.data) if not piece.in_place else 0, BLOCK):
+                new = piece.data[block:block + BLOCK]
+                out.seek(at + block)
+                if out.read(len(new)) != new:
+                    out.seek(at + block)
+                    written += out.write(new)
+            at += len(piece.data)
+    return assembler, written
+
+
+# ------------------------------------------------------------------ the index
+
+
+def test_index_round_trip_and_its_checks() -> None:
+    data = os.urandom(3 * CHUNK + 100)
+    pieces = [data[at:at + CHUNK] for at in range(0, len(data), CHUNK)]
+    index = ChunkIndex.create(len(data), b"".join(chunk_id(p) for p in pieces), [5, 6, 7, 8])
+    raw = index.serialize()
+    back = index_mod.parse(raw, payload_size=len(data))
+    assert (back.ids, list(back.stored), list(back.offsets)) == (index.ids, [5, 6, 7, 8], [0, 5, 11, 18])
+    assert back.span(3) == (3 * CHUNK, 100) and back.stored_size == 26
+    with pytest.raises(ImageRejected, match="describes"):
+        index_mod.parse(raw, payload_size=len(data) + 1)
+    with pytest.raises(ImageRejected, match="unknown format"):
+        index_mod.parse(b"X" + raw[1:], payload_size=len(data))
+    with pytest.raises(ImageRejected):
+        index_mod.parse(raw[:-1], payload_size=len(data))
+    absurd = ChunkIndex.create(len(data), index.ids, [5, 6, 7, CHUNK]).serialize()
+    with pytest.raises(ImageRejected, match="chunk 3 claims"):
+        index_mod.parse(absurd, payload_size=len(data))
+
+
+def test_chunk_id_is_over_block_digests() -> None:
+    data = os.urandom(CHUNK)
+    digests = b"".join(hashlib.sha256(data[i:i + BLOCK]).digest() for i in range(0, CHUNK, BLOCK))
+    assert chunk_id(data) == hashlib.sha256(digests).digest()[:8]
+    blocks = SlotBlocks(len(data), digests)
+    assert blocks.run_id(0, CHUNK_BLOCKS) == chunk_id(data)
+    assert blocks.run_id(1, CHUNK_BLOCKS) is None
+
+
+def test_built_image_carries_an_index_that_reads_like_any_image(tmp_path: Path) -> None:
+    rel = make_releases(tmp_path)
+    with rel.image.open("rb") as f:
+        reader = ImageReader(f, rel.ring)
+        kinds = [p.kind for p in reader.manifest.payloads]
+        got = {p.name: b"".join(bytes(c) for c in chunks) for p, chunks in reader.payloads()}
+    assert reader.manifest.format == 2 and kinds == [PayloadKind.INDEX, PayloadKind.SLOT]
+    assert reader.manifest.slot.compression is Compression.ZSTD_CHUNKED
+    assert got == {"rootfs": rel.v2}  # the index is checked, not handed out
+    gz = build.build(tmp_path / "v2.img", "2.0", "box", [rel.key.private], tmp_path / "gz.tar",
+                     compression="gzip")
+    assert gz.format == 1 and gz.index is None  # gzip cannot be fetched in parts: no index
+
+
+# ------------------------------------------------------------------ the block cache
+
+
+def test_block_cache_round_trip_and_corruption(tmp_path: Path) -> None:
+    slot = tmp_path / "slot.img"
+    slot.write_bytes(os.urandom(5 * BLOCK + 10))
+    blocks = read_slot(slot, 5 * BLOCK + 10)
+    assert blocks.count == 6
+    cache = BlockCache(tmp_path / "state" / "blocks")
+    sha = "a" * 64
+    assert cache.load(sha) is None
+    cache.save(sha, blocks)
+    assert cache.load(sha) == blocks
+    path = tmp_path / "state" / "blocks" / f"{sha}.blocks"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(raw)
+    assert cache.load(sha) is None  # corrupt: ignored, to be rebuilt
+    path.write_bytes(raw[:40])
+    assert cache.load(sha) is None
+    cache.save("b" * 64, blocks)
+    cache.prune(["b" * 64, None])
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"{'b' * 64}.blocks"]
+
+
+# ------------------------------------------------------------------ the planner
+
+
+def digests_of(data: bytes) -> SlotBlocks:
+    return SlotBlocks(len(data), b"".join(index_mod.block_digests(data)))
+
+
+def index_of(data: bytes) -> ChunkIndex:
+    pieces = [data[at:at + CHUNK] for at in range(0, len(data), CHUNK)]
+    return ChunkIndex.create(len(data), b"".join(chunk_id(p) for p in pieces), [len(p) for p in pieces])
+
+
+def test_plan_takes_the_cheapest_source() -> None:
+    a, b, c, d, e = (os.urandom(CHUNK) for _ in range(5))
+    zero = bytes(CHUNK)
+    new = a + zero + b + c + d + e
+    target = a + b + zero + zero + zero + c  # a in place; c further on (not yet overwritten)
+    active = zero + e + b  # b and e, moved
+    plan = make_plan(index_of(new), target=digests_of(target), active=digests_of(active))
+    assert [s.source for s in plan.steps] == [Source.IN_PLACE, Source.ZERO, Source.ACTIVE,
+                                              Source.TARGET, Source.FETCH, Source.ACTIVE]
+    assert plan.steps[2].block == 2 * CHUNK_BLOCKS and plan.steps[3].block == 5 * CHUNK_BLOCKS
+    assert plan.fetch_bytes == CHUNK and plan.bytes_from(Source.ACTIVE) == 2 * CHUNK
+
+
+def test_plan_never_reads_target_blocks_already_overwritten() -> None:
+    a, b = os.urandom(CHUNK), os.urandom(CHUNK)
+    plan = make_plan(index_of(b + a), target=digests_of(a + b), active=None)
+    # a sits at chunk 0 of the target, which the update writes (with b) before it needs a
+    assert [s.source for s in plan.steps] == [Source.TARGET, Source.FETCH]
+
+
+def test_plan_finds_runs_at_any_block_offset() -> None:
+    payload = os.urandom(2 * CHUNK)
+    active = os.urandom(BLOCK) + payload  # shifted by one block, not by a chunk
+    plan = make_plan(index_of(payload), target=None, active=digests_of(active))
+    assert [(s.source, s.block) for s in plan.steps] == [(Source.ACTIVE, 1),
+                                                        (Source.ACTIVE, 1 + CHUNK_BLOCKS)]
+
+
+# ------------------------------------------------------------------ fetching ranges
+
+
+def test_coalesce_merges_close_ranges() -> None:
+    assert coalesce([(0, 10), (10, 5), (100, 5), (4202, 1)], gap=4096) == [(0, 105), (4202, 1)]
+    assert coalesce([(0, 10), (4106, 1)], gap=4096) == [(0, 4107)]
+    assert coalesce([(0, 10), (20, 5)], gap=0) == [(0, 10), (20, 5)]
+    with pytest.raises(ValueError):
+        coalesce([(10, 10), (5, 1)])
+
+
+def test_file_ranges_yield_exactly_what_was_asked(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    ranges = FileRanges(tmp_path / "f")
+    ranges.gap = 1 << 20
+    asked = [(0, 3), (5, 0), (5, 7), (2 << 20, 5), ((2 << 20) + 10, (1 << 20) - 10)]
+    assert list(ranges.fetch(asked)) == [data[o:o + n] for o, n in asked if n]
+    with pytest.raises(ImageRejected):
+        ranges.read(len(data) - 1, 2)
+
+
+def test_http_ranges_merge_requests_and_resume_a_broken_connection(tmp_path: Path) -> None:
+    data = os.urandom(4 << 20)
+    (tmp_path / "image.tar").write_bytes(data)
+    asked = [(at, 5000) for at in range(0, len(data) - 5000, 9000)]
+    with serve(tmp_path) as server:
+        ranges = HttpRanges(f"{server.url}/image.tar")
+        assert ranges.size == len(data)
+        assert list(ranges.fetch(asked)) == [data[o:o + n] for o, n in asked]
+        assert ranges.requests <= 3  # the probe, then one merged request (gaps under 4 KiB)
+        with CuttingProxy(server.port, after=1 << 20, cuts=2) as proxy:
+            cut = HttpRanges(f"http://{proxy.host}/image.tar")
+            assert list(cut.fetch([(10, len(data) - 20)])) == [data[10:-10]]
+            assert proxy.cut == 2
+        ranges.close()
+
+
+def test_http_without_range_support_is_told_apart(tmp_path: Path) -> None:
+    (tmp_path / "image.tar").write_bytes(os.urandom(100000))
+    with serve(tmp_path, ranges=False) as server, pytest.raises(RangesUnsupported):
+        HttpRanges(f"{server.url}/image.tar")
+
+
+@pytest.fixture(scope="module")
+def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    why = available()
+    if why is not None:
+        if os.environ.get("ABUPGRADE_REQUIRE_ALL_TIERS") == "1":
+            pytest.fail(f"registry tests cannot run where every tier must: {why}")
+        pytest.skip(why)
+    with registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server.host
+
+
+def test_oci_ranges_read_the_pushed_image_across_blobs(tmp_path: Path, plain_registry: str) -> None:
+    rel = make_releases(tmp_path)
+    reference = f"oci://{plain_registry}/delta/os:2.0"
+    oci.push(rel.image, reference)
+    data = rel.image.read_bytes()
+    ranges = OciRanges(reference)
+    ranges.gap = 0
+    assert ranges.size == len(data) and len(ranges.layers) >= 4
+    asked = [(0, 100), (ranges.starts[1] - 50, 100), (len(data) - 1024, 1024)]  # one straddles blobs
+    assert list(ranges.fetch(asked)) == [data[o:o + n] for o, n in asked]
+    assert ranges.received == sum(n for _, n in asked)
+
+
+# ------------------------------------------------------------------ assembling
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_delta_from_a_file_builds_the_exact_payload(tmp_path: Path, compression: str) -> None:
+    rel = make_releases(tmp_path, compression)
+    assembler, written = run_delta(rel, FileRanges(rel.image))
+    assert rel.target.read_bytes()[:len(rel.v2)] == rel.v2
+    tally = assembler.tally
+    assert tally.fetched == CHUNK  # the chunk with new blocks; the rest is local
+    assert tally.in_place + tally.from_active + tally.zeros + tally.fetched == len(rel.v2)
+    changed = [i for i in range(0, len(rel.v2), BLOCK) if rel.v1[i:i + BLOCK] != rel.v2[i:i + BLOCK]]
+    assert written == len(changed) * BLOCK
+    assert assembler.blocks == digests_of(rel.v2)  # what the block cache keeps for the slot
+
+
+def test_delta_over_http_downloads_only_the_missing_chunk(tmp_path: Path) -> None:
+    rel = make_releases(tmp_path)
+    with serve(tmp_path) as server:
+        ranges = HttpRanges(f"{server.url}/{rel.image.name}")
+        assembler, _ = run_delta(rel, ranges)
+    assert rel.target.read_bytes()[:len(rel.v2)] == rel.v2
+    assert assembler.tally.fetched == CHUNK
+    # the signed head and the index (read ahead 64 KiB), the member headers, one chunk
+    assert ranges.received < 100 << 10 < rel.image.stat().st_size // 10
+
+
+def test_a_slot_changed_behind_abupgrades_back_is_fetched_instead(tmp_path: Path) -> None:
+    rel = make_releases(tmp_path)
+    cached = read_slot(rel.active, len(rel.v1))  # digests taken, then the slot changes
+    with rel.active.open("r+b") as f:
+        f.seek(520 * BLOCK)
+        f.write(os.urandom(3 * CHUNK))
+    assembler, _ = run_delta(rel, FileRanges(rel.image), active_blocks=cached,
+                             target_blocks=SlotBlocks(0, b""))
+    assert rel.target.read_bytes()[:len(rel.v2)] == rel.v2
+    assert assembler.tally.stale["active"] >= 3
+
+
+def test_a_slot_changed_everywhere_gives_the_delta_up(tmp_path: Path) -> None:
+    rel = make_releases(tmp_path)
+    cached = read_slot(rel.active, len(rel.v1))
+    rel.active.write_bytes(os.urandom(len(rel.v1)))
+    with pytest.raises(DeltaFailed, match=f"more than {STALE_LIMIT} chunks of the active slot"):
+        run_delta(rel, FileRanges(rel.image), active_blocks=cached, target_blocks=SlotBlocks(0, b""))
+    assert rel.target.read_bytes() == rel.v1  # nothing was written
+
+
+def test_a_server_that_sends_other_bytes_gives_the_delta_up(tmp_path: Path) -> None:
+    rel = make_releases(tmp_path, "none")
+    image = IndexedImage(FileRanges(rel.image), rel.ring)
+    assert image.index is not None
+    plan = make_plan(image.index, target=read_slot(rel.target, len(rel.v2)),
+                     active=read_slot(rel.active, len(rel.v1)))
+    chunk = plan.chunks(Source.FETCH)[0]
+    data = bytearray(rel.image.read_bytes())
+    data[image.slot.data + image.index.offsets[chunk] + 7] ^= 1  # unsigned bytes, changed
+    tampered = tmp_path / "tampered.tar"
+    tampered.write_bytes(data)
+    lying = IndexedImage(FileRanges(tampered), rel.ring)  # the head is still good
+    with Assembler(plan, lying, target=rel.target, active=rel.active) as assembler, \
+            pytest.raises(DeltaFailed, match="does not match the signed index"):
+        list(assembler.pieces())
+
+
+def test_a_plan_from_wrong_digests_cannot_pass_a_wrong_payload(tmp_path: Path) -> None:
+    """Digests that lie about the slots only cost fetches: every chunk is checked by its id."""
+    rel = make_releases(tmp_path)
+    liar = digests_of(rel.v2)  # says the target already holds v2 everywhere
+    assembler, _ = run_delta(rel, FileRanges(rel.image), target_blocks=liar, active_blocks=liar)
+    assert rel.target.read_bytes()[:len(rel.v2)] == rel.v2
+    assert assembler.tally.stale.get("target", 0) > 0
+
+
+def test_tampered_index_is_rejected_before_any_chunk(tmp_path: Path) -> None:
+    rel = make_releases(tmp_path)
+    image = IndexedImage(FileRanges(rel.image), rel.ring)
+    member = image.members["rootfs.index"]
+    data = bytearray(rel.image.read_bytes())
+    data[member.data + member.stored - 1] ^= 1
+    (tmp_path / "bad.tar").write_bytes(data)
+    with pytest.raises(ImageRejected, match="does not match its sha256"):
+        IndexedImage(FileRanges(tmp_path / "bad.tar"), rel.ring)
