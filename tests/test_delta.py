@@ -358,3 +358,14 @@ def test_tampered_index_is_rejected_before_any_chunk(tmp_path: Path) -> None:
     (tmp_path / "bad.tar").write_bytes(data)
     with pytest.raises(ImageRejected, match="does not match its sha256"):
         IndexedImage(FileRanges(tmp_path / "bad.tar"), rel.ring)
+
+
+def test_image_build_warns_about_what_defeats_deltas(tmp_path: Path) -> None:
+    from fixtures.guest import make_ext4_image
+
+    small = make_ext4_image(tmp_path / "1k.img", None, 8 << 20, "r", block_size=1024)
+    good = make_ext4_image(tmp_path / "4k.img", None, 8 << 20, "r", block_size=4096)
+    assert any("1024-byte blocks" in w for w in build.rootfs_warnings(small, "zstd"))
+    assert build.rootfs_warnings(good, "zstd") == []
+    assert any("cannot be fetched in parts" in w for w in build.rootfs_warnings(good, "xz"))
+    assert build.rootfs_warnings(good, "xz", index=False) == []

@@ -133,6 +133,28 @@ def _write(out: Path, version: str, compatible: str, private_keys: Sequence[Ed25
     return manifest
 
 
+def rootfs_warnings(rootfs: Path, compression: str | Compression, index: bool = True) -> list[str]:
+    """What makes delta updates of this rootfs poor: said by `image build`, never fatal."""
+    warnings = []
+    codec = compression if isinstance(compression, Compression) else Compression.parse(compression)
+    if index and codec not in (Compression.NONE, Compression.ZSTD):
+        warnings.append(f"{codec} payloads cannot be fetched in parts: this image gets no chunk "
+                        "index and every update downloads it whole (use --compress zstd)")
+    try:
+        with rootfs.open("rb") as f:
+            f.seek(1024)
+            superblock = f.read(1024)
+    except OSError:
+        return warnings
+    if len(superblock) == 1024 and superblock[0x38:0x3A] == b"\x53\xef":
+        block = 1024 << int.from_bytes(superblock[0x18:0x1C], "little")
+        if block != BLOCK:
+            warnings.append(f"{rootfs} is an ext2/3/4 filesystem with {block}-byte blocks: files "
+                            "do not stay 4 KiB-aligned across releases and delta updates reuse "
+                            "little (make it with mkfs.ext4 -b 4096)")
+    return warnings
+
+
 def _open(path: Path) -> io.BufferedReader:
     try:
         handle = path.open("rb")
