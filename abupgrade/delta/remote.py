@@ -23,7 +23,7 @@ from typing import Protocol
 
 from abupgrade.config import RegistryConfig
 from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError, UsageError
-from abupgrade.oci.client import Registry, Response
+from abupgrade.oci.client import Registry
 
 PIECE = 1 << 20  # bytes read from a response at a time
 GAP = 4096  # ranges closer than this are fetched in one request (the gap is thrown away)
@@ -201,21 +201,37 @@ def _check_partial(response: http.client.HTTPResponse, at: int, end: int, total:
     return stated if stated is not None else end
 
 
-class HttpRanges(_Ranged):
-    """An image at an http(s) URL, read with Range requests over one kept-alive connection."""
+Refresh = Callable[[], tuple[str, dict[str, str]]]
 
-    def __init__(self, url: str, *, timeout: float = TIMEOUT) -> None:
+
+class HttpRanges(_Ranged):
+    """Bytes at an http(s) URL, read with Range requests over one kept-alive connection.
+
+    `size` skips the first request that learns it; `headers` go with every request to the
+    URL's host; `refresh` is asked for a new (url, headers) once when the server answers 401
+    or 403 (an expired token or a signed URL that timed out).
+    """
+
+    def __init__(self, url: str, *, timeout: float = TIMEOUT, headers: dict[str, str] | None = None,
+                 context: ssl.SSLContext | None = None, size: int | None = None,
+                 refresh: Refresh | None = None, parent: _Ranged | None = None) -> None:
         super().__init__()
         self.url = url
         self.timeout = timeout
+        self.headers = dict(headers or {})
+        self.context = context
+        self.refresh = refresh
+        self.parent = parent
         self._conn: http.client.HTTPConnection | None = None
         self._conn_key: tuple[str, str] | None = None
-        self._total: int | None = None
-        first = self._open(0, 1)
-        first.read()
-        self.size = self._total or 0
-        if not self.size:
-            raise RangesUnsupported(f"{url} does not say how large it is")
+        self._total = size
+        if size is None:
+            self._open(0, 1).read(PIECE)
+            self.size = self._total or 0
+            if not self.size:
+                raise RangesUnsupported(f"{url} does not say how large it is")
+        else:
+            self.size = size
 
     @property
     def _what(self) -> str:
@@ -227,33 +243,44 @@ class HttpRanges(_Ranged):
         if self._conn is None or self._conn_key != key:
             self.close()
             if parts.scheme == "https":
+                context = self.context or ssl.create_default_context()
                 self._conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
-                                                         context=ssl.create_default_context())
+                                                         context=context)
             else:
                 self._conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
             self._conn_key = key
         return self._conn
 
-    def _open(self, at: int, end: int) -> http.client.HTTPResponse:
+    def _open(self, at: int, end: int) -> Body:
         url = self.url
-        for _hop in range(MAX_REDIRECTS + 1):
+        refreshed = False
+        hops = 0
+        while hops <= MAX_REDIRECTS:
             parts = urllib.parse.urlsplit(url)
             conn = self._connection(url)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            headers = {"Range": f"bytes={at}-{end - 1}", "User-Agent": USER_AGENT}
+            if parts.netloc == urllib.parse.urlsplit(self.url).netloc:
+                headers.update(self.headers)  # credentials never follow a redirect elsewhere
             try:
-                conn.request("GET", path, headers={"Range": f"bytes={at}-{end - 1}",
-                                                   "User-Agent": USER_AGENT})
+                conn.request("GET", path, headers=headers)
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException):
                 self.close()
                 raise
             self.requests += 1
+            if self.parent is not None:
+                self.parent.requests += 1
             location = response.getheader("Location")
             if response.status in (301, 302, 303, 307, 308) and location:
                 response.read()
                 url = urllib.parse.urljoin(url, location)
-                if response.status in (301, 308):
-                    self.url = url
+                hops += 1
+                continue
+            if response.status in (401, 403) and self.refresh is not None and not refreshed:
+                response.read()
+                self.url, self.headers = self.refresh()
+                url, refreshed, hops = self.url, True, 0
                 continue
             if response.status >= 400:
                 response.read()
@@ -267,6 +294,8 @@ class HttpRanges(_Ranged):
 
     def _count(self, n: int) -> None:
         self.received += n
+        if self.parent is not None:
+            self.parent.received += n
 
     def _get(self, offset: int, length: int) -> Iterator[bytes]:
         return _resuming(self._open, offset, length, self._what, self._count)
@@ -279,7 +308,8 @@ class HttpRanges(_Ranged):
 
 class OciRanges(_Ranged):
     """An image in an OCI registry: its layers, concatenated, are the image tar; ranges of
-    it are Range requests on the blobs."""
+    it are Range requests on the blobs, over one kept-alive connection per blob (the first
+    request of each goes through the registry client: authentication, redirects)."""
 
     def __init__(self, reference: str, settings: RegistryConfig | None = None) -> None:
         from abupgrade.oci.pull import _fetch_manifest
@@ -296,49 +326,44 @@ class OciRanges(_Ranged):
             self.starts.append(at)
             at += layer.size
         self.size = at
+        self._blobs: dict[int, HttpRanges] = {}
 
     def _get(self, offset: int, length: int) -> Iterator[bytes]:
         end = offset + length
         for number, layer in enumerate(self.layers):
             start = self.starts[number]
             lo, hi = max(offset, start), min(end, start + layer.size)
-            if lo >= hi:
-                continue
-            yield from _resuming(self._opener(number), lo - start, hi - lo,
-                                 f"blob {layer.digest[:19]} of {self.ref}", self._count)
+            if lo < hi:
+                yield from self._blob(number)._get(lo - start, hi - lo)
 
-    def _count(self, n: int) -> None:
-        self.received += n
+    def _blob(self, number: int) -> HttpRanges:
+        if number not in self._blobs:
+            layer = self.layers[number]
+            url, headers = self._locate(number)
+            self._blobs[number] = HttpRanges(
+                url, headers=headers, context=self.registry.tls(), size=layer.size,
+                refresh=lambda: self._locate(number), parent=self)
+        return self._blobs[number]
 
-    def _opener(self, number: int) -> Opener:
+    def _locate(self, number: int) -> tuple[str, dict[str, str]]:
+        """Where blob `number` is served and what to send there: one request through the
+        registry client, which authenticates and follows redirects."""
         layer = self.layers[number]
-        what = f"registry {self.ref.host}"
-
-        def open_range(at: int, end: int) -> Body:
-            response = self.registry.request(
-                "GET", f"/v2/{self.ref.repository}/blobs/{layer.digest}",
-                scope=f"repository:{self.ref.repository}:pull",
-                headers={"Range": f"bytes={at}-{end - 1}"}, ok=(200, 206), stream=True,
-                what=f"reading blob {layer.digest[:19]} of {self.ref}")
-            self.requests += 1
-            assert response.raw is not None
-            try:
-                _check_partial(response.raw, at, end, layer.size, what)
-            except BaseException:
-                response.close()
-                raise
-            return _RegistryBody(response)
-
-        return open_range
-
-
-class _RegistryBody:
-    def __init__(self, response: Response) -> None:
-        self._response = response
-
-    def read(self, n: int) -> bytes:
-        assert self._response.raw is not None
-        return self._response.raw.read(n)
+        scope = f"repository:{self.ref.repository}:pull"
+        response = self.registry.request(
+            "GET", f"/v2/{self.ref.repository}/blobs/{layer.digest}", scope=scope,
+            headers={"Range": "bytes=0-0"}, ok=(200, 206), stream=True,
+            what=f"reading blob {layer.digest[:19]} of {self.ref}")
+        self.requests += 1
+        response.close()
+        if response.status != 206 and layer.size > 1:
+            raise RangesUnsupported(f"registry {self.ref.host} does not answer Range requests")
+        headers: dict[str, str] = {}
+        auth = self.registry.authorization(scope)
+        if auth and urllib.parse.urlsplit(response.url).netloc.lower() == self.ref.host.lower():
+            headers["Authorization"] = auth
+        return response.url, headers
 
     def close(self) -> None:
-        self._response.close()
+        for blob in self._blobs.values():
+            blob.close()

@@ -111,6 +111,7 @@ class Response:
     body: bytes = b""
     raw: http.client.HTTPResponse | None = None  # an open body to stream (stream=True)
     conn: http.client.HTTPConnection | None = None
+    url: str = ""  # where the answer came from, after redirects
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -140,6 +141,14 @@ class Registry:
     @property
     def plain_http_allowed(self) -> bool:
         return is_loopback(self.host) or self.host.lower() in (h.lower() for h in self.settings.insecure)
+
+    def authorization(self, scope: str) -> str | None:
+        """The Authorization header requests for `scope` carry, once one was needed."""
+        return self._auth.get(scope)
+
+    def tls(self) -> ssl.SSLContext:
+        """The TLS settings for this registry (and where it redirects to)."""
+        return self._tls()
 
     def _tls(self) -> ssl.SSLContext:
         if self._context is None:
@@ -258,7 +267,7 @@ class Registry:
                 conn, raw = self._open(method, url, sent, data)
             except (OSError, http.client.HTTPException) as exc:
                 raise self.unreachable(exc, host) from None
-            response = Response(raw.status, raw.headers, raw=raw, conn=conn)
+            response = Response(raw.status, raw.headers, raw=raw, conn=conn, url=url)
             location = raw.getheader("Location")
             if raw.status not in REDIRECTS or method not in ("GET", "HEAD") or not location:
                 return response
