@@ -28,7 +28,7 @@ from abupgrade.delta.remote import (
     RangesUnsupported,
     coalesce,
 )
-from abupgrade.errors import ImageRejected
+from abupgrade.errors import ImageRejected, OperationalError
 from abupgrade.image import build
 from abupgrade.image.keys import Keyring
 from abupgrade.image.manifest import Compression, PayloadKind
@@ -249,6 +249,25 @@ def test_http_without_range_support_is_told_apart(tmp_path: Path) -> None:
     (tmp_path / "image.tar").write_bytes(os.urandom(100000))
     with serve(tmp_path, ranges=False) as server, pytest.raises(RangesUnsupported):
         HttpRanges(f"{server.url}/image.tar")
+
+
+def test_http_ranges_ask_for_new_credentials_once(tmp_path: Path) -> None:
+    data = os.urandom(100000)
+    (tmp_path / "blob").write_bytes(data)
+    with serve(tmp_path) as server:
+        asked = []
+
+        def refresh() -> tuple[str, dict[str, str]]:
+            asked.append(1)
+            return f"{server.url}/blob", {"Authorization": "Bearer fresh"}
+
+        ranges = HttpRanges(f"{server.url}/blob", size=len(data),
+                            headers={"Authorization": "Bearer expired"}, refresh=refresh)
+        server.forbid = "Bearer fresh"
+        assert ranges.read(10, 20) == data[10:30] and len(asked) == 1
+        server.forbid = "Bearer newer"
+        with pytest.raises(OperationalError, match="HTTP 403"):
+            ranges.read(0, 5)  # refreshed once per request, not forever
 
 
 @pytest.fixture(scope="module")
