@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from abupgrade.delta.index import CHUNK_BLOCKS, ChunkIndex, chunk_id
 from abupgrade.errors import ImageRejected
 from abupgrade.image import reader, signature
-from abupgrade.delta.index import CHUNK_BLOCKS, ChunkIndex, chunk_id
 from abupgrade.image.compress import compress_chunks, encoder
 from abupgrade.image.keys import Keyring, key_id
 from abupgrade.image.manifest import Compression, Manifest, Payload, PayloadKind
