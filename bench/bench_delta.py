@@ -43,6 +43,9 @@ from pathlib import Path
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from releases import releases  # noqa: E402
 
 from abupgrade import oci  # noqa: E402
 from abupgrade.delta.blocks import BlockCache  # noqa: E402
@@ -52,7 +55,6 @@ from abupgrade.delta.install import Delta, SlotSource  # noqa: E402
 from abupgrade.delta.remote import OciRanges  # noqa: E402
 from abupgrade.image.keys import Keyring  # noqa: E402
 from abupgrade.model import Slot  # noqa: E402
-from bench.releases import releases  # noqa: E402
 from fixtures.files import serve  # noqa: E402
 from fixtures.images import keypair, signed_image  # noqa: E402
 from fixtures.machine import running_machine  # noqa: E402
