@@ -250,7 +250,7 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[s
         via_proxy = f"oci://{proxy.host}/bench/os:2.0"
         disk = work / "disk.img"
         run([sys.executable, "-m", "abupgrade", "disk", "init", str(disk), "--bootloader", "grub",
-             "--size", str(2 * size + 256 * MiB), "--slot-size", str(size), "--image", str(v1_tar),
+             "--size", str(2 * size + 512 * MiB), "--slot-size", str(size), "--image", str(v1_tar),
              "--pubkey", str(signer.public), "--force"])
         machine = stack.enter_context(running_machine(disk, work / "machine", booted=Slot.A))
         dev_a, dev_b = machine.device(Slot.A), machine.device(Slot.B)
