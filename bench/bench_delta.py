@@ -145,10 +145,12 @@ def measure(device: Path, proxy: CuttingProxy, job: Callable[[], int]) -> Result
 
 
 def abupgrade_delta(reference: str, keyring: Keyring, state: Path, active: SlotSource,
-                    target: SlotSource) -> int:
+                    target: SlotSource, gap: int | None = None) -> int:
     """The delta path in this process: plan, assemble, write what differs, read back.
     (Until apply drives it, this bench writes the pieces itself, comparing before writing.)"""
     ranges = OciRanges(reference)
+    if gap is not None:
+        ranges.gap = gap
     image = IndexedImage(ranges, keyring)
     delta = Delta(image, BlockCache(state / "blocks"), target=target, active=active)
     plan = delta.plan()
@@ -186,8 +188,11 @@ def main() -> None:
     parser.add_argument("--target", default="v1,empty")
     parser.add_argument("--skip", default="", help="comma list of: full, casync, zchunk")
     parser.add_argument("--workdir", type=Path, help="keeps built images between runs")
+    parser.add_argument("--gaps", default="", help="also run the delta merging ranges this "
+                        "close (comma list of bytes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    gaps = [int(g) for g in filter(None, args.gaps.split(","))]
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root for loop devices")
     skip = set(filter(None, args.skip.split(",")))
@@ -204,7 +209,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for scenario in filter(None, args.scenario.split(",")):
             for target in filter(None, args.target.split(",")):
-                report[f"{scenario}/{target}"] = bench(work, scenario, target, skip)
+                report[f"{scenario}/{target}"] = bench(work, scenario, target, skip, gaps)
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -229,7 +234,8 @@ def print_table(name: str, figures: dict[str, object]) -> None:
               f"{r.requests or '':>9}")
 
 
-def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[str, object]:
+def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
+          gaps: list[int]) -> dict[str, object]:
     made = releases()
     v1, v2 = made.v1, {"rebuilt": made.rebuilt, "in-place": made.in_place}[scenario]
     size = v1.stat().st_size
@@ -276,6 +282,11 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[s
             tools["abupgrade delta (cached)"] = measure(dev_b, proxy, lambda: abupgrade_delta(
                 via_proxy, keyring, state, SlotSource(dev_a, v1_sha), target))
         check("abupgrade delta (cached)")
+        for gap in gaps:
+            with slot_b_as(dev_b, content, size):
+                target = SlotSource(dev_b, v1_sha if content else None)
+                tools[f"abupgrade gap={gap}"] = measure(dev_b, proxy, lambda: abupgrade_delta(
+                    via_proxy, keyring, state, SlotSource(dev_a, v1_sha), target, gap))
         if "full" not in skip:
             with slot_b_as(dev_b, content, size):
                 def full() -> int:

@@ -388,3 +388,17 @@ def test_image_build_warns_about_what_defeats_deltas(tmp_path: Path) -> None:
     assert build.rootfs_warnings(good, "zstd") == []
     assert any("cannot be fetched in parts" in w for w in build.rootfs_warnings(good, "xz"))
     assert build.rootfs_warnings(good, "xz", index=False) == []
+
+
+def test_https_ranges_with_a_private_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fixtures.registry import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    data = os.urandom(50000)
+    (tmp_path / "image.tar").write_bytes(data)
+    with serve(tmp_path, tls=ca) as server:
+        with pytest.raises(OperationalError):
+            HttpRanges(f"{server.url}/image.tar")  # not trusted
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca))
+        ranges = HttpRanges(f"{server.url}/image.tar")
+        assert list(ranges.fetch([(5, 10), (40000, 100)])) == [data[5:15], data[40000:40100]]

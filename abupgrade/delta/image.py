@@ -27,15 +27,29 @@ from abupgrade.image.signature import SignatureStatus
 from abupgrade.image.tar import BLOCK, decode_header, padding
 from abupgrade.progress import Progress
 
-READ_AHEAD = 1 << 16
+HEAD = 8192  # the first request: manifest, signatures and the next member headers, usually
+
+
+class _Head:
+    """The first bytes of the image, fetched once; later reads beyond them go out."""
+
+    def __init__(self, ranges: RangeSource) -> None:
+        self.ranges = ranges
+        self.data = ranges.read(0, min(HEAD, ranges.size))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset + length <= len(self.data):
+            return self.data[offset:offset + length]
+        return self.ranges.read(offset, length)
 
 
 class _RangeStream(io.RawIOBase):
     """A RangeSource read forward from an offset, as a stream."""
 
-    def __init__(self, ranges: RangeSource, offset: int) -> None:
+    def __init__(self, ranges: RangeSource | _Head, size: int, offset: int) -> None:
         super().__init__()
         self._ranges = ranges
+        self._size = size
         self._at = offset
 
     def readable(self) -> bool:
@@ -43,7 +57,7 @@ class _RangeStream(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
-        n = min(len(view), self._ranges.size - self._at)
+        n = min(len(view), self._size - self._at)
         if n <= 0:
             return 0
         data = self._ranges.read(self._at, n)
@@ -52,8 +66,9 @@ class _RangeStream(io.RawIOBase):
         return n
 
 
-def stream_at(ranges: RangeSource, offset: int, buffer: int = READ_AHEAD) -> BinaryIO:
-    return cast(BinaryIO, io.BufferedReader(_RangeStream(ranges, offset), buffer_size=buffer))
+def stream_at(ranges: RangeSource | _Head, size: int, offset: int, buffer: int) -> BinaryIO:
+    stream = _RangeStream(ranges, size, offset)
+    return cast(BinaryIO, io.BufferedReader(stream, buffer_size=buffer))
 
 
 @dataclass(frozen=True)
@@ -68,13 +83,15 @@ class IndexedImage:
 
     def __init__(self, ranges: RangeSource, keyring: Keyring) -> None:
         self.ranges = ranges
-        reader = ImageReader(stream_at(ranges, 0), keyring)  # the signature is checked here
+        head = _Head(ranges)
+        # the signature is checked here
+        reader = ImageReader(stream_at(head, ranges.size, 0, HEAD), keyring)
         self.manifest: Manifest = reader.manifest
         self.signatures: tuple[SignatureStatus, ...] = reader.signatures
         self.members: dict[str, Member] = {}
         at = reader.offset
         for payload in self.manifest.payloads:
-            header = decode_header(ranges.read(at, BLOCK), at)
+            header = decode_header(head.read(at, BLOCK), at)
             if header is None or header.name != payload.name:
                 raise ImageRejected(f"payload {payload.name!r} is not where the manifest puts it "
                                     f"(byte {at})")
@@ -112,5 +129,5 @@ class IndexedImage:
     def boot_payload(self, name: str, progress: Progress | None = None) -> Iterator[Chunk]:
         """The verified bytes of a boot payload (ImageRejected at the end on a mismatch)."""
         member = self.members[name]
-        return read_member(stream_at(self.ranges, member.data, 1 << 20), member.payload,
-                           member.stored, progress)
+        return read_member(stream_at(self.ranges, self.ranges.size, member.data, 1 << 20),
+                           member.payload, member.stored, progress)

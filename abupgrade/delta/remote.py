@@ -265,6 +265,10 @@ class HttpRanges(_Ranged):
             try:
                 conn.request("GET", path, headers=headers)
                 response = conn.getresponse()
+            except ssl.SSLCertVerificationError as exc:
+                self.close()
+                raise OperationalError(f"TLS certificate of {parts.netloc} is not trusted: "
+                                       f"{exc.verify_message}") from None
             except (OSError, http.client.HTTPException):
                 self.close()
                 raise
