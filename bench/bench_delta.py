@@ -285,8 +285,9 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
         for gap in gaps:
             with slot_b_as(dev_b, content, size):
                 target = SlotSource(dev_b, v1_sha if content else None)
-                tools[f"abupgrade gap={gap}"] = measure(dev_b, proxy, lambda: abupgrade_delta(
-                    via_proxy, keyring, state, SlotSource(dev_a, v1_sha), target, gap))
+                tools[f"abupgrade gap={gap}"] = measure(
+                    dev_b, proxy, lambda t=target, g=gap: abupgrade_delta(
+                        via_proxy, keyring, state, SlotSource(dev_a, v1_sha), t, g))
         if "full" not in skip:
             with slot_b_as(dev_b, content, size):
                 def full() -> int:
