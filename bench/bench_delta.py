@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -286,8 +287,8 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
             with slot_b_as(dev_b, content, size):
                 target = SlotSource(dev_b, v1_sha if content else None)
                 tools[f"abupgrade gap={gap}"] = measure(
-                    dev_b, proxy, lambda t=target, g=gap: abupgrade_delta(
-                        via_proxy, keyring, state, SlotSource(dev_a, v1_sha), t, g))
+                    dev_b, proxy, functools.partial(abupgrade_delta, via_proxy, keyring, state,
+                                                    SlotSource(dev_a, v1_sha), target, gap))
         if "full" not in skip:
             with slot_b_as(dev_b, content, size):
                 def full() -> int:

@@ -18,8 +18,8 @@ from abupgrade.delta import index as index_mod
 from abupgrade.delta.assemble import STALE_LIMIT, Assembler, DeltaFailed
 from abupgrade.delta.blocks import BlockCache, SlotBlocks, read_slot
 from abupgrade.delta.image import IndexedImage
-from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, ChunkIndex, chunk_id
-from abupgrade.delta.plan import Source, make_plan
+from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, chunk_id
+from abupgrade.delta.plan import Plan, Source, make_plan
 from abupgrade.delta.remote import (
     FileRanges,
     HttpRanges,
@@ -79,7 +79,8 @@ def run_delta(rel: Releases, ranges: RangeSource, *, target_blocks: SlotBlocks |
     others only the blocks that differ from the target's."""
     image = IndexedImage(ranges, rel.ring)
     assert image.index is not None
-    plan = make_plan(image.index, target=target_blocks or read_slot(rel.target, len(rel.v2)),
+    plan = make_plan(image.index, image.tables,
+                     target=target_blocks or read_slot(rel.target, len(rel.v2)),
                      active=active_blocks or read_slot(rel.active, len(rel.v1)))
     written = 0
     with Assembler(plan, image, target=rel.target, active=rel.active) as assembler:
@@ -102,30 +103,33 @@ def run_delta(rel: Releases, ranges: RangeSource, *, target_blocks: SlotBlocks |
 
 def test_index_round_trip_and_its_checks() -> None:
     data = os.urandom(3 * CHUNK + 100)
-    pieces = [data[at:at + CHUNK] for at in range(0, len(data), CHUNK)]
-    index = ChunkIndex.create(len(data), b"".join(chunk_id(p) for p in pieces), [5, 6, 7, 8])
+    ids = [chunk_id(data[at:at + CHUNK]) for at in range(0, len(data), CHUNK)]
+    index, tables = index_mod.build(len(data), ids, [5, 6, 7, 8], group_chunks=3)
     raw = index.serialize()
     back = index_mod.parse(raw, payload_size=len(data))
-    assert (back.ids, list(back.stored), list(back.offsets)) == (index.ids, [5, 6, 7, 8], [0, 5, 11, 18])
-    assert back.span(3) == (3 * CHUNK, 100) and back.stored_size == 26
+    assert (back.count, list(back.stored), list(back.stored_offsets)) == (2, [18, 8], [0, 18])
+    assert back.span(3) == (3 * CHUNK, 100) and back.chunks(1) == range(3, 4)
+    first = back.table(0, tables[:back.table_sizes[0]])
+    assert (first.ids, list(first.stored)) == (b"".join(ids[:3]), [5, 6, 7])
+    assert back.id(0) == index_mod.short_hash(b"".join(ids[:3]))
+    with pytest.raises(ImageRejected, match="does not match the index"):
+        back.table(1, tables[:back.table_sizes[0]])  # another group's table
     with pytest.raises(ImageRejected, match="describes"):
         index_mod.parse(raw, payload_size=len(data) + 1)
     with pytest.raises(ImageRejected, match="unknown format"):
         index_mod.parse(b"X" + raw[1:], payload_size=len(data))
     with pytest.raises(ImageRejected):
         index_mod.parse(raw[:-1], payload_size=len(data))
-    absurd = ChunkIndex.create(len(data), index.ids, [5, 6, 7, CHUNK]).serialize()
-    with pytest.raises(ImageRejected, match="chunk 3 claims"):
-        index_mod.parse(absurd, payload_size=len(data))
+    absurd, _ = index_mod.build(len(data), ids, [5, 6, 7, 2 * CHUNK], group_chunks=3)
+    with pytest.raises(ImageRejected, match="group 1 claims"):
+        index_mod.parse(absurd.serialize(), payload_size=len(data))
 
 
 def test_chunk_id_is_over_block_digests() -> None:
     data = os.urandom(CHUNK)
     digests = b"".join(hashlib.sha256(data[i:i + BLOCK]).digest() for i in range(0, CHUNK, BLOCK))
     assert chunk_id(data) == hashlib.sha256(digests).digest()[:8]
-    blocks = SlotBlocks(len(data), digests)
-    assert blocks.run_id(0, CHUNK_BLOCKS) == chunk_id(data)
-    assert blocks.run_id(1, CHUNK_BLOCKS) is None
+    assert SlotBlocks(len(data), digests).run_ids(CHUNK_BLOCKS) == [chunk_id(data)]
 
 
 def test_built_image_carries_an_index_that_reads_like_any_image(tmp_path: Path) -> None:
@@ -134,7 +138,8 @@ def test_built_image_carries_an_index_that_reads_like_any_image(tmp_path: Path) 
         reader = ImageReader(f, rel.ring)
         kinds = [p.kind for p in reader.manifest.payloads]
         got = {p.name: b"".join(bytes(c) for c in chunks) for p, chunks in reader.payloads()}
-    assert reader.manifest.format == 2 and kinds == [PayloadKind.INDEX, PayloadKind.SLOT]
+    assert reader.manifest.format == 2
+    assert kinds == [PayloadKind.INDEX, PayloadKind.CHUNKS, PayloadKind.SLOT]
     assert reader.manifest.slot.compression is Compression.ZSTD_CHUNKED
     assert got == {"rootfs": rel.v2}  # the index is checked, not handed out
     gz = build.build(tmp_path / "v2.img", "2.0", "box", [rel.key.private], tmp_path / "gz.tar",
@@ -174,9 +179,36 @@ def digests_of(data: bytes) -> SlotBlocks:
     return SlotBlocks(len(data), b"".join(index_mod.block_digests(data)))
 
 
-def index_of(data: bytes) -> ChunkIndex:
-    pieces = [data[at:at + CHUNK] for at in range(0, len(data), CHUNK)]
-    return ChunkIndex.create(len(data), b"".join(chunk_id(p) for p in pieces), [len(p) for p in pieces])
+@dataclass(frozen=True)
+class Indexed:
+    index: index_mod.Index
+    tables: bytes
+
+    def fetch(self, groups: list[int]) -> dict[int, index_mod.ChunkTable]:
+        offsets = self.index.table_offsets
+        return {g: self.index.table(g, self.tables[offsets[g]:offsets[g] + self.index.table_sizes[g]])
+                for g in groups}
+
+
+def index_of(data: bytes, group_chunks: int) -> Indexed:
+    ids = [chunk_id(data[at:at + CHUNK]) for at in range(0, len(data), CHUNK)]
+    sizes = [len(data[at:at + CHUNK]) for at in range(0, len(data), CHUNK)]
+    return Indexed(*index_mod.build(len(data), ids, sizes, group_chunks=group_chunks))
+
+
+def plan_of(new: bytes, target: bytes | None, active: bytes | None,
+            group_chunks: int = 6) -> tuple[Plan, list[int]]:
+    """The plan, and the groups whose chunk tables it fetched."""
+    indexed = index_of(new, group_chunks)
+    asked: list[int] = []
+
+    def tables(groups: list[int]) -> dict[int, index_mod.ChunkTable]:
+        asked.extend(groups)
+        return indexed.fetch(groups)
+
+    plan = make_plan(indexed.index, tables, target=digests_of(target) if target else None,
+                     active=digests_of(active) if active else None)
+    return plan, asked
 
 
 def test_plan_takes_the_cheapest_source() -> None:
@@ -185,26 +217,42 @@ def test_plan_takes_the_cheapest_source() -> None:
     new = a + zero + b + c + d + e
     target = a + b + zero + zero + zero + c  # a in place; c further on (not yet overwritten)
     active = zero + e + b  # b and e, moved
-    plan = make_plan(index_of(new), target=digests_of(target), active=digests_of(active))
-    assert [s.source for s in plan.steps] == [Source.IN_PLACE, Source.ZERO, Source.ACTIVE,
-                                              Source.TARGET, Source.FETCH, Source.ACTIVE]
-    assert plan.steps[2].block == 2 * CHUNK_BLOCKS and plan.steps[3].block == 5 * CHUNK_BLOCKS
+    plan, asked = plan_of(new, target, active)
+    (group,) = plan.groups
+    assert asked == [0] and group.step is None
+    assert [s.source for s in group.chunks] == [Source.IN_PLACE, Source.ZERO, Source.ACTIVE,
+                                                Source.TARGET, Source.FETCH, Source.ACTIVE]
+    assert group.chunks[2].block == 2 * CHUNK_BLOCKS and group.chunks[3].block == 5 * CHUNK_BLOCKS
     assert plan.fetch_bytes == CHUNK and plan.bytes_from(Source.ACTIVE) == 2 * CHUNK
+
+
+def test_plan_finds_whole_groups_without_their_chunk_tables() -> None:
+    chunks = [os.urandom(CHUNK) for _ in range(6)]
+    zero = bytes(2 * CHUNK)
+    new = b"".join(chunks[:2]) + zero + b"".join(chunks[2:4]) + os.urandom(CHUNK) + chunks[4]
+    target = b"".join(chunks[:2])  # group 0 in place
+    active = os.urandom(BLOCK) + b"".join(chunks[2:5])  # group 2 at a block offset, chunk 4
+    plan, asked = plan_of(new, target, active, group_chunks=2)
+    assert [g.step.source if g.step else None for g in plan.groups] == [
+        Source.IN_PLACE, Source.ZERO, Source.ACTIVE, None]
+    assert plan.groups[2].step is not None and plan.groups[2].step.block == 1
+    assert asked == [3]  # only the group that is not anywhere whole
+    assert [s.source for s in plan.groups[3].chunks] == [Source.FETCH, Source.ACTIVE]
 
 
 def test_plan_never_reads_target_blocks_already_overwritten() -> None:
     a, b = os.urandom(CHUNK), os.urandom(CHUNK)
-    plan = make_plan(index_of(b + a), target=digests_of(a + b), active=None)
+    plan, _ = plan_of(b + a, a + b, None)
     # a sits at chunk 0 of the target, which the update writes (with b) before it needs a
-    assert [s.source for s in plan.steps] == [Source.TARGET, Source.FETCH]
+    assert [s.source for s in plan.groups[0].chunks] == [Source.TARGET, Source.FETCH]
 
 
 def test_plan_finds_runs_at_any_block_offset() -> None:
     payload = os.urandom(2 * CHUNK)
-    active = os.urandom(BLOCK) + payload  # shifted by one block, not by a chunk
-    plan = make_plan(index_of(payload), target=None, active=digests_of(active))
-    assert [(s.source, s.block) for s in plan.steps] == [(Source.ACTIVE, 1),
-                                                        (Source.ACTIVE, 1 + CHUNK_BLOCKS)]
+    active = os.urandom(BLOCK) + payload[CHUNK:] + os.urandom(BLOCK) + payload[:CHUNK]
+    plan, _ = plan_of(payload, None, active)  # shifted by a block, not by a chunk
+    assert [(s.source, s.block) for s in plan.groups[0].chunks] == [
+        (Source.ACTIVE, 2 + CHUNK_BLOCKS), (Source.ACTIVE, 1)]
 
 
 # ------------------------------------------------------------------ fetching ranges
@@ -346,11 +394,11 @@ def test_a_server_that_sends_other_bytes_gives_the_delta_up(tmp_path: Path) -> N
     rel = make_releases(tmp_path, "none")
     image = IndexedImage(FileRanges(rel.image), rel.ring)
     assert image.index is not None
-    plan = make_plan(image.index, target=read_slot(rel.target, len(rel.v2)),
+    plan = make_plan(image.index, image.tables, target=read_slot(rel.target, len(rel.v2)),
                      active=read_slot(rel.active, len(rel.v1)))
-    chunk = plan.chunks(Source.FETCH)[0]
+    _, at, _ = next(plan.fetches())
     data = bytearray(rel.image.read_bytes())
-    data[image.slot.data + image.index.offsets[chunk] + 7] ^= 1  # unsigned bytes, changed
+    data[image.slot.data + at + 7] ^= 1  # unsigned bytes, changed
     tampered = tmp_path / "tampered.tar"
     tampered.write_bytes(data)
     lying = IndexedImage(FileRanges(tampered), rel.ring)  # the head is still good
@@ -373,7 +421,7 @@ def test_tampered_index_is_rejected_before_any_chunk(tmp_path: Path) -> None:
     image = IndexedImage(FileRanges(rel.image), rel.ring)
     member = image.members["rootfs.index"]
     data = bytearray(rel.image.read_bytes())
-    data[member.data + member.stored - 1] ^= 1
+    data[member.data + member.stored - 1] ^= 1  # the group index
     (tmp_path / "bad.tar").write_bytes(data)
     with pytest.raises(ImageRejected, match="does not match its sha256"):
         IndexedImage(FileRanges(tmp_path / "bad.tar"), rel.ring)

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from abupgrade.delta.index import CHUNK_BLOCKS, ChunkIndex, chunk_id
+from abupgrade.delta.index import CHUNK_BLOCKS, chunk_id
+from abupgrade.delta.index import build as build_index
 from abupgrade.errors import ImageRejected
 from abupgrade.image import reader, signature
 from abupgrade.image.compress import compress_chunks, encoder
@@ -87,16 +88,17 @@ def compressed(compression: Compression, data: bytes) -> bytes:
 
 
 def chunked_image(data: bytes) -> bytes:
-    """A format 2 image: the chunk index, then `data` as one zstd frame per chunk."""
+    """A format 2 image: index, chunk tables, then `data` as one zstd frame per chunk."""
     size = CHUNK_BLOCKS * 4096
     pieces = [data[at:at + size] for at in range(0, len(data), size)]
     frames = compress_chunks(pieces)
-    index = ChunkIndex.create(len(data), b"".join(chunk_id(p) for p in pieces),
-                              [len(f) for f in frames]).serialize()
-    p_index = Payload("rootfs.index", PayloadKind.INDEX, len(index),
-                      hashlib.sha256(index).hexdigest(), Compression.NONE)
+    index, tables = build_index(len(data), [chunk_id(p) for p in pieces], [len(f) for f in frames])
+    indexes = [("rootfs.index", PayloadKind.INDEX, index.serialize()),
+               ("rootfs.chunks", PayloadKind.CHUNKS, tables)]
+    entries = tuple(Payload(name, kind, len(body), hashlib.sha256(body).hexdigest(),
+                            Compression.NONE) for name, kind, body in indexes)
     p_root = payload("rootfs", data, Compression.ZSTD_CHUNKED)
-    return (head((p_index, p_root)) + member("rootfs.index", index)
+    return (head((*entries, p_root)) + b"".join(member(name, body) for name, _, body in indexes)
             + member("rootfs", b"".join(frames)) + END_MARKER)
 
 

@@ -1,12 +1,12 @@
-"""Turn a plan into the slot payload: every chunk, in order, verified before it is handed out.
+"""Turn a plan into the slot payload: every byte, in order, checked before it is handed out.
 
-Each chunk comes from where the plan says - zeros, the target slot in place, a read of the
-active or target slot, or the image's stored bytes (fetched ranges, merged and streamed) - and
-its id is computed from its bytes and compared with the signed index before the chunk leaves
-this module. A local chunk that does not match (the slot changed since its digests were cached)
-is fetched instead, one request each, up to a limit; past it, or when fetched bytes do not
-match, DeltaFailed tells the caller to fall back to the whole image. The sha256 of the whole
-payload is computed on the way and compared with the manifest's at the end.
+Each part comes from where the plan says - zeros, the target slot in place, a read of the
+active or target slot, or the image's stored chunks (fetched ranges, merged and streamed). A
+group read from a slot must hash to its id in the signed group index, a chunk to its id in its
+signed chunk table, before it leaves this module. Where a slot changed since its digests were
+cached, the chunks that do not match are fetched instead (one request each) up to a limit;
+past it, or when fetched bytes do not match, DeltaFailed tells the caller to apply the whole
+image. The sha256 of the whole payload is computed on the way and compared at the end.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from abupgrade.delta.blocks import SlotBlocks
+from abupgrade.delta.blocks import DIGEST, SlotBlocks
 from abupgrade.delta.image import IndexedImage
-from abupgrade.delta.index import block_digests, digests_id
+from abupgrade.delta.index import ChunkTable, block_digests, short_hash
 from abupgrade.delta.plan import Plan, Source, Step
 from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError
 from abupgrade.image.compress import decompress_chunk
@@ -36,8 +36,8 @@ class DeltaFailed(AbupgradeError):
 
 @dataclass(frozen=True)
 class Piece:
-    """One chunk of the payload. `in_place`: the target slot already holds exactly these bytes
-    there (read and checked), so writing them can be skipped."""
+    """Bytes of the payload, in order. `in_place`: the target slot already holds exactly these
+    bytes there (read and checked), so writing them can be skipped."""
 
     data: bytes
     in_place: bool
@@ -52,23 +52,26 @@ class Tally:
     fetched: int = 0  # payload bytes that came from the image (uncompressed)
     stale: dict[str, int] = field(default_factory=dict)  # slot role -> chunks that failed
 
+    def add(self, source: Source, length: int) -> None:
+        name = {Source.IN_PLACE: "in_place", Source.ACTIVE: "from_active",
+                Source.TARGET: "from_target", Source.ZERO: "zeros", Source.FETCH: "fetched"}[source]
+        setattr(self, name, getattr(self, name) + length)
+
 
 class Assembler:
     """with Assembler(plan, image, target=..., active=...) as a: for piece in a.pieces(): ..."""
 
     def __init__(self, plan: Plan, image: IndexedImage, *, target: Path, active: Path | None,
                  progress: Progress | None = None) -> None:
-        if image.index is None:
-            raise ValueError("the image has no chunk index")
         self.plan = plan
         self.image = image
-        self.index = image.index
+        self.index = plan.index
         self.paths = {Source.IN_PLACE: target, Source.TARGET: target, Source.ACTIVE: active}
         self.progress: Progress = progress or NullProgress()
         self.tally = Tally()
         self.digests = bytearray()  # of every block of the new payload, for the block cache
         self._fds: dict[Path, int] = {}
-        self._zeros: dict[int, bytes] = {}
+        self._zero_digests: dict[int, bytes] = {}
 
     def __enter__(self) -> Assembler:
         return self
@@ -87,19 +90,19 @@ class Assembler:
     def pieces(self) -> Iterator[Piece]:
         index, payload = self.index, self.image.manifest.slot
         member = self.image.slot
-        fetched = iter(self.image.ranges.fetch(
-            [(member.data + index.offsets[c], index.stored[c])
-             for c in self.plan.chunks(Source.FETCH)]))
+        fetches = list(self.plan.fetches())
+        fetched = iter(self.image.ranges.fetch([(member.data + at, n) for _, at, n in fetches]))
         whole = hashlib.sha256()
         self.progress.start("assemble", index.size)
         try:
-            for c, step in enumerate(self.plan.steps):
-                data, digests, origin = self._chunk(c, step, fetched)
-                self._count(origin, len(data))
-                self.digests += digests
-                whole.update(data)
-                self.progress.advance(len(data))
-                yield Piece(data, origin is Source.IN_PLACE)
+            for g, group in enumerate(self.plan.groups):
+                parts = (self._group(g, group.step) if group.step is not None
+                         else self._chunks(g, group.table, group.chunks, fetched))
+                for piece, source in parts:
+                    self.tally.add(source, len(piece.data))
+                    whole.update(piece.data)
+                    self.progress.advance(len(piece.data))
+                    yield piece
         finally:
             self.progress.finish()
         if next(fetched, None) is not None:
@@ -108,27 +111,68 @@ class Assembler:
             raise DeltaFailed(f"the assembled payload does not match its sha256 in the manifest "
                               f"({whole.hexdigest()[:16]}...)")
 
-    def _chunk(self, c: int, step: Step, fetched: Iterator[bytes]) -> tuple[bytes, bytes, Source]:
-        """(bytes, block digests, where they came from) of chunk `c`, checked."""
-        start, length = self.index.span(c)
+    def _group(self, g: int, step: Step) -> Iterator[tuple[Piece, Source]]:
+        """A whole group from one place, checked against its id."""
+        start, length = self.index.group_span(g)
         if step.source is Source.ZERO:
-            if length not in self._zeros:
-                self._zeros[length] = b"".join(block_digests(bytes(length)))
-            return bytes(length), self._zeros[length], Source.ZERO
-        if step.source is Source.FETCH:
-            data = self._decode(c, next(fetched))
-            digests = self._check(c, data)
+            self.digests += self._zeros(length)
+            yield Piece(bytes(length), False), Source.ZERO
+            return
+        data = self._read(step, start, length)
+        digests = b"".join(block_digests(data))
+        if self._group_id(digests) == self.index.id(g):
+            self.digests += digests
+            yield Piece(data, step.source is Source.IN_PLACE), step.source
+            return
+        # the slot changed: what still matches is used chunk by chunk, the rest fetched
+        table = self.image.table(g)
+        steps = tuple(step for _ in self.index.chunks(g))
+        yield from self._chunks(g, table, steps, iter(()), data)
+
+    def _group_id(self, digests: bytes) -> bytes:
+        step = self.index.chunk_blocks * DIGEST
+        return short_hash(b"".join(short_hash(digests[at:at + step])
+                                   for at in range(0, len(digests), step)))
+
+    def _chunks(self, g: int, table: ChunkTable | None, steps: tuple[Step, ...],
+                fetched: Iterator[bytes], read: bytes | None = None) -> Iterator[tuple[Piece, Source]]:
+        assert table is not None
+        group_start = self.index.group_span(g)[0]
+        for n, chunk in enumerate(self.index.chunks(g)):
+            step = steps[n]
+            start, length = self.index.span(chunk)
+            if step.source is Source.ZERO:
+                self.digests += self._zeros(length)
+                yield Piece(bytes(length), False), Source.ZERO
+                continue
+            if step.source is Source.FETCH:
+                data = self._decode(chunk, next(fetched))
+                digests = self._check(table.id(n), data)
+                if digests is None:
+                    raise DeltaFailed(f"chunk {chunk} of the image does not match the signed "
+                                      "index: the server sent other bytes")
+                self.digests += digests
+                yield Piece(data, False), Source.FETCH
+                continue
+            if read is not None:  # the group was read whole already
+                data = read[start - group_start:start - group_start + length]
+                local = Step(step.source, step.block + (start - group_start) // self.index.block)
+            else:
+                local = step
+                data = self._read(local, start, length)
+            digests = self._check(table.id(n), data)
             if digests is None:
-                raise DeltaFailed(f"chunk {c} of the image does not match the signed index: "
-                                  "the server sent other bytes")
-            return data, digests, Source.FETCH
-        first = start // self.index.block if step.source is Source.IN_PLACE else step.block
-        data = self._read(self.paths[step.source], first * self.index.block, length)
-        digests = self._check(c, data)
-        if digests is None:
-            data, digests = self._refetch(c, step.source)
-            return data, digests, Source.FETCH
-        return data, digests, step.source
+                data, digests = self._refetch(g, table, n, step.source)
+                self.digests += digests
+                yield Piece(data, False), Source.FETCH
+                continue
+            self.digests += digests
+            yield Piece(data, step.source is Source.IN_PLACE), step.source
+
+    def _zeros(self, length: int) -> bytes:
+        if length not in self._zero_digests:
+            self._zero_digests[length] = b"".join(block_digests(bytes(length)))
+        return self._zero_digests[length]
 
     def _decode(self, chunk: int, stored: bytes) -> bytes:
         length = self.index.span(chunk)[1]
@@ -139,13 +183,16 @@ class Assembler:
         except ImageRejected as exc:
             raise DeltaFailed(f"chunk {chunk} of the image: {exc.message}") from None
 
-    def _check(self, chunk: int, data: bytes) -> bytes | None:
-        """The block digests of `data` when it is the chunk the index names, else None."""
+    @staticmethod
+    def _check(cid: bytes, data: bytes) -> bytes | None:
+        """The block digests of `data` when it is the chunk with id `cid`, else None."""
         digests = b"".join(block_digests(data))
-        return digests if digests_id(digests) == self.index.id(chunk) else None
+        return digests if short_hash(digests) == cid else None
 
-    def _read(self, path: Path | None, offset: int, length: int) -> bytes:
+    def _read(self, step: Step, start: int, length: int) -> bytes:
+        path = self.paths[step.source]
         assert path is not None
+        offset = start if step.source is Source.IN_PLACE else step.block * self.index.block
         fd = self._fds.get(path)
         if fd is None:
             try:
@@ -153,34 +200,20 @@ class Assembler:
             except OSError as exc:
                 raise OperationalError(f"cannot read {path}: {exc.strerror}") from None
         try:
-            data = os.pread(fd, length, offset)
+            return os.pread(fd, length, offset)
         except OSError as exc:
             raise OperationalError(f"reading {path} at byte {offset:,} failed: {exc.strerror}") from None
-        return data
 
-    def _refetch(self, chunk: int, source: Source) -> tuple[bytes, bytes]:
+    def _refetch(self, g: int, table: ChunkTable, n: int, source: Source) -> tuple[bytes, bytes]:
         role = "active" if source is Source.ACTIVE else "target"
         self.tally.stale[role] = self.tally.stale.get(role, 0) + 1
         if sum(self.tally.stale.values()) > STALE_LIMIT:
             raise DeltaFailed(f"more than {STALE_LIMIT} chunks of the {role} slot differ from "
                               "its cached digests")
-        stored = self.image.ranges.read(self.image.slot.data + self.index.offsets[chunk],
-                                        self.index.stored[chunk])
-        data = self._decode(chunk, stored)
-        checked = self._check(chunk, data)
-        if checked is None:
+        chunk = self.index.chunks(g)[n]
+        at = self.image.slot.data + self.index.stored_offsets[g] + sum(table.stored[:n])
+        data = self._decode(chunk, self.image.ranges.read(at, table.stored[n]))
+        digests = self._check(table.id(n), data)
+        if digests is None:
             raise DeltaFailed(f"chunk {chunk} of the image does not match the signed index")
-        return data, checked
-
-    def _count(self, source: Source, length: int) -> None:
-        tally = self.tally
-        if source is Source.ZERO:
-            tally.zeros += length
-        elif source is Source.IN_PLACE:
-            tally.in_place += length
-        elif source is Source.ACTIVE:
-            tally.from_active += length
-        elif source is Source.TARGET:
-            tally.from_target += length
-        else:
-            tally.fetched += length
+        return data, digests

@@ -15,11 +15,11 @@ import hashlib
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from abupgrade.delta.index import BLOCK, digests_id
+from abupgrade.delta.index import BLOCK, short_hash
 from abupgrade.errors import OperationalError
 from abupgrade.fsutil import atomic_write
 from abupgrade.progress import NullProgress, Progress
@@ -28,7 +28,6 @@ DIGEST = 32
 READ = 4 << 20
 MAGIC = b"ABBLK\x00\x01\n"
 _HEADER = struct.Struct("<8sIQ32s")  # magic, block, bytes covered, sha256 of the digests
-_ZERO = hashlib.sha256(bytes(BLOCK)).digest()
 _NAME = re.compile(r"[0-9a-f]{64}\.blocks")
 
 
@@ -43,20 +42,11 @@ class SlotBlocks:
     def count(self) -> int:
         return len(self.digests) // DIGEST
 
-    def run_id(self, first: int, blocks: int) -> bytes | None:
-        """The chunk id of blocks [first, first + blocks), or None past the end."""
-        if first < 0 or first + blocks > self.count:
-            return None
-        return digests_id(self.digests[first * DIGEST:(first + blocks) * DIGEST])
-
-    def runs(self, blocks: int) -> Iterator[tuple[int, bytes]]:
-        """(first block, chunk id) of every run of `blocks` whole blocks, all-zero runs left out."""
-        zeros = _ZERO * blocks
+    def run_ids(self, blocks: int) -> list[bytes]:
+        """The chunk id of the run of `blocks` whole blocks that starts at each block."""
         digests = self.digests
-        for first in range(0, self.size // BLOCK - blocks + 1):
-            run = digests[first * DIGEST:(first + blocks) * DIGEST]
-            if run != zeros:
-                yield first, digests_id(run)
+        return [short_hash(digests[first * DIGEST:(first + blocks) * DIGEST])
+                for first in range(0, self.size // BLOCK - blocks + 1)]
 
     def serialize(self) -> bytes:
         return _HEADER.pack(MAGIC, BLOCK, self.size, hashlib.sha256(self.digests).digest()) + self.digests

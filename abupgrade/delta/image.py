@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from abupgrade.delta import index as index_mod
-from abupgrade.delta.index import ChunkIndex
+from abupgrade.delta.index import ChunkTable, Index
 from abupgrade.delta.remote import RangeSource
 from abupgrade.errors import ImageRejected
 from abupgrade.image.compress import max_member_size
@@ -101,9 +101,9 @@ class IndexedImage:
                                     f"which cannot hold {payload.size}")
             self.members[payload.name] = Member(payload, at + BLOCK, header.size)
             at += BLOCK + header.size + padding(header.size)
-        self.index: ChunkIndex | None = self._read_index()
+        self.index: Index | None = self._read_index()
 
-    def _read_index(self) -> ChunkIndex | None:
+    def _read_index(self) -> Index | None:
         entry = self.manifest.index
         if entry is None:
             return None
@@ -114,13 +114,33 @@ class IndexedImage:
         slot = self.manifest.slot
         index = index_mod.parse(data, payload_size=slot.size)
         if index.stored_size != self.members[slot.name].stored:
-            raise ImageRejected(f"the chunk index says payload {slot.name!r} stores "
-                                f"{index.stored_size} bytes; the image holds "
-                                f"{self.members[slot.name].stored}")
+            raise ImageRejected(f"the index says payload {slot.name!r} stores {index.stored_size} "
+                                f"bytes; the image holds {self.members[slot.name].stored}")
         if slot.compression is Compression.NONE and any(
-                index.stored[c] != index.span(c)[1] for c in range(index.count)):
-            raise ImageRejected("the chunk index does not fit an uncompressed payload")
+                index.stored[g] != index.group_span(g)[1] for g in range(index.count)):
+            raise ImageRejected("the index does not fit an uncompressed payload")
+        chunks = self.manifest.chunk_tables
+        if chunks is None or index.tables_size != self.members[chunks.name].stored:
+            raise ImageRejected("the chunk tables do not match the index")
         return index
+
+    def tables(self, groups: list[int]) -> dict[int, ChunkTable]:
+        """The chunk tables of these groups (ascending), fetched together and each checked."""
+        index = self._index()
+        entry = self.manifest.chunk_tables
+        assert entry is not None  # an image with an index has them
+        member = self.members[entry.name]
+        spans = [(member.data + index.table_offsets[g], index.table_sizes[g]) for g in groups]
+        return {g: index.table(g, data) for g, data in zip(groups, self.ranges.fetch(spans),
+                                                           strict=True)}
+
+    def table(self, group: int) -> ChunkTable:
+        return self.tables([group])[group]
+
+    def _index(self) -> Index:
+        if self.index is None:
+            raise ValueError("the image has no index")
+        return self.index
 
     @property
     def slot(self) -> Member:

@@ -83,7 +83,8 @@ class Delta:
     def plan(self, progress: Progress | None = None) -> Plan:
         sink: Progress = progress or NullProgress()
         active = self._blocks(self.active, sink) if self.active is not None else None
-        return make_plan(self.index, target=self._blocks(self.target, sink), active=active)
+        return make_plan(self.index, self.image.tables, target=self._blocks(self.target, sink),
+                         active=active)
 
     def pieces(self, plan: Plan, progress: Progress | None = None) -> Iterator[Piece]:
         active = self.active.device if self.active is not None else None

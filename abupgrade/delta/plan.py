@@ -1,4 +1,4 @@
-"""Where each chunk of the new slot comes from, cheapest first.
+"""Where each part of the new slot comes from, cheapest first.
 
 1. all zeros: nothing to read or fetch;
 2. in place: the target slot already holds it at the same position (nothing to write);
@@ -6,17 +6,20 @@
 4. the target slot, at a position the update has not overwritten yet (a read);
 5. the image: fetched, the only source that costs network.
 
-A plan is only a guess made from cached digests: the assembler hashes every chunk it reads
-before using it and fetches the ones that did not check out.
+Whole groups (512 KiB) are looked up first, by their ids in the group index; only for the
+groups not found whole are the chunk tables fetched and each chunk looked up alone. A plan is
+only a guess made from cached digests: the assembler checks everything it reads before using
+it and fetches what did not check out.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from abupgrade.delta.blocks import SlotBlocks
-from abupgrade.delta.index import BLOCK, ChunkIndex, zero_id
+from abupgrade.delta.index import BLOCK, ChunkTable, Index, chunk_id, short_hash
 
 
 class Source(enum.Enum):
@@ -34,60 +37,142 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Plan:
-    index: ChunkIndex
-    steps: tuple[Step, ...]  # one per chunk, in order
+class GroupPlan:
+    """A whole group from one place (`step`), or chunk by chunk from its `table`."""
 
-    def chunks(self, source: Source) -> list[int]:
-        return [c for c, step in enumerate(self.steps) if step.source is source]
+    step: Step | None
+    table: ChunkTable | None = None
+    chunks: tuple[Step, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    index: Index
+    groups: tuple[GroupPlan, ...]
+
+    def fetches(self) -> Iterator[tuple[int, int, int]]:
+        """(chunk, offset in the payload member, stored bytes) of every chunk to fetch."""
+        index = self.index
+        for g, group in enumerate(self.groups):
+            if group.table is None:
+                continue
+            at = index.stored_offsets[g]
+            for n, chunk in enumerate(index.chunks(g)):
+                if group.chunks[n].source is Source.FETCH:
+                    yield chunk, at, group.table.stored[n]
+                at += group.table.stored[n]
 
     def bytes_from(self, source: Source) -> int:
-        """Uncompressed bytes of the payload the plan takes from `source`."""
-        return sum(self.index.span(c)[1] for c in self.chunks(source))
+        """Uncompressed payload bytes the plan takes from `source`."""
+        total = 0
+        for g, group in enumerate(self.groups):
+            if group.step is not None:
+                total += self.index.group_span(g)[1] if group.step.source is source else 0
+                continue
+            total += sum(self.index.span(c)[1] for n, c in enumerate(self.index.chunks(g))
+                         if group.chunks[n].source is source)
+        return total
 
     @property
     def fetch_bytes(self) -> int:
         """Stored bytes of the chunks to fetch."""
-        return sum(self.index.stored[c] for c in self.chunks(Source.FETCH))
+        return sum(stored for _, _, stored in self.fetches())
 
     def summary(self) -> dict[str, int]:
         return {**{f"{s.value}_bytes": self.bytes_from(s) for s in Source},
                 "fetch_stored_bytes": self.fetch_bytes}
 
 
-def make_plan(index: ChunkIndex, *, target: SlotBlocks | None,
+Tables = Callable[[list[int]], dict[int, ChunkTable]]
+
+
+def zero_ids(index: Index) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """The ids of all-zero chunks and groups, by their length."""
+    chunks = {length: chunk_id(bytes(length)) for length in
+              {index.span(c)[1] for c in (0, index.chunk_count - 1)}}
+    groups = {}
+    for g in {0, index.count - 1}:
+        ids = b"".join(chunks[index.span(c)[1]] for c in index.chunks(g))
+        groups[index.group_span(g)[1]] = short_hash(ids)
+    return chunks, groups
+
+
+def make_plan(index: Index, tables: Tables, *, target: SlotBlocks | None,
               active: SlotBlocks | None) -> Plan:
-    """The cheapest source of each chunk, from what the cached digests say."""
-    k = index.chunk_blocks
-    steps: list[Step | None] = [None] * index.count
+    """The cheapest source of every group, or of every chunk of the groups not found whole
+    (`tables` fetches and checks their chunk tables)."""
+    k, n = index.chunk_blocks, index.group_chunks
+    zero_chunks, zero_groups = zero_ids(index)
+    runs = {role: slot.run_ids(k) for role, slot in (("target", target), ("active", active))
+            if slot is not None}
+    steps: dict[int, Step] = {}
     wanted: dict[bytes, list[int]] = {}
-    zeros = {index.chunk_size: zero_id(index.chunk_size)}
-    for c in range(index.count):
-        start, length = index.span(c)
-        chunk_id = index.id(c)
-        if length not in zeros:
-            zeros[length] = zero_id(length)
-        if chunk_id == zeros[length]:
-            steps[c] = Step(Source.ZERO)
-        elif length % BLOCK == 0 and target is not None and \
-                target.run_id(start // BLOCK, length // BLOCK) == chunk_id:
-            steps[c] = Step(Source.IN_PLACE)
-        elif length == index.chunk_size:
-            wanted.setdefault(chunk_id, []).append(c)
-    if active is not None and wanted:
-        for first, run in active.runs(k):
-            for c in wanted.pop(run, ()):
-                steps[c] = Step(Source.ACTIVE, first)
-            if not wanted:
-                break
-    if target is not None and wanted:
-        for first, run in target.runs(k):
-            chunks = wanted.get(run)
-            if not chunks:
+    for g in range(index.count):
+        start, length = index.group_span(g)
+        first = start // BLOCK
+        if index.id(g) == zero_groups.get(length):
+            steps[g] = Step(Source.ZERO)
+        elif length == index.group_size and "target" in runs and \
+                _group_id(runs["target"], first, k, n) == index.id(g):
+            steps[g] = Step(Source.IN_PLACE)
+        elif length == index.group_size:
+            wanted.setdefault(index.id(g), []).append(g)
+    _find(wanted, steps, runs, k, n, index.group_size // BLOCK)
+    detail = [g for g in range(index.count) if g not in steps]
+    fetched = tables(detail) if detail else {}
+    chunk_steps = _chunks(index, {g: fetched[g] for g in detail}, runs, zero_chunks)
+    groups = tuple(GroupPlan(steps[g]) if g in steps else
+                   GroupPlan(None, fetched[g], chunk_steps[g]) for g in range(index.count))
+    return Plan(index, groups)
+
+
+def _group_id(run_ids: list[bytes], first: int, k: int, n: int) -> bytes | None:
+    if first + k * (n - 1) >= len(run_ids):
+        return None
+    return short_hash(b"".join(run_ids[first + k * j] for j in range(n)))
+
+
+def _find(wanted: dict[bytes, list[int]], steps: dict[int, Step], runs: dict[str, list[bytes]],
+          k: int, n: int, blocks: int) -> None:
+    """Runs of `n` chunks (`blocks` blocks) in the active slot, then in the target slot where
+    the update has not written yet, for the wanted ids: id -> the groups (or chunks) wanting it."""
+    for role, source in (("active", Source.ACTIVE), ("target", Source.TARGET)):
+        if role not in runs or not wanted:
+            continue
+        ids = runs[role]
+        lanes = [b"".join(ids[r::k]) for r in range(k)]  # run ids k blocks apart, per residue
+        width = n * 8
+        for first in range(0, len(ids) - k * (n - 1)):
+            lane, at = lanes[first % k], (first // k) * 8
+            key = ids[first] if n == 1 else short_hash(lane[at:at + width])
+            parts = wanted.get(key)
+            if not parts:
                 continue
-            # only where the update has not written yet when the chunk is needed
-            usable = [c for c in chunks if first >= c * k]
-            for c in usable:
-                steps[c] = Step(Source.TARGET, first)
-                chunks.remove(c)
-    return Plan(index, tuple(step or Step(Source.FETCH) for step in steps))
+            usable = parts if source is Source.ACTIVE else [p for p in parts if first >= p * blocks]
+            for part in usable:
+                steps[part] = Step(source, first)
+            wanted[key] = [p for p in parts if p not in usable]
+            if not wanted[key]:
+                del wanted[key]
+                if not wanted:
+                    return
+
+
+def _chunks(index: Index, tables: dict[int, ChunkTable], runs: dict[str, list[bytes]],
+            zero_chunks: dict[int, bytes]) -> dict[int, tuple[Step, ...]]:
+    k = index.chunk_blocks
+    steps: dict[int, Step] = {}
+    wanted: dict[bytes, list[int]] = {}
+    for g, table in tables.items():
+        for n, chunk in enumerate(index.chunks(g)):
+            start, length = index.span(chunk)
+            cid = table.id(n)
+            if cid == zero_chunks.get(length):
+                steps[chunk] = Step(Source.ZERO)
+            elif length == index.chunk_size and "target" in runs and \
+                    start // BLOCK < len(runs["target"]) and runs["target"][start // BLOCK] == cid:
+                steps[chunk] = Step(Source.IN_PLACE)
+            elif length == index.chunk_size:
+                wanted.setdefault(cid, []).append(chunk)
+    _find(wanted, steps, runs, k, 1, k)
+    return {g: tuple(steps.get(c, Step(Source.FETCH)) for c in index.chunks(g)) for g in tables}

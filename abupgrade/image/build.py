@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, ChunkIndex, chunk_id
+from abupgrade.delta import index as index_mod
+from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, chunk_id
 from abupgrade.errors import ImageRejected, OperationalError, UsageError
 from abupgrade.fsutil import atomic_writer
 from abupgrade.image import signature
@@ -35,6 +36,7 @@ from abupgrade.progress import NullProgress, Progress
 
 SLOT_PAYLOAD = "rootfs"
 INDEX_SUFFIX = ".index"
+CHUNKS_SUFFIX = ".chunks"
 CHUNK = 1 << 20
 BATCH = 1 << 22  # bytes of chunks compressed at once (on every core)
 
@@ -86,16 +88,21 @@ def build(
             payloads = tuple(_hash(item, sink) for item in inputs)
             return _write(out, version, compatible, private_keys, inputs, payloads, {}, sink)
         stored = stack.enter_context(tempfile.TemporaryFile(dir=out.parent))
-        slot, index_bytes = _chunked(inputs[0], stored, sink)
-        index_input = _Input(SLOT_PAYLOAD + INDEX_SUFFIX, PayloadKind.INDEX, rootfs, Compression.NONE)
-        index_payload = Payload(index_input.name, PayloadKind.INDEX, len(index_bytes),
-                                hashlib.sha256(index_bytes).hexdigest(), Compression.NONE)
-        payloads = (index_payload, slot, *(_hash(item, sink) for item in inputs[1:]))
-        sources: dict[str, bytes | BinaryIO] = {index_input.name: index_bytes}
+        slot, index_bytes, tables = _chunked(inputs[0], stored, sink)
+        sources: dict[str, bytes | BinaryIO] = {}
+        extra = []
+        for suffix, kind, data in ((INDEX_SUFFIX, PayloadKind.INDEX, index_bytes),
+                                   (CHUNKS_SUFFIX, PayloadKind.CHUNKS, tables)):
+            name = SLOT_PAYLOAD + suffix
+            extra.append((_Input(name, kind, rootfs, Compression.NONE),
+                          Payload(name, kind, len(data), hashlib.sha256(data).hexdigest(),
+                                  Compression.NONE)))
+            sources[name] = data
         if slot.compression is Compression.ZSTD_CHUNKED:
             sources[SLOT_PAYLOAD] = stored
-        return _write(out, version, compatible, private_keys, [index_input, *inputs], payloads,
-                      sources, sink)
+        payloads = (*(p for _, p in extra), slot, *(_hash(item, sink) for item in inputs[1:]))
+        return _write(out, version, compatible, private_keys, [*(i for i, _ in extra), *inputs],
+                      payloads, sources, sink)
 
 
 def _write(out: Path, version: str, compatible: str, private_keys: Sequence[Ed25519PrivateKey],
@@ -198,9 +205,10 @@ def _hash(item: _Input, sink: Progress) -> Payload:
     return Payload(item.name, item.kind, size, digest.hexdigest(), item.compression)
 
 
-def _chunked(item: _Input, stored: BinaryIO, sink: Progress) -> tuple[Payload, bytes]:
+def _chunked(item: _Input, stored: BinaryIO, sink: Progress) -> tuple[Payload, bytes, bytes]:
     """Cut the slot input into chunks, compress each into its own zstd frame in `stored` (an
-    uncompressed payload stores nothing here), and return the payload entry and the index."""
+    uncompressed payload stores nothing here); the payload entry, the index and the chunk
+    tables."""
     digest = hashlib.sha256()
     ids: list[bytes] = []
     sizes: list[int] = []
@@ -223,10 +231,11 @@ def _chunked(item: _Input, stored: BinaryIO, sink: Progress) -> tuple[Payload, b
         sink.finish()
     if size == 0:
         raise UsageError(f"{item.path} is empty")
-    index = ChunkIndex.create(size, b"".join(ids), sizes)
+    index, tables = index_mod.build(size, ids, sizes)
     stored.flush()
     stored.seek(0)
-    return Payload(item.name, item.kind, size, digest.hexdigest(), item.compression), index.serialize()
+    payload = Payload(item.name, item.kind, size, digest.hexdigest(), item.compression)
+    return payload, index.serialize(), tables
 
 
 def _read_full(handle: io.BufferedReader, path: Path, n: int) -> bytes:

@@ -30,7 +30,8 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 class PayloadKind(enum.StrEnum):
     SLOT = "slot"  # the root filesystem image, written to the whole slot
     BOOT = "boot"  # a kernel or initrd the bootloader loads for this slot
-    INDEX = "index"  # the chunk index of the slot payload that follows it (delta updates)
+    INDEX = "index"  # the group index of the slot payload (delta updates), then:
+    CHUNKS = "chunks"  # its chunk tables; both come right before the slot payload
 
 
 class Compression(enum.StrEnum):
@@ -88,8 +89,12 @@ class Manifest:
 
     @property
     def index(self) -> Payload | None:
-        """The chunk index of the slot payload, in images made for delta updates."""
+        """The group index of the slot payload, in images made for delta updates."""
         return next((p for p in self.payloads if p.kind is PayloadKind.INDEX), None)
+
+    @property
+    def chunk_tables(self) -> Payload | None:
+        return next((p for p in self.payloads if p.kind is PayloadKind.CHUNKS), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -177,19 +182,23 @@ def parse(data: bytes) -> Manifest:
 
 
 def _check_index(fmt: int, payloads: tuple[Payload, ...]) -> None:
-    """Format 2 has one chunk index, right before the slot payload it describes; format 1 none."""
+    """Format 2 has an index and chunk tables, right before the slot payload they describe;
+    format 1 neither."""
     kinds = [p.kind for p in payloads]
     slot = kinds.index(PayloadKind.SLOT)
     chunked = payloads[slot].compression is Compression.ZSTD_CHUNKED
+    indexes = (PayloadKind.INDEX, PayloadKind.CHUNKS)
     if fmt == FORMAT:
-        if PayloadKind.INDEX in kinds or chunked:
+        if any(kind in kinds for kind in indexes) or chunked:
             raise ImageRejected("a format 1 manifest has no chunk index")
         return
-    if kinds.count(PayloadKind.INDEX) != 1 or slot == 0 or kinds[slot - 1] is not PayloadKind.INDEX:
-        raise ImageRejected("a format 2 manifest has one index payload, right before the slot payload")
-    index = payloads[slot - 1]
-    if index.compression is not Compression.NONE:
-        raise ImageRejected(f"index payload {index.name!r} must be stored uncompressed")
+    if (kinds.count(PayloadKind.INDEX) != 1 or kinds.count(PayloadKind.CHUNKS) != 1
+            or tuple(kinds[slot - 2:slot]) != indexes):
+        raise ImageRejected("a format 2 manifest has an index and a chunks payload, right before "
+                            "the slot payload")
+    for index in payloads[slot - 2:slot]:
+        if index.compression is not Compression.NONE:
+            raise ImageRejected(f"payload {index.name!r} must be stored as it is")
     if payloads[slot].compression not in (Compression.NONE, Compression.ZSTD_CHUNKED):
         raise ImageRejected(f"slot payload {payloads[slot].name!r}: an indexed payload is stored "
                             "uncompressed or as zstd chunks")

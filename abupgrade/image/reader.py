@@ -170,7 +170,8 @@ class ImageReader:
 
     def payloads(self) -> Iterator[tuple[Payload, Iterator[Chunk]]]:
         """Each slot and boot payload with an iterator over its uncompressed bytes; then the end
-        is checked. A chunk index is checked and passed over (delta updates read it by range).
+        is checked. The index payloads are checked and passed over (delta updates read them by
+        range).
 
         A payload whose iterator the consumer leaves unfinished is read to its end (and checked)
         before the next one is yielded.
@@ -183,7 +184,7 @@ class ImageReader:
         for payload in self.manifest.payloads:
             header = self._payload_header(payload, names, seen)
             chunks = self._chunks(payload, header.size)
-            if payload.kind is not PayloadKind.INDEX:
+            if payload.kind not in (PayloadKind.INDEX, PayloadKind.CHUNKS):
                 yield payload, chunks
             for _ in chunks:
                 pass
