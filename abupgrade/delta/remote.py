@@ -26,7 +26,7 @@ from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError, Us
 from abupgrade.oci.client import Registry
 
 PIECE = 1 << 20  # bytes read from a response at a time
-GAP = 4096  # ranges closer than this are fetched in one request (the gap is thrown away)
+GAP = 1024  # ranges closer than this are fetched in one request (the gap is thrown away)
 RESUMES = 5  # broken connections resumed per request before the fetch fails
 BACKOFF = 0.5  # seconds, times the attempt number
 TIMEOUT = 30.0
