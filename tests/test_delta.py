@@ -283,9 +283,13 @@ def test_http_ranges_merge_requests_and_resume_a_broken_connection(tmp_path: Pat
     asked = [(at, 5000) for at in range(0, len(data) - 5000, 9000)]
     with serve(tmp_path) as server:
         ranges = HttpRanges(f"{server.url}/image.tar")
+        ranges.gap = 4096
         assert ranges.size == len(data)
         assert list(ranges.fetch(asked)) == [data[o:o + n] for o, n in asked]
-        assert ranges.requests <= 3  # the probe, then one merged request (gaps under 4 KiB)
+        assert ranges.requests == 2  # the probe, then one merged request (gaps of 4000 bytes)
+        ranges.gap = 0
+        assert list(ranges.fetch(asked[:3])) == [data[o:o + n] for o, n in asked[:3]]
+        assert ranges.requests == 5
         with CuttingProxy(server.port, after=1 << 20, cuts=2) as proxy:
             cut = HttpRanges(f"http://{proxy.host}/image.tar")
             assert list(cut.fetch([(10, len(data) - 20)])) == [data[10:-10]]
