@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from abupgrade import bootloader
+from abupgrade import blockdev, bootloader
 from abupgrade.bootloader.base import DiskLayout
 from abupgrade.config import ON_DISK_PATH, Config, GrubConfig, SyslinuxConfig, render
 from abupgrade.disk import attached, mkfs_ext4, mounted
@@ -78,18 +78,6 @@ def _layout(kind: BootloaderKind, slot_size: int, boot_size: int) -> list[Partit
     ]
 
 
-def _loops_backed_by(image: Path) -> list[str]:
-    real = os.path.realpath(image)
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            if backing.read_text().strip() == real:
-                found.append("/dev/" + backing.parent.parent.name)
-        except OSError:
-            continue
-    return found
-
-
 def _check_target(target: Path, size: int | None, needed: int, force: bool) -> int:
     """Refuse what must not be touched; the size the disk will have."""
     try:
@@ -103,13 +91,12 @@ def _check_target(target: Path, size: int | None, needed: int, force: bool) -> i
             raise UsageError("--size applies to image files, not to devices")
         busy = mounts_of(target)
         if busy:
-            raise PolicyRefusal(f"{target} is mounted on {', '.join(busy)}",
+            raise PolicyRefusal(f"{target} is mounted on {', '.join(map(str, busy))}",
                                 hint="unmount it first; disk init never touches a mounted disk")
-        name = Path(os.path.realpath(target)).name
-        final = int(Path(f"/sys/class/block/{name}/size").read_text()) * 512
+        final = blockdev.capacity(target)
     elif mode is None or stat.S_ISREG(mode):
         if mode is not None:
-            users = _loops_backed_by(target)
+            users = blockdev.loops_backed_by(target)
             if users:
                 raise PolicyRefusal(f"{target} is attached as {', '.join(users)}",
                                     hint="detach it first (losetup -d)")

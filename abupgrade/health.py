@@ -129,7 +129,7 @@ Builtin = Callable[[], str | None]  # returns None when fine, else what is wrong
 
 
 def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
-            builtins: Mapping[str, Builtin], keepalive: Callable[[], None] = lambda: None) -> Report:
+            builtins: Mapping[str, Builtin]) -> Report:
     results: list[Result] = []
     for name, check in builtins.items():
         started = time.monotonic()
@@ -139,9 +139,7 @@ def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
             problem = str(exc)
         results.append(Result(name, Kind.BUILTIN, problem is None, time.monotonic() - started,
                               problem or ""))
-        keepalive()
     for kind in (Kind.REQUIRED, Kind.WANTED):
         for path in executables(directory / f"{kind}.d"):
             results.append(run_check(path, kind=kind, timeout=timeout, env=env))
-            keepalive()
     return Report(tuple(results))

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from abupgrade import health, notify, run, slots
+from abupgrade import health, mounts, notify, run
 from abupgrade.bootloader import BootState
 from abupgrade.errors import HealthFailed, OperationalError, UsageError
 from abupgrade.interrupt import critical
@@ -146,11 +146,11 @@ def _installed_from_history(system: System) -> dict[Slot, tuple[str | None, str 
 
 def _builtins(system: System, slot: Slot) -> dict[str, health.Builtin]:
     def root_is_slot() -> str | None:
-        root = [m for m in slots.read_mountinfo(system.config.system.mountinfo) if m.point == "/"]
+        root = mounts.root(system.config.system.mountinfo)
         device = system.device(slot)
-        if root and root[-1].devno == device.stat().st_rdev:
+        if root is not None and root.devno == device.stat().st_rdev:
             return None
-        where = root[-1].source if root else "unknown"
+        where = root.source if root is not None else "unknown"
         return f"the root filesystem ({where}) is not slot {slot} ({device})"
 
     def state_writable() -> str | None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from abupgrade.health import Kind, executables, run_check
 
-EVENTS = ("committed", "rolled-back", "fallback")
 TIMEOUT = 30.0  # seconds per hook
 
 _EVENT_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -13,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from abupgrade import diskinit, run
+from abupgrade import blockdev, diskinit, run
 from abupgrade.bootloader import BootState
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import (
@@ -37,8 +34,6 @@ from abupgrade.system import Options, System, open_system
 from abupgrade.writer import SlotWriter
 
 __all__ = ["Options"]
-
-_BLKGETSIZE64 = 0x80081272
 
 
 # ------------------------------------------------------------------ keys and images
@@ -182,17 +177,6 @@ def history(options: Options, limit: int | None) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ apply
 
 
-def _capacity(device: Path) -> int:
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size: int = struct.unpack("=Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
-        return size
-    except OSError:
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
 def _reboot(system: System) -> None:
     if system.offline:
         raise UsageError("--reboot makes no sense with --disk")
@@ -255,11 +239,7 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                 and compare_versions(manifest.version, committed) < 0):
             raise PolicyRefusal(f"image version {manifest.version} is older than the committed "
                                 f"{committed}", hint="pass --allow-downgrade if you mean it")
-        capacity = _capacity(device)
-        if manifest.slot.size > capacity:
-            raise PolicyRefusal(
-                f"image's root filesystem ({manifest.slot.size:,} bytes) is larger than slot "
-                f"{target} ({capacity:,} bytes)", hint="build the image for this disk's slot size")
+        blockdev.require_fits(manifest.slot.size, blockdev.capacity(device), f"slot {target}")
         for name in system.bootloader.requires_boot_files:
             if manifest.boot(name) is None:
                 raise PolicyRefusal(

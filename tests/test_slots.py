@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from abupgrade import config as configuration
+from abupgrade import mounts
 from abupgrade.disk import Disk, attached, mkfs_ext4, mounted
 from abupgrade.errors import UsageError
 from abupgrade.model import Slot
@@ -22,7 +23,6 @@ from abupgrade.slots import (
     is_mounted,
     mounts_of,
     parse_spec,
-    read_mountinfo,
     resolve,
 )
 
@@ -104,9 +104,10 @@ def test_mountinfo_escapes(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text("36 35 8:3 / /mnt/with\\040space rw,relatime shared:1 - ext4 /dev/sda3 rw\n"
                     "37 35 0:5 / /proc rw - proc proc rw\n")
-    mounts = read_mountinfo(info)
-    assert mounts[0].point == "/mnt/with space" and mounts[0].source == "/dev/sda3"
-    assert mounts[0].devno == os.makedev(8, 3) and mounts[1].point == "/proc"
+    found = mounts.read(info)
+    assert found[0].point == Path("/mnt/with space") and found[0].source == "/dev/sda3"
+    assert found[0].devno == os.makedev(8, 3) and found[1].point == Path("/proc")
+    assert found[0].fstype == "ext4" and found[1].source == "proc"
 
 
 # ---------------------------------------------------------------- loop
@@ -199,5 +200,5 @@ def test_is_mounted_sees_partitions_of_a_disk(tmp_path: Path) -> None:
         assert not is_mounted(disk.device) and not is_mounted(part)
         with mounted(part, readonly=True) as point:
             assert is_mounted(part)
-            assert mounts_of(disk.device) == [str(point)]
+            assert mounts_of(disk.device) == [point]
         assert not is_mounted(disk.device)

@@ -102,9 +102,9 @@ def test_oversized_is_refused_before_any_byte(tmp_path: Path) -> None:
     target = tmp_path / "slot.img"
     target.write_bytes(b"\xaa" * MiB)
     chunks = Watched(data)
-    with SlotWriter(target, capacity=MiB) as writer, pytest.raises(ImageRejected) as err:
+    with SlotWriter(target, capacity=MiB) as writer, pytest.raises(PolicyRefusal) as err:
         writer.write_payload(len(data), sha(data), chunks)
-    assert err.value.exit_code == 3 and "larger than the slot" in err.value.message
+    assert err.value.exit_code == 4 and "larger than the slot" in err.value.message
     assert not chunks.taken
     assert target.read_bytes() == b"\xaa" * MiB
 
@@ -197,7 +197,7 @@ def test_loop_oversized_refused_before_any_byte(loop_slot: tuple[Path, Path, int
     device, image, start = loop_slot
     data = payload(8 * MiB + 4096)
     chunks = Watched(data)
-    with SlotWriter(device) as writer, pytest.raises(ImageRejected, match="larger than the slot"):
+    with SlotWriter(device) as writer, pytest.raises(PolicyRefusal, match="larger than the slot"):
         writer.write_payload(len(data), sha(data), chunks)
     assert not chunks.taken
     assert image_bytes(image, start, 8 * MiB) == b"\xff" * 8 * MiB

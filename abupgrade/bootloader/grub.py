@@ -35,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
+from abupgrade import blockdev, mounts
 from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write, fsync_dir
@@ -44,7 +45,6 @@ from abupgrade.run import require_tool, run
 
 ENV_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"
-VARIABLES = ("ab_gen", "ab_default", "ab_A", "ab_B", "ab_trial", "ab_tries", "ab_end")
 GENERATIONS = ("0", "1", "2")
 MAX_TRIES = 9
 BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
@@ -302,7 +302,7 @@ class Grub(Bootloader):
             if not os.access(path, os.W_OK):
                 raise UsageError(f"GRUB environment block {path} is not writable",
                                  hint="mount the boot partition read-write")
-        mount = find_mount(env, self.config.system.mountinfo)
+        mount = mounts.holding(env, self.config.system.mountinfo)
         if mount is None:
             return
         if mount.fstype in REFUSED_FS:
@@ -310,7 +310,7 @@ class Grub(Bootloader):
                 f"GRUB environment {env} is on {REFUSED_FS[mount.fstype]}, where GRUB "
                 "cannot write it in place",
                 hint="keep [grub] env on an ext2/3/4 boot partition on a plain disk")
-        stacked = stacked_kind(mount)
+        stacked = blockdev.stacked_kind(mount.devno, mount.source)
         if stacked is not None:
             raise UsageError(
                 f"GRUB environment {env} is on {stacked} ({mount.source}); GRUB writes the "
@@ -432,51 +432,3 @@ def write_in_place(path: Path, data: bytes) -> None:
         raise OperationalError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class MountFacts:
-    point: Path
-    devno: int
-    fstype: str
-    source: str
-
-
-def find_mount(path: Path, mountinfo: Path) -> MountFacts | None:
-    """The mount holding `path` (the last of the longest matching mount points)."""
-    target = path.resolve()
-    best: MountFacts | None = None
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, after = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(after) < 2:
-            continue
-        point = Path(_unescape(fields[4]))
-        if point != target and point not in target.parents:
-            continue
-        if best is None or len(point.parts) >= len(best.point.parts):
-            major, _, minor = fields[2].partition(":")
-            best = MountFacts(point, os.makedev(int(major), int(minor)), after[0],
-                              _unescape(after[1]))
-    return best
-
-
-def stacked_kind(mount: MountFacts) -> str | None:
-    """"LVM/device-mapper" or "software RAID" when the mount's device is one, else None."""
-    name = Path(mount.source).name
-    sysdir = Path(f"/sys/dev/block/{os.major(mount.devno)}:{os.minor(mount.devno)}")
-    if mount.source.startswith("/dev/mapper/") or name.startswith("dm-") \
-            or (sysdir / "dm").is_dir():
-        return "LVM/device-mapper"
-    if re.fullmatch(r"md\d+(p\d+)?|md/.+", name) or mount.source.startswith("/dev/md/") \
-            or (sysdir / "md").is_dir():
-        return "software RAID"
-    return None
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)

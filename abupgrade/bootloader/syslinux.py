@@ -19,13 +19,13 @@ names them relative to its own folder, which syslinux 6 resolves from the config
 from __future__ import annotations
 
 import os
-import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from abupgrade import mounts
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.adv import Adv
 from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
@@ -346,7 +346,8 @@ class Syslinux(Bootloader):
         if not (os.access(self.conf_path, os.W_OK) and os.access(self.dir, os.W_OK)):
             raise UsageError(f"{self.conf_path} is not writable",
                              hint="mount the boot partition read-write")
-        fstype = mount_fstype(self.dir, self.config.system.mountinfo)
+        mount = mounts.holding(self.dir, self.config.system.mountinfo)
+        fstype = mount.fstype if mount is not None else None
         if fstype not in ("ext2", "ext3", "ext4"):
             raise UsageError(f"{self.dir} is on {fstype or 'an unknown filesystem'}; the syslinux "
                              "backend keeps its state on ext2/3/4 only",
@@ -422,28 +423,3 @@ def write_mbr_code(disk: Path, code: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def mount_fstype(path: Path, mountinfo: Path) -> str | None:
-    """The filesystem type of the mount holding `path`, from a mountinfo file."""
-    target = path.resolve()
-    best: tuple[int, str] | None = None
-    try:
-        lines: Sequence[str] = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        point = Path(_unescape(fields[4]))
-        if (point == target or point in target.parents) and (
-                best is None or len(point.parts) >= best[0]):
-            best = (len(point.parts), right.split()[0])
-    return best[1] if best else None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
