@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
+import subprocess
+import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -25,35 +25,44 @@ from abupgrade.system import System
 
 log = logging.getLogger(__name__)
 
-LAST_BOOT_FILE = "last-boot"  # boot id of the last boot the hook finished, in state_dir
+# The deadline timer: a program of its own that sleeps, says why, and runs the reboot command.
+_TIMER = ("import os, sys, time\n"
+          "time.sleep(float(sys.argv[1]))\n"
+          "os.write(2, sys.argv[2].encode())\n"
+          "os.execvp(sys.argv[3], sys.argv[3:])\n")
 
 
 class Deadline:
     """Reboot the machine if the block does not end within `seconds`; keep /dev/watchdog
-    fed meanwhile, so a hang of the whole machine also ends in a reboot."""
+    fed meanwhile, so a hang of the whole machine also ends in a reboot.
+
+    The timer is a process in a session of its own, so a hung hook cannot stop it. It keeps
+    nothing of the hook open: not the lock (a hook that died would keep it), not the state
+    folder's files (a mount would stay busy), not its output pipes (whoever reads the hook's
+    output would wait for the timer). What it has to say goes to the console."""
 
     def __init__(self, seconds: float, reboot: tuple[str, ...], watchdog: Path) -> None:
         self.seconds = seconds
         self.reboot = reboot
         self.watchdog_path = watchdog
-        self.pid: int | None = None
+        self.timer: subprocess.Popen[bytes] | None = None
         self._watchdog: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Deadline:
-        pid = os.fork()
-        if pid == 0:  # the timer: a process of its own, so a hung hook cannot stop it
-            try:
-                os.setsid()
-                _detach()
-                time.sleep(self.seconds)
-                os.write(2, f"abupgrade: boot hook deadline of {self.seconds:g} s passed; "
-                            "rebooting\n".encode())
-                os.execvp(self.reboot[0], list(self.reboot))
-            finally:
-                os._exit(1)
-        self.pid = pid
+        message = f"abupgrade: boot hook deadline of {self.seconds:g} s passed; rebooting\n"
+        try:
+            console: int = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            console = subprocess.DEVNULL
+        try:
+            self.timer = run.spawn([sys.executable, "-I", "-c", _TIMER, str(self.seconds),
+                                    message, *self.reboot],
+                                   stdout=console, stderr=console, new_session=True)
+        finally:
+            if console != subprocess.DEVNULL:
+                os.close(console)
         try:
             self._watchdog = os.open(self.watchdog_path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
@@ -78,26 +87,9 @@ class Deadline:
             with contextlib.suppress(OSError):
                 os.write(self._watchdog, b"V")  # magic close: disarm what we armed
             os.close(self._watchdog)
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-
-
-def _detach() -> None:
-    """The timer keeps nothing of its parent open: not the lock (a hook that died would keep
-    it), not the state folder's files (a mount would stay busy), not its output pipes (whoever
-    reads the hook's output would wait for the timer). What it has to say goes to the console."""
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        out = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY)
-    except OSError:
-        out = null
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+        if self.timer is not None:
+            self.timer.kill()
+            self.timer.wait()
 
 
 def _boot_id(system: System) -> str:
@@ -112,10 +104,7 @@ def _load_or_rebuild(system: System, boot: BootState) -> State:
     try:
         return system.store.load()
     except OperationalError as exc:
-        broken = system.store.state_path
-        kept = broken.with_name(f"{broken.name}.corrupt-{int(time.time())}")
-        with contextlib.suppress(OSError):
-            os.replace(broken, kept)
+        kept = system.store.quarantine()
         installed = _installed_from_history(system)
         state = State(slots={
             slot: SlotRecord(state=SlotState.GOOD, version=installed[slot][0],
@@ -154,14 +143,7 @@ def _builtins(system: System, slot: Slot) -> dict[str, health.Builtin]:
         return f"the root filesystem ({where}) is not slot {slot} ({device})"
 
     def state_writable() -> str | None:
-        probe = system.store.dir / ".health-probe"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"ok\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
+        system.store.probe()
         return None
 
     return {"root-is-slot": root_is_slot, "state-writable": state_writable}
@@ -196,12 +178,10 @@ def boot(system: System, *, reboot: bool) -> dict[str, Any]:
                          hint="the kernel command line needs abupgrade.slot=A or B")
     system.store.ensure()
     boot_id = _boot_id(system)
-    last = system.store.dir / LAST_BOOT_FILE
-    with contextlib.suppress(OSError):
-        done = last.read_text().split("\n", 1)
-        if boot_id and done[0] == boot_id:
-            return {"slot": str(booted), "outcome": "already-done",
-                    "summary": f"the boot hook already ran in this boot ({done[1].strip()})"}
+    last = system.store.last_boot()
+    if boot_id and last is not None and last[0] == boot_id:
+        return {"slot": str(booted), "outcome": "already-done",
+                "summary": f"the boot hook already ran in this boot ({last[1]})"}
     loader = system.bootloader.read()
     state = _load_or_rebuild(system, loader)
     trial = state.trial
@@ -217,7 +197,8 @@ def boot(system: System, *, reboot: bool) -> dict[str, Any]:
         result = _fallback(system, state, trial, booted, loader)
     else:
         result = _committed_boot(system, state, booted, loader)
-    _remember(system, boot_id, result["outcome"])
+    if boot_id:
+        system.store.remember_boot(boot_id, result["outcome"])
     if result["outcome"] in ("committed", "rolled-back", "fallback"):
         _notify(system, result["outcome"], state, trial)
     if result["outcome"] == "rolled-back":
@@ -235,13 +216,6 @@ def _notify(system: System, event: str, state: State, trial: Trial | None) -> No
                                 _check_env(trial.slot, state, trial))
     for problem in problems:
         system.store.record("hook-failed", trial.slot, trial.version, problem)
-
-
-def _remember(system: System, boot_id: str, outcome: str) -> None:
-    from abupgrade.fsutil import atomic_write
-
-    if boot_id:
-        atomic_write(system.store.dir / LAST_BOOT_FILE, f"{boot_id}\n{outcome}\n".encode())
 
 
 def _trial_boot(system: System, state: State, trial: Trial, boot_id: str, *,

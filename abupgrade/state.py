@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,8 @@ from abupgrade.model import Slot, SlotState
 STATE_FILE = "state.json"
 HISTORY_FILE = "history.jsonl"
 LOCK_FILE = "lock"
+LAST_BOOT_FILE = "last-boot"  # boot id and outcome of the last boot the hook finished
+PROBE_FILE = ".health-probe"
 FORMAT = 1
 
 
@@ -217,6 +220,36 @@ class Store:
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by a power cut, or the empty tail
         return events[-limit:] if limit else events
+
+    def quarantine(self) -> Path:
+        """Move a corrupt state file aside (kept for a look, never read again); its new path.
+        A file that cannot be moved stays, to be replaced by the next save."""
+        kept = self.state_path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            os.replace(self.state_path, kept)
+        return kept
+
+    def last_boot(self) -> tuple[str, str] | None:
+        """(boot id, outcome) the boot hook remembered of the last boot it finished."""
+        try:
+            boot_id, _, outcome = (self.dir / LAST_BOOT_FILE).read_text().partition("\n")
+        except OSError:
+            return None
+        return boot_id, outcome.strip()
+
+    def remember_boot(self, boot_id: str, outcome: str) -> None:
+        atomic_write(self.dir / LAST_BOOT_FILE, f"{boot_id}\n{outcome}\n".encode())
+
+    def probe(self) -> None:
+        """Write, fsync and remove a small file; OSError when the folder takes no writes."""
+        probe = self.dir / PROBE_FILE
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"ok\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

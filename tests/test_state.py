@@ -63,3 +63,17 @@ def test_lock_refuses_a_second_process(tmp_path: Path) -> None:
     proc.start()
     proc.join(10)
     assert queue.get(timeout=5) == "got it"
+
+
+def test_store_keeps_the_last_boot_quarantines_and_probes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    store.ensure()
+    assert store.last_boot() is None
+    store.remember_boot("boot-1", "committed")
+    assert store.last_boot() == ("boot-1", "committed")
+    store.state_path.write_text("{broken")
+    kept = store.quarantine()
+    assert kept.read_text() == "{broken" and not store.state_path.exists()
+    assert kept.name.startswith("state.json.corrupt-")
+    store.probe()
+    assert sorted(p.name for p in store.dir.iterdir()) == sorted([kept.name, "last-boot"])
