@@ -23,8 +23,9 @@ from rich.progress import Progress as RichBar
 from rich.table import Table
 
 from abupgrade import ops
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.errors import AbupgradeError, UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.progress import NullProgress, Progress
 
 app = typer.Typer(
@@ -446,7 +447,8 @@ def health(ctx: typer.Context) -> None:
 def disk_init(
     ctx: typer.Context,
     target: Annotated[Path, typer.Argument(help="Disk image file (created) or unmounted device.")],
-    bootloader: Annotated[BootloaderKind, typer.Option(help="grub or syslinux.")],
+    bootloader: Annotated[BootloaderKind, typer.Option(
+        help=" or ".join(BootloaderKind) + ".")],
     size: Annotated[str | None, typer.Option(help="Size of a new image file, e.g. 2G.")] = None,
     slot_size: Annotated[str, typer.Option(help="Size of each root slot.")] = "512M",
     image: Annotated[str | None, typer.Option(help="Install this image in slot A and commit it.")] = None,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from abupgrade import blockdev, diskinit, run
-from abupgrade.bootloader import BootState
+from abupgrade.bootloader import BootloaderKind, BootState
+from abupgrade.bootloader.base import Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import (
     ImageRejected,
@@ -23,10 +24,10 @@ from abupgrade.errors import (
 from abupgrade.fsutil import atomic_writer
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
-from abupgrade.image.manifest import PayloadKind, compare_versions
+from abupgrade.image.manifest import BOOT_NAMES, PayloadKind, compare_versions
 from abupgrade.image.reader import ImageReader, inspect, verify
 from abupgrade.interrupt import critical
-from abupgrade.model import BootloaderKind, Slot, SlotState
+from abupgrade.model import Slot, SlotState
 from abupgrade.progress import Progress
 from abupgrade.source import open_source
 from abupgrade.state import SlotRecord, State, Trial, now
@@ -142,10 +143,7 @@ def status(options: Options) -> dict[str, Any]:
     with open_system(options, readonly=True) as system:
         boot = system.bootloader.read()
         state = system.store.load()
-        notes = []
-        if system.bootloader.max_tries is not None:
-            notes.append(f"{system.bootloader.name} gives a trial exactly "
-                         f"{system.bootloader.max_tries} boot(s) before it falls back")
+        notes = list(system.bootloader.notes())
         trial = boot.trial if boot.trial is not None and boot.tries_left > 0 else None
         return {
             "booted": str(system.booted) if system.booted else None,
@@ -199,9 +197,7 @@ def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, 
                           allow_downgrade=allow_downgrade, committed=state.slots[active].version)
         if dry_run:
             return result
-        tries = system.config.grub.tries
-        if system.bootloader.max_tries is not None:
-            tries = min(tries, system.bootloader.max_tries)
+        tries = system.bootloader.trial_boots()
         with critical():
             system.bootloader.arm_trial(target, tries)
             state = system.store.load()
@@ -307,7 +303,7 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in ("kernel", "initrd"):
+    for name in BOOT_NAMES:
         with contextlib.suppress(FileNotFoundError):
             system.bootloader.boot_file_path(target, name).unlink()
 
@@ -397,7 +393,7 @@ def rollback(options: Options, *, reboot: bool) -> dict[str, Any]:
 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,
               image: str | None, pubkeys: Sequence[Path], compatible: str | None, force: bool,
-              progress: Progress) -> dict[str, Any]:
+              progress: Progress, platform: Platform | None = None) -> dict[str, Any]:
     if compatible is None:
         if image is None:
             raise UsageError("disk init needs --compatible or an --image to take it from")
@@ -406,7 +402,7 @@ def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size
     if image is not None and not pubkeys:
         raise UsageError("--image needs --pubkey: the disk's keyring must trust its signer")
     made = diskinit.init_disk(target, kind, size=size, slot_size=slot_size, force=force,
-                              pubkeys=pubkeys, compatible=compatible)
+                              pubkeys=pubkeys, compatible=compatible, platform=platform)
     result: dict[str, Any] = {"target": str(target), "bootloader": str(kind),
                               "slot_size": made.slot_size, "compatible": compatible,
                               "version": None}

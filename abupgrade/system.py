@@ -55,6 +55,11 @@ class System:
         return Keyring.from_dir(self.config.keyring)
 
 
+def bootloader_of(config: Config) -> Bootloader:
+    """The configured bootloader backend with its settings."""
+    return backend(config.bootloader, config.settings, mountinfo=config.system.mountinfo)
+
+
 @contextlib.contextmanager
 def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]:
     """The running system by its configuration, or the disk of `--disk` (attached, mounted,
@@ -68,7 +73,7 @@ def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]
             numbers = {node: n for n, node in session.disk.partitions.items()}
             names = {slot: f"{options.disk} partition {numbers[dev]}"
                      for slot, dev in devices.items() if dev in numbers}
-            yield System(cfg, None, True, backend(cfg), Store(cfg.state_dir), devices, names)
+            yield System(cfg, None, True, bootloader_of(cfg), Store(cfg.state_dir), devices, names)
         return
     cfg = configuration.load(configuration.config_path(options.config))
-    yield System(cfg, slots.booted_slot(cfg), False, backend(cfg), Store(cfg.state_dir))
+    yield System(cfg, slots.booted_slot(cfg), False, bootloader_of(cfg), Store(cfg.state_dir))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from abupgrade.model import BootloaderKind
+from abupgrade.bootloader import BootloaderKind
 from fixtures.images import KeyPair, keypair, rootfs_image, signed_image
 from fixtures.machine import run_cli
 

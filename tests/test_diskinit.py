@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from abupgrade import bootloader
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.config import ON_DISK_PATH
 from abupgrade.disk import attached, mounted, open_disk
 from abupgrade.diskinit import init_disk
 from abupgrade.errors import PolicyRefusal, UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.partitions import BIOS_GRUB, TableKind, read_table
+from abupgrade.system import bootloader_of
 
 MiB = 1024 * 1024
 SLOT = 48 * MiB
@@ -97,7 +98,7 @@ def test_init_image_file(kind: BootloaderKind, tmp_path: Path) -> None:
         assert cfg.state_dir.is_dir()
         assert (session.boot / ON_DISK_PATH).is_file()
         assert os.statvfs(session.boot).f_bsize == 4096
-        state = bootloader.backend(cfg).read()
+        state = bootloader_of(cfg).read()
         assert state.default is Slot.A and state.trial is None
         boot_dev = session.disk.partitions[result.boot_partition]
         probed = subprocess.run(["blkid", "-p", "-o", "export", str(boot_dev)],

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from abupgrade import config as configuration
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.disk import open_disk
 from abupgrade.fsutil import atomic_write
-from abupgrade.model import BootloaderKind
 from fixtures import pyguest
 from fixtures.guest import QEMU, GuestUnavailable, missing_tools, qemu_boot, require_root
 from fixtures.images import KeyPair, keypair
@@ -86,8 +87,9 @@ def set_test_config(disk: Path) -> None:
     with open_disk(disk) as session:
         path = session.boot / configuration.ON_DISK_PATH
         cfg = configuration.parse(tomllib.loads(path.read_text()))
-        cfg = replace(cfg, grub=replace(cfg.grub, tries=TRIES),
-                      system=replace(cfg.system, reboot=pyguest.REBOOT))
+        tables = {kind: replace(table, tries=TRIES) if isinstance(table, GrubConfig) else table
+                  for kind, table in cfg.bootloaders.items()}
+        cfg = replace(cfg, bootloaders=tables, system=replace(cfg.system, reboot=pyguest.REBOOT))
         atomic_write(path, configuration.render(cfg).encode())
 
 

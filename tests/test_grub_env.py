@@ -15,14 +15,14 @@ from abupgrade.bootloader.grub import (
     ENV_SIZE,
     EnvState,
     Grub,
+    GrubConfig,
     block_generation,
     create_blocks,
     format_envblk,
     parse_envblk,
 )
-from abupgrade.config import Config, GrubConfig
 from abupgrade.errors import UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from fixtures.guest import GuestUnavailable, loop_device, make_ext4_image, mounted
 
 pytestmark = pytest.mark.loop
@@ -42,11 +42,8 @@ def editenv(path: Path, *args: str) -> str:
                           text=True).stdout
 
 
-def grub(env: Path, mountinfo: Path | None = None) -> Grub:
-    config = Config(compatible="test", bootloader=BootloaderKind.GRUB,
-                    slots={Slot.A: "PARTLABEL=a", Slot.B: "PARTLABEL=b"},
-                    grub=GrubConfig(env=env))
-    return Grub(config)
+def grub(env: Path) -> Grub:
+    return Grub(GrubConfig(env=env))
 
 
 ODD_VALUES = [("plain", "x"), ("spaces", "a b  c"), ("slash", "C:\\boot\\"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from abupgrade.bootloader.grub import (
     ENV_SIZE,
     EnvState,
     Grub,
+    GrubConfig,
     block_generation,
     block_paths,
     create_blocks,
@@ -31,9 +32,8 @@ from abupgrade.bootloader.grub import (
     parse_envblk,
     render_cfg,
 )
-from abupgrade.config import Config, GrubConfig
 from abupgrade.errors import PolicyRefusal, UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 
 SIG = b"# GRUB Environment Block\n"
 WHITELIST = ("ab_gen", "ab_default", "ab_A", "ab_B", "ab_trial", "ab_tries", "ab_end")
@@ -241,11 +241,9 @@ def env_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def make_grub(env_dir: Path, tries: int = 3) -> Grub:
-    config = Config(compatible="test", bootloader=BootloaderKind.GRUB,
-                    slots={Slot.A: "PARTLABEL=a", Slot.B: "PARTLABEL=b"},
-                    grub=GrubConfig(env=env_dir / "grubenv", tries=tries))
-    create_blocks(config.grub.env)
-    return Grub(config)
+    settings = GrubConfig(env=env_dir / "grubenv", tries=tries)
+    create_blocks(settings.env)
+    return Grub(settings)
 
 
 @dataclass
@@ -635,8 +633,7 @@ def test_preflight_refuses_btrfs_and_lvm_from_mountinfo(env_dir: Path, tmp_path:
         mountinfo = tmp_path / f"mountinfo-{fstype}"
         mountinfo.write_text(f"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
                              f"30 1 0:99 / {env_dir.resolve()} rw - {fstype} {source} rw\n")
-        config = g.config
-        bad = Grub(replace(config, system=replace(config.system, mountinfo=mountinfo)))
+        bad = Grub(g.settings, mountinfo=mountinfo)
         with pytest.raises(UsageError, match=words) as info:
             bad.preflight()
         assert info.value.hint

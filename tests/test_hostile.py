@@ -28,12 +28,14 @@ from cryptography.hazmat.primitives import serialization
 from abupgrade import config as configuration
 from abupgrade import ops
 from abupgrade.__main__ import main
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.errors import AbupgradeError
 from abupgrade.image import signature
 from abupgrade.image.manifest import Compression, Manifest, Payload, PayloadKind
 from abupgrade.image.reader import ImageReader
 from abupgrade.image.tar import BLOCK, END_MARKER
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.system import Options
 from fixtures.machine import Machine, run_cli, running_machine
 from fixtures.reliability import record
@@ -132,7 +134,7 @@ def digest(path: Path, length: int | None = None) -> str:
 
 def boot_state(m: Machine) -> dict[str, str]:
     """Every byte the bootloader reads: both env blocks and every boot file."""
-    env = m.config.grub.env
+    env = m.config.section(GrubConfig).env
     files = [env, env.with_name(env.name + ".1"), *sorted((env.parent / "slots").rglob("*"))]
     return {str(p): digest(p) for p in files if p.is_file()}
 

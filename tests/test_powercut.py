@@ -32,17 +32,17 @@ from typing import Any
 import pytest
 
 from abupgrade import ops
-from abupgrade.bootloader import backend
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.bootloader.adv import Adv
-from abupgrade.bootloader.grub import block_paths, create_blocks
-from abupgrade.bootloader.syslinux import fresh_config
-from abupgrade.config import Config, GrubConfig, HealthConfig, SyslinuxConfig, SystemConfig
+from abupgrade.bootloader.grub import GrubConfig, block_paths, create_blocks
+from abupgrade.bootloader.syslinux import SyslinuxConfig, fresh_config
+from abupgrade.config import Config, HealthConfig, SystemConfig
 from abupgrade.errors import AbupgradeError, HealthFailed
 from abupgrade.image import build
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.progress import NullProgress
 from abupgrade.state import Store
-from abupgrade.system import Options, System
+from abupgrade.system import Options, System, bootloader_of
 from fixtures.images import KeyPair, keypair
 from fixtures.powercut import Recorder, cut_points, read_tree, tree_digest, write_tree
 from fixtures.reliability import record
@@ -139,8 +139,8 @@ class Bench:
             compatible=COMPATIBLE, bootloader=self.kind,
             slots={s: f"/dev/plain-file-{s.value}" for s in Slot},
             keyring=self.keyring, state_dir=root / STATE,
-            grub=GrubConfig(env=root / GRUB_ENV, tries=3),
-            syslinux=SyslinuxConfig(dir=root / EXTLINUX),
+            bootloaders={BootloaderKind.GRUB: GrubConfig(env=root / GRUB_ENV, tries=3),
+                         BootloaderKind.SYSLINUX: SyslinuxConfig(dir=root / EXTLINUX)},
             health=HealthConfig(dir=checks, timeout=10, deadline=120,
                                 watchdog=self.work / "no-watchdog"),
             system=SystemConfig(cmdline=self.host / "cmdline", mountinfo=self.host / "mountinfo",
@@ -155,7 +155,7 @@ class Bench:
         devices = {s: root / "slots" / f"{s.value}.img" for s in Slot}
 
         def open_files(options: Options, *, readonly: bool = False) -> Any:
-            return contextlib.nullcontext(FileSystem(cfg, booted, booted is None, backend(cfg),
+            return contextlib.nullcontext(FileSystem(cfg, booted, booted is None, bootloader_of(cfg),
                                                      Store(cfg.state_dir), dict(devices)))
 
         (self.host / "boot_id").write_text(f"{uuid.uuid4()}\n")

@@ -18,9 +18,8 @@ import pytest
 
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.base import DiskLayout
-from abupgrade.bootloader.syslinux import Syslinux
-from abupgrade.config import Config, SyslinuxConfig
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.bootloader.syslinux import Syslinux, SyslinuxConfig
+from abupgrade.model import Slot
 from fixtures import guest
 
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
@@ -44,9 +43,7 @@ class Machine:
         return self.work / "boot"
 
     def backend(self) -> Syslinux:
-        config = Config(compatible="test", bootloader=BootloaderKind.SYSLINUX, slots=ROOTS,
-                        syslinux=SyslinuxConfig(dir=self.mountpoint / "extlinux"))
-        return Syslinux(config)
+        return Syslinux(SyslinuxConfig(dir=self.mountpoint / "extlinux"))
 
     def boot_fs(self) -> contextlib.AbstractContextManager[Path]:
         return guest.mounted_partition(self.disk, 1, self.mountpoint)

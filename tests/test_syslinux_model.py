@@ -25,6 +25,7 @@ from abupgrade.bootloader.syslinux import (
     Snapshot,
     Step,
     Syslinux,
+    SyslinuxConfig,
     WriteAdv,
     WriteConf,
     fresh_config,
@@ -32,9 +33,8 @@ from abupgrade.bootloader.syslinux import (
     plan_commit,
     plan_disable,
 )
-from abupgrade.config import Config, SyslinuxConfig
 from abupgrade.errors import AbupgradeError, OperationalError, PolicyRefusal
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 
 ROOTS = {Slot.A: "LABEL=rootfs_a", Slot.B: "LABEL=rootfs_b"}
 
@@ -352,8 +352,7 @@ def _files(tmp_path: Path, disk: Disk) -> Syslinux:
     directory.mkdir(exist_ok=True)
     (directory / "ldlinux.sys").write_bytes(b"\x90" * 4096 + disk.pair)
     (directory / "extlinux.conf").write_text(disk.conf)
-    loader = Syslinux(Config(compatible="t", bootloader=BootloaderKind.SYSLINUX, slots=ROOTS,
-                             syslinux=SyslinuxConfig(dir=directory)))
+    loader = Syslinux(SyslinuxConfig(dir=directory))
     for slot in disk.kernels:
         for name in ("kernel", "initrd"):
             path = loader.boot_file_path(slot, name)
