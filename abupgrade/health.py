@@ -38,9 +38,12 @@ class Result:
         """A failure that makes the boot unhealthy."""
         return not self.ok and self.kind is not Kind.WANTED
 
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.ok else ("timeout" if self.timed_out else "fail")
+
     def to_json(self) -> dict[str, Any]:
-        result = "pass" if self.ok else ("timeout" if self.timed_out else "fail")
-        return {"name": self.name, "kind": str(self.kind), "result": result,
+        return {"name": self.name, "kind": str(self.kind), "result": self.verdict,
                 "seconds": round(self.seconds, 3), "output": self.output}
 
 

@@ -150,7 +150,7 @@ def signed_by_trusted_key(data: bytes) -> bool:
 
 
 def slot_b_state(m: Machine) -> str:
-    return str(ops.status(Options(config=m.config_path))["slots"]["B"]["state"])
+    return str(ops.status(Options(config=m.config_path)).slots[Slot.B].state)
 
 
 def apply_in_process(m: Machine, image: Path) -> tuple[int, str]:

@@ -41,6 +41,7 @@ from abupgrade.errors import AbupgradeError, HealthFailed
 from abupgrade.image import build
 from abupgrade.model import Slot
 from abupgrade.progress import NullProgress
+from abupgrade.results import HookResult
 from abupgrade.state import Store
 from abupgrade.system import Options, System, bootloader_of
 from fixtures.images import KeyPair, keypair
@@ -176,14 +177,14 @@ class Bench:
             ops._install(system, system.store.load(), str(self.images["1.0"].tar), Slot.A,
                          progress=NullProgress(), dry_run=False, allow_downgrade=True,
                          committed=None)
-            ops._commit(system, Slot.A, "committed", "first image")
+            ops._commit(system, Slot.A, "first image")
 
     def apply(self, root: Path, booted: Slot, version: str) -> None:
         with self.machine(root, booted):
             ops.apply(Options(), str(self.images[version].tar), allow_downgrade=False,
                       dry_run=False, reboot=False, progress=NullProgress())
 
-    def hook(self, root: Path, booted: Slot, checks: Path | None = None) -> dict[str, Any]:
+    def hook(self, root: Path, booted: Slot, checks: Path | None = None) -> HookResult:
         with self.machine(root, booted, checks):
             return ops.boot_hook(Options(), reboot=False)
 
@@ -280,7 +281,7 @@ def after_cut(bench: Bench, disk: Path, out: Outcome, where: str) -> None:
         new, why = bench.power_on(disk)
         assert new == slot.other and bench.complete(disk, new) == "9.0", why
         result = bench.hook(disk, new)
-        assert result["outcome"] == "committed", result
+        assert result.outcome == "committed", result
         state_parses(disk, torn_tail=False)
     except (AbupgradeError, AssertionError, ValueError, KeyError) as exc:
         out.failures.append(f"{where}: {type(exc).__name__}: {exc}")
