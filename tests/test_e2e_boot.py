@@ -24,10 +24,11 @@ from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.disk import open_disk
 from abupgrade.fsutil import atomic_write
 from fixtures import pyguest
-from fixtures.guest import QEMU, GuestUnavailable, missing_tools, qemu_boot, require_root
+from fixtures.guest import QEMU, qemu_boot
 from fixtures.images import KeyPair, keypair
 from fixtures.machine import run_cli
 from fixtures.pyguest import BootReport, reports
+from fixtures.tiers import guest_skips, needs
 
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
 
@@ -50,15 +51,9 @@ class Images:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     """The signed guest images, built once (the base tree is cached across sessions)."""
-    try:
-        require_root()
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
-    missing = missing_tools(*TOOLS)
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
+    needs(root=True, tools=TOOLS)
     work = tmp_path_factory.mktemp("guest-images")
-    try:
+    with guest_skips():
         key = keypair(work / "keys")
         boot = pyguest.boot_files(work / "boot-files")
         wheel = pyguest.build_wheel(work / "wheel")
@@ -70,8 +65,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
 
         return Images(key, image("1.0", "healthy"), image("2.0", "healthy"),
                       image("3.0", "failing-check"), image("4.0", "panic"))
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def cli(*args: str) -> Any:

@@ -25,7 +25,7 @@ from abupgrade.model import Slot
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
 from fixtures.reliability import record
-from tests.conftest import any_bootloader
+from fixtures.tiers import any_bootloader
 
 pytestmark = pytest.mark.loop
 

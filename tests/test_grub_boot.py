@@ -28,9 +28,8 @@ from fixtures.guest import (
     partition_disk,
     partition_extent,
     qemu_boot,
-    require_root,
-    require_tools,
 )
+from fixtures.tiers import guest_skips, needs
 
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
 
@@ -79,15 +78,12 @@ class GrubDisk:
 
 @pytest.fixture
 def grub_disk(tmp_path: Path) -> GrubDisk:
-    try:
-        require_root()
-        require_tools(QEMU, "grub-mkimage", "sfdisk", "mkfs.ext4")
+    needs(loop=True, tools=(QEMU, "grub-mkimage"))
+    with guest_skips():
         if not BIOS_SETUP.is_file():
             raise GuestUnavailable(f"{BIOS_SETUP} is missing (grub-pc-bin)")
         kernel = guest_kernel()
         initrd = build_initramfs(tmp_path / "initrd.img", kernel=kernel)
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
     disk = partition_disk(tmp_path / "disk.img", 128 << 20, LAYOUT)
     start, size = partition_extent(disk, BOOT)
     make_ext4_image(disk, None, size, "boot", offset=start)

@@ -13,7 +13,7 @@ import pytest
 
 from abupgrade.model import Slot
 from fixtures.machine import Machine, running_machine
-from tests.conftest import any_bootloader
+from fixtures.tiers import any_bootloader
 
 pytestmark = pytest.mark.loop
 

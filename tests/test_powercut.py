@@ -44,11 +44,12 @@ from abupgrade.progress import NullProgress
 from abupgrade.results import HookResult
 from abupgrade.state import Store
 from abupgrade.system import Options, System, bootloader_of
+from fixtures.grub_model import ModelGrub, grub_iterate
 from fixtures.images import KeyPair, keypair
 from fixtures.powercut import Recorder, cut_points, read_tree, tree_digest, write_tree
 from fixtures.reliability import record
-from tests.test_grub_model import ModelGrub, grub_iterate
-from tests.test_syslinux_model import Disk, model_boot
+from fixtures.syslinux_model import Disk, model_boot
+from fixtures.tiers import guest_skips, needs
 
 SLOT_SIZE = 256 << 10
 COMPATIBLE = "pc-box"
@@ -407,8 +408,8 @@ def images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
 @pytest.mark.parametrize("kind", list(BootloaderKind), ids=str)
 def test_power_cut_at_every_write(kind: BootloaderKind, scenario: str, work: Path,
                                   images: tuple[KeyPair, dict[str, Image]]) -> None:
-    if kind is BootloaderKind.GRUB and shutil.which("grub-editenv") is None:
-        pytest.skip("grub-editenv is missing (apt-get install grub2-common)")
+    if kind is BootloaderKind.GRUB:
+        needs(tools=("grub-editenv",))
     key, made = images
     bench_dir = work / f"{kind}-{scenario}"
     bench_dir.mkdir()
@@ -541,26 +542,17 @@ def test_qemu_killed_in_the_middle_of_an_apply_in_the_guest(tmp_path: Path) -> N
     from abupgrade.disk import open_disk
     from abupgrade.partitions import read_table
     from fixtures import pyguest
-    from fixtures.guest import QEMU, GuestUnavailable, missing_tools, qemu_boot, require_root
+    from fixtures.guest import QEMU, qemu_boot
     from fixtures.machine import run_cli
 
-    try:
-        require_root()
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
-    missing = missing_tools(QEMU, "debootstrap", "losetup", "partx", "sfdisk", "mkfs.ext4",
-                            "mount", "grub-mkimage")
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
-    try:
+    needs(loop=True, tools=(QEMU, "debootstrap", "grub-mkimage"))
+    with guest_skips():
         key = keypair(tmp_path / "keys")
         boot = pyguest.boot_files(tmp_path / "boot-files")
         wheel = pyguest.build_wheel(tmp_path / "wheel")
         v1 = guest_that_applies(tmp_path, key, wheel, boot)
         v2 = pyguest.signed_guest_image(tmp_path / "v2.tar", key, version="2.0", wheel=wheel,
                                         boot=boot)
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
 
     disk = tmp_path / "disk.img"
     made = run_cli("disk", "init", str(disk), "--bootloader", "grub", "--size", "1G",

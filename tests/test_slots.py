@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -25,25 +24,13 @@ from abupgrade.slots import (
     parse_spec,
     resolve,
 )
+from fixtures.tiers import needs
 
 MiB = 1024 * 1024
 
 
-def can_loop() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not Path("/dev/loop-control").exists():
-        return "no loop devices"
-    for tool in ("losetup", "partx", "sfdisk", "blkid", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
-
-
 def needs_loop() -> None:
-    why = can_loop()
-    if why:
-        pytest.skip(why)
+    needs(loop=True)
 
 
 def blkid(device: Path) -> dict[str, str]:

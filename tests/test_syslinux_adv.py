@@ -3,7 +3,6 @@ and the syslinux backend's install/preflight on real loop devices."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from abupgrade.bootloader.syslinux import MBR_CODE, Syslinux, SyslinuxConfig, fr
 from abupgrade.errors import UsageError
 from abupgrade.model import Slot
 from fixtures import guest
+from fixtures.tiers import needs
 
 pytestmark = pytest.mark.loop
 
@@ -24,11 +24,7 @@ MiB = 1024 * 1024
 
 
 def _prerequisites() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for loop devices and mounts")
-    missing = guest.missing_tools("extlinux", "losetup", "mkfs.ext4", "sfdisk", "lsattr")
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)}")
+    needs(loop=True, tools=("lsattr",))
 
 
 def _config(directory: Path) -> SyslinuxConfig:

@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from abupgrade.disk import attached, mounted
 from abupgrade.errors import ImageRejected, OperationalError, PolicyRefusal
 from abupgrade.partitions import LINUX_FS, PartitionSpec, TableKind, create_table
 from abupgrade.writer import SlotWriter, copy_chunks
+from fixtures.tiers import needs
 
 MiB = 1024 * 1024
 
@@ -144,21 +144,10 @@ def test_interrupt_leaves_nothing_open(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- block devices (loop)
 
 
-def loop_missing() -> str | None:
-    if os.geteuid() != 0 or not Path("/dev/loop-control").exists():
-        return "needs root and loop devices"
-    for tool in ("losetup", "partx", "sfdisk", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
-
-
 @pytest.fixture
 def loop_slot(tmp_path: Path) -> Iterator[tuple[Path, Path, int]]:
     """(partition device, backing image, partition offset) of an 8 MiB slot full of 0xff."""
-    why = loop_missing()
-    if why:
-        pytest.skip(why)
+    needs(loop=True)
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
     os.truncate(image, 16 * MiB)
