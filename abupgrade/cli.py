@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -164,18 +165,21 @@ class JsonProgress:
         pass
 
 
-def progress_for(g: Globals) -> Progress:
+@contextlib.contextmanager
+def progress_for(g: Globals) -> Iterator[Progress]:
+    """The progress sink for these options, closed when the command's work ends."""
+    sink: RichProgress | JsonProgress | NullProgress
     if g.json:
-        return JsonProgress()
-    if g.quiet or not sys.stderr.isatty():
-        return NullProgress()
-    return RichProgress()
-
-
-def _close(progress: Progress) -> None:
-    close = getattr(progress, "close", None)
-    if close is not None:
-        close()
+        sink = JsonProgress()
+    elif g.quiet or not sys.stderr.isatty():
+        sink = NullProgress()
+    else:
+        sink = RichProgress()
+    try:
+        yield sink
+    finally:
+        if not isinstance(sink, NullProgress):
+            sink.close()
 
 
 # ------------------------------------------------------------------ keys and images
@@ -205,13 +209,10 @@ def image_build(
 ) -> None:
     """Make a signed image from a root filesystem image (and optional kernel and initrd)."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         info = ops.image_build(rootfs=rootfs, version=version, compatible=compatible,
                                signing_keys=key, output=output, kernel=kernel, initrd=initrd,
                                compression=compress, progress=progress)
-    finally:
-        _close(progress)
     emit(g, info, f"wrote {output}: version {version} for {compatible}, "
          f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 
@@ -225,11 +226,8 @@ def image_verify(
 ) -> None:
     """Check the signature and every payload hash; writes nothing."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         verified = ops.image_verify(g.options(), image, pubkey or [], progress)
-    finally:
-        _close(progress)
     signers = ", ".join(s.key_id for s in verified.signatures if s.trusted)
     emit(g, verified, f"OK: {image} version {verified.manifest.version} for "
          f"{verified.manifest.compatible}, signed by {signers}")
@@ -274,12 +272,9 @@ def image_push(
 ) -> None:
     """Publish a signed image to an OCI registry; payloads already there are not uploaded again."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         result = ops.image_push(image, target, pubkeys=pubkey or [], ca_file=ca_file,
                                 auth_file=auth_file, insecure=insecure, progress=progress)
-    finally:
-        _close(progress)
     emit(g, result, f"pushed {result.reference}")
 
 
@@ -338,12 +333,9 @@ def apply(
 ) -> None:
     """Verify an image, write it to the inactive slot and arm a trial boot of it."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         result = ops.apply(g.options(), image, allow_downgrade=allow_downgrade, dry_run=dry_run,
                            reboot=reboot, progress=progress)
-    finally:
-        _close(progress)
     if dry_run:
         text = (f"dry run: {image} (version {result.version}) verified; it would go to "
                 f"slot {result.slot}; nothing was written")
@@ -468,13 +460,10 @@ def disk_init(
 ) -> None:
     """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
                                slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
                                compatible=compatible, force=force, progress=progress)
-    finally:
-        _close(progress)
     text = f"{target}: A/B disk with {bootloader}, slots of {result.slot_size:,} bytes"
     if result.version:
         text += f"; slot A holds version {result.version} (committed)"
