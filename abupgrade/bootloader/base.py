@@ -49,7 +49,7 @@ from typing import ClassVar
 from abupgrade.errors import UsageError
 from abupgrade.image.manifest import BOOT_NAMES
 from abupgrade.model import Slot
-from abupgrade.mounts import MOUNTINFO
+from abupgrade.mounts import MOUNTINFO, point_holding
 from abupgrade.partitions import LINUX_FS, MBR_LINUX, PartitionSpec, PartitionTable, TableKind
 from abupgrade.schema import Table
 
@@ -195,7 +195,7 @@ class DiskLayout:
     def on_boot_fs(self, path: Path, what: str) -> PurePosixPath:
         """Where `path` (a backend's file on the mounted disk) is inside the boot filesystem;
         a UsageError when it is not on it."""
-        if path != self.boot_root and self.boot_root not in path.parents:
+        if point_holding(path, (self.boot_root,)) is None:
             raise UsageError(f"{what} {path} is not on the boot partition",
                              hint=f"put it under the boot partition's mount point ({BOOT_POINT})")
         return PurePosixPath(path.relative_to(self.boot_root).as_posix())
