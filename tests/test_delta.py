@@ -36,6 +36,7 @@ from abupgrade.image.reader import ImageReader
 from fixtures.files import serve
 from fixtures.images import KeyPair, keypair
 from fixtures.registry import CuttingProxy, available, registry
+from fixtures.tiers import needs_registry
 
 CHUNK = BLOCK * CHUNK_BLOCKS
 
@@ -324,11 +325,7 @@ def test_http_ranges_ask_for_new_credentials_once(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def plain_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    why = available()
-    if why is not None:
-        if os.environ.get("ABUPGRADE_REQUIRE_ALL_TIERS") == "1":
-            pytest.fail(f"registry tests cannot run where every tier must: {why}")
-        pytest.skip(why)
+    needs_registry(available())
     with registry(tmp_path_factory.mktemp("registry")) as server:
         yield server.host
 

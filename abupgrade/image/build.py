@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from abupgrade.delta import index as index_mod
 from abupgrade.delta.index import BLOCK, CHUNK_BLOCKS, chunk_id
 from abupgrade.errors import ImageRejected, OperationalError, UsageError
-from abupgrade.fsutil import atomic_writer
+from abupgrade.fsutil import atomic_writer, open_input
 from abupgrade.image import signature
 from abupgrade.image.compress import compress_chunks, encoder
 from abupgrade.image.keys import load_private
@@ -163,14 +163,7 @@ def rootfs_warnings(rootfs: Path, compression: str | Compression, index: bool = 
 
 
 def _open(path: Path) -> io.BufferedReader:
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory") from None
-    except OSError as e:
-        raise OperationalError(f"cannot read {path}: {e.strerror}") from None
+    handle = open_input(path)
     mode = os.fstat(handle.fileno()).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         handle.close()
