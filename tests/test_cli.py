@@ -54,7 +54,7 @@ def test_build_verify_inspect_through_the_cli(tmp_path: Path) -> None:
     assert json.loads(proc.stdout)["version"] == "1.2.3"
     info = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
     assert info["compatible"] == "box" and info["signatures"][0]["trusted"] is None
-    assert [p["name"] for p in info["payloads"]] == ["rootfs"]
+    assert [p["name"] for p in info["payloads"]] == ["rootfs.index", "rootfs.chunks", "rootfs"]
     stranger = keypair(tmp_path, "stranger")
     proc = run_cli("image", "verify", str(out), "--pubkey", str(stranger.public))
     assert proc.returncode == 3 and proc.stderr.count("\n") == 1

@@ -77,8 +77,7 @@ def build(
     if not out.parent.is_dir():
         raise UsageError(f"output directory {out.parent} does not exist")
     indexed = index and codec in (Compression.NONE, Compression.ZSTD)
-    slot_codec = Compression.ZSTD_CHUNKED if indexed and codec is Compression.ZSTD else codec
-    inputs = [_Input(SLOT_PAYLOAD, PayloadKind.SLOT, rootfs, slot_codec)]
+    inputs = [_Input(SLOT_PAYLOAD, PayloadKind.SLOT, rootfs, codec)]
     for name, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None:
             inputs.append(_Input(name, PayloadKind.BOOT, path, Compression.NONE))
@@ -98,8 +97,8 @@ def build(
                           Payload(name, kind, len(data), hashlib.sha256(data).hexdigest(),
                                   Compression.NONE)))
             sources[name] = data
-        if slot.compression is Compression.ZSTD_CHUNKED:
-            sources[SLOT_PAYLOAD] = stored
+        if slot.compression is Compression.ZSTD:
+            sources[SLOT_PAYLOAD] = stored  # the frames made while indexing
         payloads = (*(p for _, p in extra), slot, *(_hash(item, sink) for item in inputs[1:]))
         return _write(out, version, compatible, private_keys, [*(i for i, _ in extra), *inputs],
                       payloads, sources, sink)
@@ -213,7 +212,7 @@ def _chunked(item: _Input, stored: BinaryIO, sink: Progress) -> tuple[Payload, b
             digest.update(batch)
             pieces = [batch[at:at + chunk] for at in range(0, len(batch), chunk)]
             ids += [chunk_id(piece) for piece in pieces]
-            if item.compression is Compression.ZSTD_CHUNKED:
+            if item.compression is Compression.ZSTD:
                 frames = compress_chunks(pieces)
                 stored.writelines(frames)
                 sizes += [len(frame) for frame in frames]

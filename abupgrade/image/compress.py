@@ -55,8 +55,6 @@ def encoder(compression: Compression, size: int) -> Encoder:
             )
             obj: Encoder = cctx.compressobj(size=size)
             return obj
-        case Compression.ZSTD_CHUNKED:
-            raise ValueError("chunked payloads are compressed chunk by chunk (compress_chunks)")
 
 
 def compress_chunks(chunks: Sequence[bytes], level: int = CHUNK_LEVEL) -> list[bytes]:
@@ -105,16 +103,16 @@ class Decoder(Protocol):
         """At most `n` uncompressed bytes; b"" once the compressed stream ended cleanly."""
 
 
-def decoder(compression: Compression, source: Source, name: str) -> Decoder:
+def decoder(compression: Compression, source: Source, name: str, *, frames: bool = False) -> Decoder:
+    """A decoder of one compressed stream; with `frames`, a zstd member may hold several
+    frames in a row (a payload stored chunk by chunk)."""
     match compression:
         case Compression.GZIP:
             return _GzipDecoder(source, name)
         case Compression.XZ:
             return _XzDecoder(source, name)
         case Compression.ZSTD:
-            return _ZstdDecoder(source, name)
-        case Compression.ZSTD_CHUNKED:
-            return _ZstdDecoder(source, name, frames=True)
+            return _ZstdDecoder(source, name, frames=frames)
         case Compression.NONE:
             raise ValueError("uncompressed payloads are read directly")
 

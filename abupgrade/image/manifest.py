@@ -38,20 +38,17 @@ class Compression(enum.StrEnum):
     NONE = "none"
     GZIP = "gzip"
     XZ = "xz"
-    ZSTD = "zstd"
-    ZSTD_CHUNKED = "zstd-chunked"  # one zstd frame per chunk of the index: each decodes alone
+    ZSTD = "zstd"  # with a chunk index (format 2): one frame per chunk, each decodes alone
 
     @classmethod
     def parse(cls, text: str) -> Compression:
-        """A compression a user may ask `image build` for."""
         from abupgrade.errors import UsageError
 
-        choices = [c for c in cls if c is not cls.ZSTD_CHUNKED]
         try:
-            return next(c for c in choices if c.value == text)
-        except StopIteration:
-            names = ", ".join(c.value for c in choices)
-            raise UsageError(f"unknown compression {text!r}", hint=f"use one of {names}") from None
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(c.value for c in cls)
+            raise UsageError(f"unknown compression {text!r}", hint=f"use one of {choices}") from None
 
 
 @dataclass(frozen=True)
@@ -186,10 +183,9 @@ def _check_index(fmt: int, payloads: tuple[Payload, ...]) -> None:
     format 1 neither."""
     kinds = [p.kind for p in payloads]
     slot = kinds.index(PayloadKind.SLOT)
-    chunked = payloads[slot].compression is Compression.ZSTD_CHUNKED
     indexes = (PayloadKind.INDEX, PayloadKind.CHUNKS)
     if fmt == FORMAT:
-        if any(kind in kinds for kind in indexes) or chunked:
+        if any(kind in kinds for kind in indexes):
             raise ImageRejected("a format 1 manifest has no chunk index")
         return
     if (kinds.count(PayloadKind.INDEX) != 1 or kinds.count(PayloadKind.CHUNKS) != 1
@@ -199,12 +195,9 @@ def _check_index(fmt: int, payloads: tuple[Payload, ...]) -> None:
     for index in payloads[slot - 2:slot]:
         if index.compression is not Compression.NONE:
             raise ImageRejected(f"payload {index.name!r} must be stored as it is")
-    if payloads[slot].compression not in (Compression.NONE, Compression.ZSTD_CHUNKED):
+    if payloads[slot].compression not in (Compression.NONE, Compression.ZSTD):
         raise ImageRejected(f"slot payload {payloads[slot].name!r}: an indexed payload is stored "
                             "uncompressed or as zstd chunks")
-    for payload in payloads:
-        if payload.compression is Compression.ZSTD_CHUNKED and payload.kind is not PayloadKind.SLOT:
-            raise ImageRejected(f"payload {payload.name!r}: only the slot payload is stored in chunks")
 
 
 def _payload(item: Any, index: int) -> Payload:

@@ -229,7 +229,9 @@ class ImageReader:
         return header
 
     def _chunks(self, payload: Payload, stored: int) -> Iterator[Chunk]:
-        return _member_chunks(self._in, self._buffer, payload, stored, self._progress)
+        # an indexed slot payload holds one zstd frame per chunk
+        frames = self.manifest.index is not None and payload.kind is PayloadKind.SLOT
+        return _member_chunks(self._in, self._buffer, payload, stored, self._progress, frames)
 
     def _check_end(self, names: set[str]) -> None:
         offset = self._in.offset
@@ -257,7 +259,7 @@ class ImageReader:
 
 
 def _member_chunks(source: _Input, buffer: memoryview, payload: Payload, stored: int,
-                   progress: Progress) -> Iterator[Chunk]:
+                   progress: Progress, frames: bool = False) -> Iterator[Chunk]:
     """The uncompressed bytes of a member of `stored` bytes at the stream's position, hashed as
     they pass; ImageRejected at the end unless size and sha256 match the manifest."""
     name, size = payload.name, payload.size
@@ -274,7 +276,7 @@ def _member_chunks(source: _Input, buffer: memoryview, payload: Payload, stored:
         total = stored
     else:
         member = _Member(source, stored, payload.name)
-        dec = decoder(payload.compression, member, payload.name)
+        dec = decoder(payload.compression, member, payload.name, frames=frames)
         total = 0
         while out := dec.read(min(CHUNK, payload.size - total + 1)):
             total += len(out)
