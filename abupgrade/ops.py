@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,12 @@ from abupgrade import blockdev, diskinit, run
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
 from abupgrade.bootloader.base import Platform
 from abupgrade.config import RegistryConfig, config_path
+from abupgrade.delta.assemble import DeltaFailed
+from abupgrade.delta.blocks import BlockCache
+from abupgrade.delta.image import IndexedImage
+from abupgrade.delta.install import BLOCKS_FOLDER, Delta, SlotSource, open_ranges
+from abupgrade.delta.plan import Source
+from abupgrade.delta.remote import RangesUnsupported
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
 from abupgrade.health import Report
@@ -35,8 +41,9 @@ from abupgrade.results import (
     SlotStatus,
     SlotVersion,
     Status,
+    Traffic,
 )
-from abupgrade.source import open_source
+from abupgrade.source import open_source, source_is_remote
 from abupgrade.state import Event, EventName, SlotRecord, State, Trial, now
 from abupgrade.system import Options, System, open_system
 from abupgrade.writer import SlotWriter
@@ -233,8 +240,13 @@ def check_policy(manifest: Manifest, target: Slot, *, compatible: str, committed
 
 
 def _install(system: System, state: State, spec: str, target: Slot, *, progress: Progress,
-             dry_run: bool, allow_downgrade: bool, committed: str | None) -> Installed:
-    """Verify the image and write it into `target`, which is left unbootable until armed."""
+             dry_run: bool, allow_downgrade: bool, committed: str | None,
+             delta: bool = True) -> Installed:
+    """Verify the image and write it into `target`, which is left unbootable until armed.
+
+    Where the image has a chunk index and its source can be read in parts, only what the
+    machine lacks is fetched and only what differs is written (`_install_delta`); otherwise,
+    or when that path gives up, the image is streamed whole."""
     device = system.device(target)
     if not system.offline and system.booted == target:
         raise PolicyRefusal(f"slot {target} is the booted slot", hint="abupgrade never writes it")
@@ -242,26 +254,113 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
         raise PolicyRefusal(f"slot {target} ({device}) is mounted",
                             hint=f"unmount {device} first")
     started = time.monotonic()
+
+    def policy(manifest: Manifest) -> None:
+        check_policy(manifest, target, compatible=system.config.compatible, committed=committed,
+                     allow_downgrade=allow_downgrade, room=blockdev.capacity(device),
+                     bootloader=type(system.bootloader))
+
+    update = "full"
+    downloaded = 0
+    if delta and not dry_run:
+        outcome = _install_delta(system, state, spec, target, policy, progress)
+        if isinstance(outcome, Installed):
+            return replace(outcome, seconds=round(time.monotonic() - started, 3))
+        update, downloaded = outcome
     with open_source(spec, registry=system.config.registry) as stream:
         # The signature is checked here; a dry run reports the reading as its progress.
         reader = ImageReader(stream, system.keyring(), progress=progress if dry_run else None)
         manifest = reader.manifest
-        check_policy(manifest, target, compatible=system.config.compatible, committed=committed,
-                     allow_downgrade=allow_downgrade, room=blockdev.capacity(device),
-                     bootloader=type(system.bootloader))
+        policy(manifest)
         if dry_run:
             reader.verify()
             return Installed(target, manifest.version, manifest.compatible, 0, dry_run=True)
         _make_unbootable(system, state, target)
-        written = _write_payloads(system, reader, target, device, progress)
-        system.transition(
-            EventName.INSTALLED, target, manifest.version,
-            f"{manifest.slot.size:,} bytes to {device}, read back and verified",
-            state=lambda now_: now_.with_slot(target, state=SlotState.BAD,
-                                              version=manifest.version, installed=now(),
-                                              sha256=manifest.slot.sha256))
-    return Installed(target, manifest.version, manifest.compatible, written, dry_run=False,
-                     seconds=round(time.monotonic() - started, 3))
+        with _recorded(system, target, manifest.version):
+            stats = None
+            for payload, chunks in reader.payloads():
+                if payload.kind is PayloadKind.SLOT:
+                    with SlotWriter(device, progress) as writer:
+                        stats = writer.write_payload(payload.size, payload.sha256, chunks)
+                else:
+                    _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
+                                     chunks, payload.size, progress)
+        assert stats is not None
+        _installed(system, target, manifest, device)
+        if source_is_remote(spec):
+            downloaded += reader.offset
+    traffic = Traffic(downloaded, stats.written, 0, 0, update)
+    return Installed(target, manifest.version, manifest.compatible,
+                     stats.written + _boot_bytes(manifest), dry_run=False,
+                     seconds=round(time.monotonic() - started, 3), traffic=traffic)
+
+
+def _install_delta(system: System, state: State, spec: str, target: Slot,
+                   policy: Callable[[Manifest], None], progress: Progress
+                   ) -> Installed | tuple[str, int]:
+    """The install of an image with a chunk index from a source read in parts; else why not
+    (for `update`) and the bytes that cost. Policy refusals and rejected images are raised as
+    they would be by the streaming path."""
+    ranges = open_ranges(spec, system.config.registry)
+    if ranges is None:
+        return "full: the image's source cannot be read in parts", 0
+    with contextlib.closing(ranges):
+        try:
+            image = IndexedImage(ranges, system.keyring())  # the signature is checked here
+            manifest = image.manifest
+            policy(manifest)
+            if image.index is None:
+                return "full: the image has no chunk index", ranges.received
+            device, active = system.device(target), target.other
+            delta = Delta(image, BlockCache(system.config.state_dir / BLOCKS_FOLDER),
+                          target=SlotSource(device, state.slots[target].sha256),
+                          active=SlotSource(system.device(active), state.slots[active].sha256))
+            plan = delta.plan(progress)
+        except RangesUnsupported as exc:
+            return f"full: {exc.message}", ranges.received
+        progress.start(f"delta: {_mib(plan.fetch_bytes)} to fetch, "
+                       f"{_mib(plan.bytes_from(Source.ACTIVE))} from slot {active}, "
+                       f"{_mib(plan.bytes_from(Source.IN_PLACE))} in place", 0)
+        progress.finish()
+        _make_unbootable(system, state, target)
+        with _recorded(system, target, manifest.version):
+            try:
+                with SlotWriter(device, progress) as writer:
+                    stats = writer.write_payload(manifest.slot.size, manifest.slot.sha256,
+                                                 (piece.data for piece in delta.pieces(plan)))
+            except (DeltaFailed, RangesUnsupported) as exc:
+                delta.forget_stale()
+                system.store.record(EventName.DELTA_FALLBACK, target, manifest.version,
+                                    f"{exc.message}; applying the whole image")
+                return f"full: {exc.message}", ranges.received
+            for payload in manifest.payloads:
+                if payload.kind is PayloadKind.BOOT:
+                    _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
+                                     image.boot_payload(payload.name), payload.size, progress)
+        delta.done()
+        _installed(system, target, manifest, device)
+        tally = delta.assembler.tally
+        traffic = Traffic(ranges.received, stats.written, stats.size - stats.written - tally.zeros,
+                          tally.from_active, "delta")
+    return Installed(target, manifest.version, manifest.compatible,
+                     stats.written + _boot_bytes(manifest), dry_run=False, traffic=traffic)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _boot_bytes(manifest: Manifest) -> int:
+    return sum(p.size for p in manifest.payloads if p.kind is PayloadKind.BOOT)
+
+
+def _installed(system: System, target: Slot, manifest: Manifest, device: Path) -> None:
+    system.transition(
+        EventName.INSTALLED, target, manifest.version,
+        f"{manifest.slot.size:,} bytes to {device}, read back and verified",
+        state=lambda now_: now_.with_slot(target, state=SlotState.BAD,
+                                          version=manifest.version, installed=now(),
+                                          sha256=manifest.slot.sha256))
 
 
 def _make_unbootable(system: System, state: State, target: Slot) -> None:
@@ -282,21 +381,11 @@ def _make_unbootable(system: System, state: State, target: Slot) -> None:
         _drop_boot_files(system, target)
 
 
-def _write_payloads(system: System, reader: ImageReader, target: Slot, device: Path,
-                    progress: Progress) -> int:
-    """Every payload to its place (the rootfs to the slot, boot files to the bootloader's
-    place); the bytes written. A failure leaves no boot file behind and is in the history."""
-    written = 0
-    version = reader.manifest.version
+@contextlib.contextmanager
+def _recorded(system: System, target: Slot, version: str) -> Iterator[None]:
+    """Writing the payloads: a failure leaves no boot file behind and is in the history."""
     try:
-        for payload, chunks in reader.payloads():
-            if payload.kind is PayloadKind.SLOT:
-                with SlotWriter(device, progress) as writer:
-                    written += writer.write_payload(payload.size, payload.sha256, chunks).written
-            else:
-                _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
-                                 chunks, payload.size, progress)
-                written += payload.size
+        yield
     except (Interrupted, KeyboardInterrupt) as exc:
         _drop_boot_files(system, target)
         system.store.record(EventName.INTERRUPTED, target, version,
@@ -308,7 +397,6 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
         system.store.record(EventName.INSTALL_FAILED, target, version,
                             f"{exc.message}; the slot stays unbootable")
         raise
-    return written
 
 
 def _drop_boot_files(system: System, target: Slot) -> None:
@@ -428,8 +516,9 @@ def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size
     version = None
     if image is not None:
         with open_system(Options(disk=target)) as system, system.store.lock():
+            # a fresh disk holds nothing a delta could reuse
             installed = _install(system, system.store.load(), image, Slot.A, progress=progress,
-                                 dry_run=False, allow_downgrade=True, committed=None)
+                                 dry_run=False, allow_downgrade=True, committed=None, delta=False)
             _commit(system, Slot.A, "first image, installed by disk init")
         version = installed.version
     return DiskMade(target, str(kind), made.slot_size, compatible, version)

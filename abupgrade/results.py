@@ -87,6 +87,7 @@ class Installed:
     dry_run: bool
     seconds: float | None = None  # None in a dry run
     tries: int | None = None  # boots the armed trial gets; None until armed
+    traffic: Traffic | None = None  # None in a dry run
 
     def to_json(self) -> dict[str, Any]:
         found: dict[str, Any] = {"slot": str(self.slot), "version": self.version,
@@ -96,7 +97,25 @@ class Installed:
             found["seconds"] = self.seconds
         if self.tries is not None:
             found["tries"] = self.tries
+        if self.traffic is not None:
+            found.update(self.traffic.to_json())
         return found
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What an install cost and saved, in bytes (`apply --json`)."""
+
+    downloaded: int  # bytes received from the image's source over the network
+    written: int  # bytes written to the slot (the boot files are in Installed.written)
+    reused_from_target: int  # payload bytes the target already held: not written again
+    copied_from_active: int  # payload bytes read from the active slot instead of fetched
+    delta: str  # "delta", "full", or "full: <why the delta path was not taken>"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bytes_downloaded": self.downloaded, "bytes_written": self.written,
+                "bytes_reused_from_target": self.reused_from_target,
+                "bytes_copied_from_active": self.copied_from_active, "update": self.delta}
 
 
 @dataclass(frozen=True)

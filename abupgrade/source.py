@@ -48,6 +48,11 @@ def open_source(spec: str, *, timeout: float = TIMEOUT,
         yield handle
 
 
+def source_is_remote(spec: str) -> bool:
+    """Whether reading the image at `spec` costs network (stdin counts: it came from outside)."""
+    return spec == "-" or urllib.parse.urlsplit(spec).scheme.lower() in ("http", "https", "oci")
+
+
 def _open_url(url: str, timeout: float) -> BinaryIO:
     host = urllib.parse.urlsplit(url).netloc
     request = urllib.request.Request(url, headers={"User-Agent": "abupgrade"})

@@ -36,6 +36,7 @@ class EventName(enum.StrEnum):
 
     INSTALLED = "installed"  # an image was written and read back; the slot is not armed yet
     INSTALL_FAILED = "install-failed"
+    DELTA_FALLBACK = "delta-fallback"  # the delta path gave up; the whole image is applied
     INTERRUPTED = "interrupted"
     TRIAL_ARMED = "trial-armed"
     TRIAL_BOOT = "trial-boot"  # the boot hook runs the checks of a trial boot

@@ -35,12 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixtures import pyguest  # noqa: E402
+from fixtures.images import (  # noqa: E402
+    RELEASE_HASH_SEED,
+    RELEASE_TIME,
+    RELEASE_UUID,
+    release_image,
+)
 
 PACKAGES = ("libssl3",)  # a security update that changes one shared library
 SIZE = 512 << 20
-UUID = "6b0c1c1e-0d2a-4d44-9a3c-5b1f0e2d7a11"
-HASH_SEED = "3d0e5a58-6f5e-4f1c-8d2b-0c9a7e4b1f22"
-FAKE_TIME = "1700000000"
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,7 @@ def _run(argv: Sequence[str | Path], *, cwd: Path | None = None,
 
 def mkfs(image: Path, tree: Path) -> None:
     """A reproducible ext4 of `tree`: same tree, same bytes."""
-    with image.open("wb") as f:
-        f.truncate(SIZE)
-    _run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "rootfs", "-U", UUID,
-          "-E", f"hash_seed={HASH_SEED},root_owner=0:0", "-d", tree, image],
-         env={**os.environ, "E2FSPROGS_FAKE_TIME": FAKE_TIME})
+    release_image(image, tree, SIZE)
 
 
 def download(packages: Sequence[str], into: Path, base: Path) -> dict[str, Path]:
@@ -125,8 +124,8 @@ def mounted(image: Path, where: Path) -> Iterator[Path]:
 
 
 def key(packages: Sequence[str]) -> str:
-    recipe = {"base": pyguest.recipe(), "packages": sorted(packages), "size": SIZE, "uuid": UUID,
-              "seed": HASH_SEED, "time": FAKE_TIME, "format": 1}
+    recipe = {"base": pyguest.recipe(), "packages": sorted(packages), "size": SIZE,
+              "uuid": RELEASE_UUID, "seed": RELEASE_HASH_SEED, "time": RELEASE_TIME, "format": 1}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -25,6 +25,7 @@ from abupgrade.results import (
     SlotStatus,
     SlotVersion,
     Status,
+    Traffic,
 )
 from abupgrade.state import Event, EventName
 from fixtures.images import keypair
@@ -76,7 +77,8 @@ def test_history_event() -> None:
          {"time": "t", "event": "from-a-later-version", "slot": None, "version": None,
           "detail": ""})
     assert [str(e) for e in EventName] == [
-        "installed", "install-failed", "interrupted", "trial-armed", "trial-boot", "committed",
+        "installed", "install-failed", "delta-fallback", "interrupted", "trial-armed",
+        "trial-boot", "committed",
         "rolled-back", "fallback", "manual-rollback", "marked-bad", "repaired", "hook-failed"]
 
 
@@ -84,9 +86,14 @@ def test_apply() -> None:
     dry = Installed(Slot.B, "2.0", "acme-box", 0, dry_run=True)
     same(dry, {"slot": "B", "version": "2.0", "compatible": "acme-box", "written": 0,
                "dry_run": True})
-    armed = Installed(Slot.B, "2.0", "acme-box", 4096, dry_run=False, seconds=1.25, tries=3)
+    traffic = Traffic(downloaded=1000, written=3000, reused_from_target=5000,
+                      copied_from_active=7000, delta="delta")
+    armed = Installed(Slot.B, "2.0", "acme-box", 4096, dry_run=False, seconds=1.25, tries=3,
+                      traffic=traffic)
     same(armed, {"slot": "B", "version": "2.0", "compatible": "acme-box", "written": 4096,
-                 "dry_run": False, "seconds": 1.25, "tries": 3})
+                 "dry_run": False, "seconds": 1.25, "tries": 3, "bytes_downloaded": 1000,
+                 "bytes_written": 3000, "bytes_reused_from_target": 5000,
+                 "bytes_copied_from_active": 7000, "update": "delta"})
 
 
 def test_small_results() -> None:

@@ -114,6 +114,10 @@ class BlockCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(self._path(sha256), blocks.serialize())
 
+    def forget(self, sha256: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(sha256).unlink()
+
     def prune(self, keep: Iterable[str | None]) -> None:
         """Remove the entries of images no slot holds any more."""
         wanted = {f"{sha}.blocks" for sha in keep if sha}

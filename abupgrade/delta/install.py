@@ -98,6 +98,12 @@ class Delta:
         assert self._assembler is not None, "pieces() first"
         return self._assembler
 
+    def forget_stale(self) -> None:
+        """After the delta gave up: drop the cached digests of a slot that proved stale."""
+        stale = self._assembler.tally.stale if self._assembler is not None else {}
+        if "active" in stale and self.active is not None and self.active.sha256:
+            self.cache.forget(self.active.sha256)
+
     def done(self) -> None:
         """After the slot was written and read back: keep its digests, forget stale ones."""
         assembler = self.assembler
