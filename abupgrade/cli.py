@@ -206,13 +206,16 @@ def image_build(
     kernel: Annotated[Path | None, typer.Option(help="Kernel, installed on the boot partition.")] = None,
     initrd: Annotated[Path | None, typer.Option(help="Initrd, installed beside the kernel.")] = None,
     compress: Annotated[str, typer.Option(help="none, gzip, xz or zstd.")] = "none",
+    index: Annotated[bool, typer.Option(
+        "--index/--no-index", help="Add the chunk index delta updates use (with none or zstd); "
+        "--no-index makes an image that abupgrade before delta updates reads.")] = True,
 ) -> None:
     """Make a signed image from a root filesystem image (and optional kernel and initrd)."""
     g = _globals(ctx)
     with progress_for(g) as progress:
         info = ops.image_build(rootfs=rootfs, version=version, compatible=compatible,
                                signing_keys=key, output=output, kernel=kernel, initrd=initrd,
-                               compression=compress, progress=progress)
+                               compression=compress, index=index, progress=progress)
     emit(g, info, f"wrote {output}: version {version} for {compatible}, "
          f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 

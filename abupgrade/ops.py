@@ -64,13 +64,13 @@ def keygen(prefix: Path) -> KeyPair:
 
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
-                progress: Progress) -> ImageInfo:
-    for key in signing_keys:
-        warning = keys.permission_warning(key)
-        if warning:
-            print(f"abupgrade: warning: {warning}", file=sys.stderr)
+                progress: Progress, index: bool = True) -> ImageInfo:
+    warnings = [keys.permission_warning(key) for key in signing_keys]
+    warnings += image_builder.rootfs_warnings(rootfs, compression, index)
+    for warning in filter(None, warnings):
+        print(f"abupgrade: warning: {warning}", file=sys.stderr)
     image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
-                        initrd=initrd, compression=compression, progress=progress)
+                        initrd=initrd, compression=compression, index=index, progress=progress)
     with open_source(str(output)) as stream:
         return inspect(stream, None)
 

@@ -73,3 +73,21 @@ def test_install_hook_into_a_root(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "etc/inittab").read_text() == first  # no second hook line
     assert run_cli("install-hook", "--root", str(tmp_path), "--init", "upstart").returncode == 2
+
+
+def test_image_build_warns_and_builds_without_an_index_on_request(tmp_path: Path) -> None:
+    from fixtures.guest import make_ext4_image
+
+    key = keypair(tmp_path)
+    rootfs = make_ext4_image(tmp_path / "small.ext4", None, 8 << 20, "r", block_size=1024)
+    out = tmp_path / "image.tar"
+    args = ("image", "build", "--rootfs", str(rootfs), "--version", "1", "--compatible", "box",
+            "--key", str(key.private), "-o", str(out), "--compress", "zstd")
+    proc = run_cli(*args)
+    assert proc.returncode == 0 and "1024-byte blocks" in proc.stderr, proc.stderr
+    inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
+    assert inspected["format"] == 2
+    proc = run_cli(*args, "--no-index")
+    assert proc.returncode == 0, proc.stderr
+    inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
+    assert inspected["format"] == 1 and [p["name"] for p in inspected["payloads"]] == ["rootfs"]
