@@ -210,16 +210,16 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for scenario in filter(None, args.scenario.split(",")):
             for target in filter(None, args.target.split(",")):
-                report[f"{scenario}/{target}"] = bench(work, scenario, target, skip, gaps)
+                name = f"{scenario}/{target}"
+                report[name] = figures = bench(work, scenario, target, skip, gaps)
+                if not args.json:
+                    print_table(name, figures)  # as soon as they are known
     if args.json:
         print(json.dumps(report, indent=2))
-        return
-    for name, figures in report.items():
-        assert isinstance(figures, dict)
-        print_table(name, figures)
 
 
 def print_table(name: str, figures: dict[str, object]) -> None:
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     fl = figures["floor"]
     assert isinstance(fl, dict)
     print(f"\n{name}: v2 blocks in neither slot {fl['missing_blocks'] * BLOCK / MiB:.1f} MiB "
@@ -232,7 +232,7 @@ def print_table(name: str, figures: dict[str, object]) -> None:
         r = Result(**value)
         print(f"{tool:18} {r.downloaded / MiB:15.2f} {r.downloaded / int(str(fl['zstd19'])):10.2f} "
               f"{r.written / MiB:12.1f} {r.written / changed:9.2f} {r.seconds:8.2f} "
-              f"{r.requests or '':>9}")
+              f"{r.requests or '':>9}", flush=True)
 
 
 def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
