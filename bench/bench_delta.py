@@ -2,23 +2,26 @@
 casync and zchunk, and the physical floor.
 
 The releases are bench/releases.py's: a Debian rootfs (v1) and the same after a security
-update (v2), `rebuilt` by mkfs or updated `in-place`. Every tool updates the same loop
-partition - slot B of a disk made by `abupgrade disk init --image v1` (slot A active, v1) -
-which holds v1 too (`--target v1`, a machine whose other slot has the previous release) or
-nothing (`--target empty`). Measured per tool:
+update (v2), `rebuilt` by mkfs or updated `in-place`. Every tool updates slot B of a fresh
+copy of one disk made by `abupgrade disk init --image v1` (slot A committed and running),
+where slot B holds v1 too, installed by abupgrade (`--target v1`), or was never written
+(`--target empty`). Measured per tool:
 
 - downloaded: every byte the server sent, counted by a TCP proxy in front of it (headers
-  included; each tool's server-side index and chunks too);
-- written: sectors the kernel wrote to slot B (/sys/block/.../stat), in bytes;
-- seconds: wall time of the client's whole job (for zchunk: making the seed's header, the
-  download, unzck and the copy to the slot);
-- the slot's sha256 after the run must be v2's.
+  included; each tool's index, chunk lists and chunks);
+- written: sectors the kernel wrote to slot B (/sys/class/block/.../stat), in bytes;
+- seconds: wall time of the client's whole job (for abupgrade the `apply` command: start,
+  signature, policy, the slot read back, the trial armed; for zchunk: making the seed's
+  header, the download, unzck and the copy to the slot);
+- then the slot's sha256 must be v2's.
 
-Tools: `abupgrade delta` (oci://, a local docker-registry), `abupgrade full` (the same image
-streamed whole), `casync extract --seed=SLOT_A` (store over HTTP; casync also seeds from
-what the output already holds), `zckdl -s SEED.zck` (SEED.zck made from slot A on the
-client, the way SWUpdate's delta handler does). Floors: bytes of v2 in neither slot, zstd -19
-(and -3); blocks of v2 that differ from slot B's.
+Tools: `abupgrade delta` (`apply oci://...` of an image with its index, slot A's block digests
+cached as a first delta leaves them), `abupgrade delta, slots read` (no cache: the slots are
+read first), `abupgrade full` (`apply` of the same release built `--no-index`, as before delta
+updates), `casync extract --seed=SLOT_A` (store over HTTP; casync also seeds from what the
+output holds), `zckdl -s SEED.zck` (SEED.zck made from slot A on the client, as SWUpdate's
+delta handler does). Floors: the bytes of v2 in neither slot, zstd -19 (and -3); the blocks
+of v2 that differ from slot B's.
 
     python bench/bench_delta.py [--scenario rebuilt,in-place] [--target v1,empty]
                                 [--skip casync,zchunk,full] [--workdir DIR] [--json]
@@ -49,16 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from releases import releases  # noqa: E402
 
 from abupgrade import oci  # noqa: E402
-from abupgrade.delta.blocks import BlockCache  # noqa: E402
-from abupgrade.delta.image import IndexedImage  # noqa: E402
+from abupgrade.delta.blocks import BlockCache, read_slot  # noqa: E402
 from abupgrade.delta.index import BLOCK  # noqa: E402
-from abupgrade.delta.install import Delta, SlotSource  # noqa: E402
-from abupgrade.delta.remote import OciRanges  # noqa: E402
-from abupgrade.image.keys import Keyring  # noqa: E402
+from abupgrade.delta.install import BLOCKS_FOLDER  # noqa: E402
+from abupgrade.image import build  # noqa: E402
 from abupgrade.model import Slot  # noqa: E402
 from fixtures.files import serve  # noqa: E402
-from fixtures.images import keypair, signed_image  # noqa: E402
-from fixtures.machine import running_machine  # noqa: E402
+from fixtures.images import KeyPair, keypair  # noqa: E402
+from fixtures.machine import Machine, running_machine  # noqa: E402
 from fixtures.registry import CuttingProxy, registry  # noqa: E402
 
 MiB = 1 << 20
@@ -145,42 +146,48 @@ def measure(device: Path, proxy: CuttingProxy, job: Callable[[], int]) -> Result
 # ------------------------------------------------------------------ the tools
 
 
-def abupgrade_delta(reference: str, keyring: Keyring, state: Path, active: SlotSource,
-                    target: SlotSource, gap: int | None = None) -> int:
-    """The delta path in this process: plan, assemble, write what differs, read back.
-    (Until apply drives it, this bench writes the pieces itself, comparing before writing.)"""
-    ranges = OciRanges(reference)
-    if gap is not None:
-        ranges.gap = gap
-    image = IndexedImage(ranges, keyring)
-    delta = Delta(image, BlockCache(state / "blocks"), target=target, active=active)
-    plan = delta.plan()
-    fd = os.open(target.device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        at = 0
-        for piece in delta.pieces(plan):
-            data = piece.data
-            if not piece.in_place:
-                for block in range(0, len(data), BLOCK):
-                    new = data[block:block + BLOCK]
-                    if os.pread(fd, len(new), at + block) != new:
-                        os.pwrite(fd, new, at + block)
-            at += len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    delta.done()
-    return ranges.requests
+def apply_cli(machine: Machine, spec: str) -> dict[str, object]:
+    """`abupgrade apply --json SPEC` on the machine, then the trial ended (for the next run)."""
+    proc = machine.cli("apply", "--json", spec)
+    if proc.returncode != 0:
+        raise SystemExit(f"abupgrade apply {spec} failed: {proc.stderr}")
+    result: dict[str, object] = json.loads(proc.stdout)
+    machine.cli("mark-bad", "B")
+    return result
+
+
+def template(work: Path, v1_tar: Path, signer: KeyPair, size: int, slot_b: str) -> Path:
+    """A disk made by `disk init --image v1` (A committed); slot B holds v1 too (installed by
+    abupgrade, its trial ended) or nothing. Slot A's block digests are in the cache, as the
+    first delta apply after installing v1 leaves them."""
+    disk = work / f"template-{slot_b}.img"
+    if disk.exists():
+        return disk
+    building = disk.with_suffix(".building")
+    run([sys.executable, "-m", "abupgrade", "disk", "init", str(building), "--bootloader", "grub",
+         "--size", str(2 * size + 512 * MiB), "--slot-size", str(size), "--image", str(v1_tar),
+         "--pubkey", str(signer.public), "--force"])
+    with running_machine(building, work / "machine", booted=Slot.A) as machine:
+        if slot_b == "v1":
+            apply_cli(machine, str(v1_tar))  # a delta from the local file: leaves the caches
+        else:
+            state = json.loads((machine.config.state_dir / "state.json").read_text())
+            sha = state["slots"]["A"]["sha256"]
+            BlockCache(machine.config.state_dir / BLOCKS_FOLDER).save(
+                sha, read_slot(machine.device(Slot.A), size))
+    building.rename(disk)
+    return disk
 
 
 @contextlib.contextmanager
-def slot_b_as(device: Path, content: Path | None, size: int) -> Iterator[None]:
-    """Put v1 (or zeros) into slot B before a run."""
-    if content is None:
-        run(["blkdiscard", "-z", "-l", str(size), str(device)])
-    else:
-        run(["dd", f"if={content}", f"of={device}", "bs=4M", "conv=fsync", "status=none"])
-    yield
+def fresh(work: Path, disk: Path, *, cached: bool = True) -> Iterator[Machine]:
+    """A copy of the template disk, running from slot A."""
+    copy = work / "disk.img"
+    run(["cp", "--sparse=always", str(disk), str(copy)])
+    with running_machine(copy, work / "machine", booted=Slot.A) as machine:
+        if not cached:
+            shutil.rmtree(machine.config.state_dir / BLOCKS_FOLDER, ignore_errors=True)
+        yield machine
 
 
 def main() -> None:
@@ -189,11 +196,8 @@ def main() -> None:
     parser.add_argument("--target", default="v1,empty")
     parser.add_argument("--skip", default="", help="comma list of: full, casync, zchunk")
     parser.add_argument("--workdir", type=Path, help="keeps built images between runs")
-    parser.add_argument("--gaps", default="", help="also run the delta merging ranges this "
-                        "close (comma list of bytes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    gaps = [int(g) for g in filter(None, args.gaps.split(","))]
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root for loop devices")
     skip = set(filter(None, args.skip.split(",")))
@@ -211,7 +215,7 @@ def main() -> None:
         for scenario in filter(None, args.scenario.split(",")):
             for target in filter(None, args.target.split(",")):
                 name = f"{scenario}/{target}"
-                report[name] = figures = bench(work, scenario, target, skip, gaps)
+                report[name] = figures = bench(work, scenario, target, skip)
                 if not args.json:
                     print_table(name, figures)  # as soon as they are known
     if args.json:
@@ -233,105 +237,94 @@ def print_table(name: str, figures: dict[str, object]) -> None:
         print(f"{tool:18} {r.downloaded / MiB:15.2f} {r.downloaded / int(str(fl['zstd19'])):10.2f} "
               f"{r.written / MiB:12.1f} {r.written / changed:9.2f} {r.seconds:8.2f} "
               f"{r.requests or '':>9}", flush=True)
+    reported = figures.get("reported")
+    assert isinstance(reported, dict)
+    for tool, result in reported.items():
+        keys = ("bytes_downloaded", "bytes_written", "bytes_reused_from_target",
+                "bytes_copied_from_active")
+        print(f"  {tool} says: " + ", ".join(f"{k[6:]} {result.get(k, 0) / MiB:.1f} MiB"
+                                              for k in keys) + f", update {result.get('update')}")
 
 
-def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
-          gaps: list[int]) -> dict[str, object]:
+def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[str, object]:
     made = releases()
     v1, v2 = made.v1, {"rebuilt": made.rebuilt, "in-place": made.in_place}[scenario]
     size = v1.stat().st_size
     signer = keypair(work / "keys")
     v1_tar, v2_tar = work / "v1.tar", work / f"v2-{scenario}.tar"
-    for tar, img, version in ((v1_tar, v1, "1.0"), (v2_tar, v2, "2.0")):
+    full_tar = work / f"v2-{scenario}-full.tar"
+    for tar, img, version, index in ((v1_tar, v1, "1.0", True), (v2_tar, v2, "2.0", True),
+                                     (full_tar, v2, "2.0", False)):
         if not tar.exists():
-            signed_image(tar, img, signer, version=version, compatible=COMPATIBLE,
-                         compression="zstd")
+            build.build(img, version, COMPATIBLE, [signer.private], tar, compression="zstd",
+                        index=index)
     v2_sha = sha256_of(v2, size)
+    disk = template(work, v1_tar, signer, size, target_kind)
     tools: dict[str, Result] = {}
+    reported: dict[str, dict[str, object]] = {}
     with contextlib.ExitStack() as stack:
         reg = stack.enter_context(registry(work / f"registry-{scenario}-{target_kind}"))
-        reference = f"oci://{reg.host}/bench/os:2.0"
-        oci.push(v2_tar, reference)
+        oci.push(v2_tar, f"oci://{reg.host}/bench/os:2.0")
+        oci.push(full_tar, f"oci://{reg.host}/bench/os:2.0-full")
         port = int(reg.host.rsplit(":", 1)[1])
         proxy = stack.enter_context(CuttingProxy(port, after=0, cuts=0))
-        via_proxy = f"oci://{proxy.host}/bench/os:2.0"
-        disk = work / "disk.img"
-        run([sys.executable, "-m", "abupgrade", "disk", "init", str(disk), "--bootloader", "grub",
-             "--size", str(2 * size + 512 * MiB), "--slot-size", str(size), "--image", str(v1_tar),
-             "--pubkey", str(signer.public), "--force"])
-        machine = stack.enter_context(running_machine(disk, work / "machine", booted=Slot.A))
-        dev_a, dev_b = machine.device(Slot.A), machine.device(Slot.B)
-        keyring = Keyring.from_files([signer.public])
-        v1_sha = sha256_of(v1, size)
-        content = v1 if target_kind == "v1" else None
-        with slot_b_as(dev_b, content, size):
-            fl = floor(v1, v2, dev_b, size)
 
-        def check(tool: str) -> None:
-            if sha256_of(dev_b, size) != v2_sha:
+        def check(tool: str, machine: Machine) -> None:
+            if sha256_of(machine.device(Slot.B), size) != v2_sha:
                 raise SystemExit(f"{tool} left slot B different from v2")
 
-        state = work / f"state-{scenario}-{target_kind}"
-        shutil.rmtree(state, ignore_errors=True)
-        with slot_b_as(dev_b, content, size):
-            target = SlotSource(dev_b, v1_sha if content else None)
-            tools["abupgrade delta"] = measure(dev_b, proxy, lambda: abupgrade_delta(
-                via_proxy, keyring, state, SlotSource(dev_a, v1_sha), target))
-        check("abupgrade delta")
-        with slot_b_as(dev_b, content, size):
-            target = SlotSource(dev_b, v1_sha if content else None)
-            tools["abupgrade delta (cached)"] = measure(dev_b, proxy, lambda: abupgrade_delta(
-                via_proxy, keyring, state, SlotSource(dev_a, v1_sha), target))
-        check("abupgrade delta (cached)")
-        for gap in gaps:
-            with slot_b_as(dev_b, content, size):
-                target = SlotSource(dev_b, v1_sha if content else None)
-                tools[f"abupgrade gap={gap}"] = measure(
-                    dev_b, proxy, functools.partial(abupgrade_delta, via_proxy, keyring, state,
-                                                    SlotSource(dev_a, v1_sha), target, gap))
+        with fresh(work, disk) as machine:
+            fl = floor(v1, v2, machine.device(Slot.B), size)
+        runs = [("abupgrade delta", "2.0", True), ("abupgrade delta, slots read", "2.0", False)]
         if "full" not in skip:
-            with slot_b_as(dev_b, content, size):
-                def full() -> int:
-                    proc = machine.cli("--quiet", "apply", via_proxy)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"abupgrade apply failed: {proc.stderr}")
-                    machine.cli("--quiet", "mark-bad", "B")
-                    return 0
-                tools["abupgrade full"] = measure(dev_b, proxy, full)
-            check("abupgrade full")
+            runs.append(("abupgrade full", "2.0-full", True))
+        for name, tag, cached in runs:
+            with fresh(work, disk, cached=cached) as machine:
+                spec = f"oci://{proxy.host}/bench/os:{tag}"
+                tools[name] = measure(machine.device(Slot.B), proxy, functools.partial(
+                    _abupgrade, machine, spec, reported.setdefault(name, {}), proxy))
+                check(name, machine)
         files = work / f"served-{scenario}"
+        files.mkdir(exist_ok=True)
         if "casync" not in skip:
             if not (files / "v2.caibx").exists():
-                files.mkdir(exist_ok=True)
                 run(["casync", "make", f"--store={files / 'store'}", str(files / "v2.caibx"), str(v2)])
-            with serve(files) as server, CuttingProxy(server.port, after=0, cuts=0) as fproxy, \
-                    slot_b_as(dev_b, content, size):
+            with fresh(work, disk) as machine, serve(files) as server, \
+                    CuttingProxy(server.port, after=0, cuts=0) as fproxy:
                 url = f"http://{fproxy.host}"
-                tools["casync"] = measure(dev_b, fproxy, lambda: _casync(url, dev_a, dev_b, server))
-            check("casync")
+                tools["casync"] = measure(machine.device(Slot.B), fproxy, functools.partial(
+                    _casync, url, machine.device(Slot.A), machine.device(Slot.B), fproxy))
+                check("casync", machine)
         if "zchunk" not in skip:
             if not (files / "v2.zck").exists():
-                files.mkdir(exist_ok=True)
                 run(["zck", "-o", str(files / "v2.zck"), str(v2)])
-            with serve(files) as server, CuttingProxy(server.port, after=0, cuts=0) as fproxy, \
-                    slot_b_as(dev_b, content, size):
+            with fresh(work, disk) as machine, serve(files) as server, \
+                    CuttingProxy(server.port, after=0, cuts=0) as fproxy:
                 url = f"http://{fproxy.host}/v2.zck"
-                tools["zchunk"] = measure(dev_b, fproxy, lambda: _zchunk(url, dev_a, dev_b, work,
-                                                                        server))
-            check("zchunk")
+                tools["zchunk"] = measure(machine.device(Slot.B), fproxy, functools.partial(
+                    _zchunk, url, machine.device(Slot.A), machine.device(Slot.B), work, fproxy))
+                check("zchunk", machine)
     return {"floor": asdict(fl), "tools": {name: asdict(r) for name, r in tools.items()},
-            "image_bytes": v2_tar.stat().st_size}
+            "reported": reported, "image_bytes": v2_tar.stat().st_size,
+            "full_image_bytes": full_tar.stat().st_size}
 
 
-def _casync(url: str, dev_a: Path, dev_b: Path, server: object) -> int:
-    before = getattr(server, "requests", 0)
+def _abupgrade(machine: Machine, spec: str, report: dict[str, object],
+               proxy: CuttingProxy) -> int:
+    before = proxy.requests
+    report.update(apply_cli(machine, spec))
+    return proxy.requests - before
+
+
+def _casync(url: str, dev_a: Path, dev_b: Path, proxy: CuttingProxy) -> int:
+    before = proxy.requests
     run(["casync", "extract", f"--store={url}/store", f"--seed={dev_a}", f"{url}/v2.caibx",
          str(dev_b)])
-    return int(getattr(server, "requests", 0)) - int(before)
+    return proxy.requests - before
 
 
-def _zchunk(url: str, dev_a: Path, dev_b: Path, work: Path, server: object) -> int:
-    before = getattr(server, "requests", 0)
+def _zchunk(url: str, dev_a: Path, dev_b: Path, work: Path, proxy: CuttingProxy) -> int:
+    before = proxy.requests
     scratch = work / "zchunk"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
@@ -343,7 +336,7 @@ def _zchunk(url: str, dev_a: Path, dev_b: Path, work: Path, server: object) -> i
     if unzck.wait() != 0 or dd.returncode != 0:
         raise SystemExit("unzck | dd failed")
     shutil.rmtree(scratch)
-    return int(getattr(server, "requests", 0)) - int(before)
+    return proxy.requests - before
 
 
 if __name__ == "__main__":
