@@ -23,7 +23,7 @@ from abupgrade.delta.image import IndexedImage
 from abupgrade.delta.index import ChunkTable, block_digests, short_hash
 from abupgrade.delta.plan import Plan, Source, Step
 from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError
-from abupgrade.image.compress import decompress_chunk
+from abupgrade.image.compress import decompress_frame
 from abupgrade.image.manifest import Compression
 from abupgrade.progress import NullProgress, Progress
 
@@ -179,7 +179,7 @@ class Assembler:
         if self.image.manifest.slot.compression is Compression.NONE:
             return stored
         try:
-            return decompress_chunk(stored, length)
+            return decompress_frame(stored, length, f"chunk {chunk}")
         except ImageRejected as exc:
             raise DeltaFailed(f"chunk {chunk} of the image: {exc.message}") from None
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import zstandard
 
 from abupgrade.errors import ImageRejected
+from abupgrade.image.compress import decompress_frame
 
 BLOCK = 4096
 CHUNK_BLOCKS = 4  # 16 KiB chunks: the best download for realistic updates (see bench/README.md)
@@ -60,17 +61,6 @@ def chunk_id(data: bytes | bytearray | memoryview) -> bytes:
     return short_hash(b"".join(block_digests(data)))
 
 
-def _unzstd(data: bytes, size: int, what: str) -> bytes:
-    try:
-        reader = zstandard.ZstdDecompressor(max_window_size=1 << 25).decompressobj()
-        body = reader.decompress(data)
-    except zstandard.ZstdError as e:
-        raise ImageRejected(f"{what}: corrupt ({e})") from None
-    if len(body) != size or not reader.eof or reader.unused_data:
-        raise ImageRejected(f"{what}: its length is wrong")
-    return body
-
-
 def _u32s(data: bytes) -> array.array[int]:
     return array.array("I", struct.unpack(f"<{len(data) // 4}I", data))
 
@@ -90,7 +80,7 @@ class ChunkTable:
 
     @classmethod
     def parse(cls, data: bytes, count: int) -> ChunkTable:
-        body = _unzstd(data, count * (ID_BYTES + 4), "a chunk table")
+        body = decompress_frame(data, count * (ID_BYTES + 4), "a chunk table")
         return cls(body[:count * ID_BYTES], _u32s(body[count * ID_BYTES:]))
 
 
@@ -226,7 +216,7 @@ def parse(data: bytes, *, payload_size: int) -> Index:
     if body_size != len(data) - _HEADER.size:
         raise ImageRejected("the index body has the wrong length")
     groups = -(-size // (block * chunk_blocks * group_chunks))
-    body = _unzstd(data[_HEADER.size:], groups * _ENTRY, "the index")
+    body = decompress_frame(data[_HEADER.size:], groups * _ENTRY, "the index")
     ids, hashes, stored, sizes = [], [], [], []
     for g in range(groups):
         entry = body[g * _ENTRY:(g + 1) * _ENTRY]

@@ -68,15 +68,15 @@ def compress_chunks(chunks: Sequence[bytes], level: int = CHUNK_LEVEL) -> list[b
     return [frames[i].tobytes() for i in range(len(chunks))]
 
 
-def decompress_chunk(frame: bytes, size: int) -> bytes:
-    """The `size` bytes one chunk frame holds, or ImageRejected."""
+def decompress_frame(frame: bytes, size: int, what: str) -> bytes:
+    """The `size` bytes one zstd frame holds (a chunk, an index), or ImageRejected."""
     reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
     try:
         data = reader.decompress(frame)
     except zstandard.ZstdError as e:
-        raise ImageRejected(f"corrupt zstd chunk ({e})") from None
+        raise ImageRejected(f"{what}: corrupt zstd frame ({e})") from None
     if len(data) != size or not reader.eof or reader.unused_data:
-        raise ImageRejected(f"a zstd chunk holds {len(data)} bytes where {size} belong")
+        raise ImageRejected(f"{what} holds {len(data)} bytes where {size} belong")
     return data
 
 
