@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,7 +137,9 @@ def test_refusals_leave_slot_and_bootloader_untouched(
 
     tampered = tmp_path / "tampered.tar"
     data = bytearray(make_image("2.0").read_bytes())
-    data[len(data) // 2] ^= 0x01  # one bit in the middle of the rootfs payload
+    with tarfile.open(make_image("2.0")) as archive:
+        at = archive.getmember("rootfs").offset_data
+    data[at + 1100] ^= 0x01  # one bit of the rootfs' superblock: a byte the update needs
     tampered.write_bytes(data)
     before_boot = boot_state(ab_disk)
     proc = run_cli("--disk", str(ab_disk), "apply", str(tampered))
