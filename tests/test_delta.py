@@ -451,3 +451,10 @@ def test_https_ranges_with_a_private_ca(tmp_path: Path, monkeypatch: pytest.Monk
         monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca))
         ranges = HttpRanges(f"{server.url}/image.tar")
         assert list(ranges.fetch([(5, 10), (40000, 100)])) == [data[5:15], data[40000:40100]]
+
+
+def test_a_slot_smaller_than_the_payload_is_read_as_far_as_it_goes(tmp_path: Path) -> None:
+    slot = tmp_path / "small.img"
+    slot.write_bytes(os.urandom(3 * BLOCK))
+    blocks = read_slot(slot, 10 * BLOCK)
+    assert (blocks.size, blocks.count) == (3 * BLOCK, 3)
