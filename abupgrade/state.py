@@ -37,6 +37,7 @@ class SlotRecord:
     version: str | None = None
     installed: str | None = None
     sha256: str | None = None
+    security_floor: str | None = None  # the installed image's: the floor once it is committed
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class State:
         default_factory=lambda: {slot: SlotRecord() for slot in Slot}
     )
     trial: Trial | None = None
+    # Raised when a slot whose image declares a floor is committed; never lowered. Lives here,
+    # on storage both slots share, because the configuration may be part of a slot's image.
+    security_floor: str | None = None
 
     def with_slot(self, slot: Slot, **changes: Any) -> State:
         slots = dict(self.slots)
@@ -75,10 +79,12 @@ class State:
             "format": FORMAT,
             "slots": {
                 str(slot): {"state": str(rec.state), "version": rec.version,
-                            "installed": rec.installed, "sha256": rec.sha256}
+                            "installed": rec.installed, "sha256": rec.sha256,
+                            "security_floor": rec.security_floor}
                 for slot, rec in self.slots.items()
             },
             "trial": trial,
+            "security_floor": self.security_floor,
         }
 
     @classmethod
@@ -91,6 +97,7 @@ class State:
             slots[slot] = SlotRecord(
                 state=SlotState(rec["state"]), version=_opt_str(rec.get("version")),
                 installed=_opt_str(rec.get("installed")), sha256=_opt_str(rec.get("sha256")),
+                security_floor=_opt_str(rec.get("security_floor")),
             )
         trial = None
         if raw.get("trial") is not None:
@@ -100,7 +107,7 @@ class State:
                 previous=_opt_str(t.get("previous")), armed=str(t["armed"]),
                 phase=str(t.get("phase", "armed")), boots=int(t.get("boots", 0)),
             )
-        return cls(slots=slots, trial=trial)
+        return cls(slots=slots, trial=trial, security_floor=_opt_str(raw.get("security_floor")))
 
 
 def _opt_str(value: Any) -> str | None:

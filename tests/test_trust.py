@@ -232,3 +232,24 @@ def test_manifest_security_floor(keyring_dir: Path, sign: Callable[..., Path]) -
     doc = plain.to_json() | {"security_floor": ["1"]}
     with pytest.raises(ImageRejected, match="security_floor must be a string"):
         manifest.parse(manifest.canonical_json(doc))
+
+
+# ------------------------------------------------------------------ registry files
+
+
+def test_registry_credentials_and_ca_file_are_trust_deciding(tmp_path: Path) -> None:
+    from abupgrade.config import RegistryConfig
+    from abupgrade.oci.client import Registry, load_credentials
+    from fixtures.registry import auth_file
+
+    creds = auth_file(tmp_path / "auth.json", "registry.test", "ci", "s3cret")
+    assert load_credentials(creds, "registry.test") is not None
+    creds.chmod(0o620)
+    with pytest.raises(UnsafePath, match="registry credentials .* writable by group") as caught:
+        load_credentials(creds, "registry.test")
+    assert caught.value.hint == f"chmod go-w {creds}"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not even a certificate\n")
+    ca.chmod(0o666)
+    with pytest.raises(UnsafePath, match="registry CA file"):
+        Registry("registry.test", RegistryConfig(ca_file=ca))._tls()
