@@ -24,6 +24,7 @@ import enum
 import os
 import pwd
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from abupgrade.errors import UsageError
@@ -136,3 +137,28 @@ def check(path: Path, what: str, kind: Kind) -> Path | None:
     if kind is not Kind.FOLDER and not stat.S_ISREG(mode):
         raise refuse(current, "is not a regular file", f"make {path} a regular file")
     return real
+
+
+def executables(folder: Path, what: str) -> Iterator[tuple[Path, UnsafePath | None]]:
+    """The executables of `folder` in name order (dot files left out), each with its refusal
+    when it fails the strict-mode check, else None. A folder that fails it comes back as one
+    refused entry, and none of its executables. A missing folder has none."""
+    try:
+        real = check(folder, f"{what} folder", Kind.FOLDER)
+    except UnsafePath as refusal:
+        yield folder, refusal
+        return
+    if real is None:
+        return
+    for entry in sorted(real.iterdir()):
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111 or entry.name.startswith("."):
+            continue
+        try:
+            if check(entry, what, Kind.EXECUTABLE) is not None:
+                yield entry, None
+        except UnsafePath as refusal:
+            yield entry, refusal

@@ -253,3 +253,25 @@ def test_registry_credentials_and_ca_file_are_trust_deciding(tmp_path: Path) -> 
     ca.chmod(0o666)
     with pytest.raises(UnsafePath, match="registry CA file"):
         Registry("registry.test", RegistryConfig(ca_file=ca))._tls()
+
+
+# ------------------------------------------------------------------ folders of executables
+
+
+def test_executables_are_listed_with_their_refusals(tmp_path: Path) -> None:
+    folder = tmp_path / "required.d"
+    assert list(trust.executables(folder, "health check")) == []  # missing: nothing to run
+    folder.mkdir(mode=0o755)
+    for name, mode in (("10-ok", 0o755), ("20-writable", 0o757), ("30-data", 0o644),
+                       (".hidden", 0o755)):
+        (folder / name).write_text("#!/bin/sh\n")
+        (folder / name).chmod(mode)
+    found = list(trust.executables(folder, "health check"))
+    assert [(p.name, e is None) for p, e in found] == [("10-ok", True), ("20-writable", False)]
+    refusal = found[1][1]
+    assert refusal is not None and refusal.hint == f"chmod go-w {folder / '20-writable'}"
+    assert refusal.message.startswith(f"refusing health check {folder / '20-writable'}: ")
+    folder.chmod(0o777)
+    found = list(trust.executables(folder, "health check"))
+    assert len(found) == 1 and found[0][0] == folder and found[0][1] is not None
+    assert "refusing health check folder" in found[0][1].message
