@@ -94,7 +94,9 @@ def test_sticky_folders_pass_on_the_way_only_to_entries_of_root(tree: Path) -> N
     etc.chmod(0o1777)
     assert trust.check(etc / "keys/a.pub", "key", Kind.FILE) == etc / "keys/a.pub"
     assert "does not exist yet" in refused(etc / "missing").message  # anyone could make it
-    assert refused(etc, Kind.FOLDER).hint == f"chmod go-w {etc}"  # a listed folder: never
+    listed = refused(etc, Kind.FOLDER)  # a folder whose entries are trusted: never
+    assert listed.message.endswith(f"{etc} is writable by group and others (mode 1777)")
+    assert listed.hint == f"chmod go-w {etc}"
     as_root()
     os.chown(etc / "keys", NOBODY, NOBODY)
     error = refused(etc / "keys/a.pub")
