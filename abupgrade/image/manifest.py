@@ -232,6 +232,11 @@ def _text(value: Any, what: str, pattern: re.Pattern[str]) -> str:
     return text
 
 
+def is_version(text: str) -> bool:
+    """Whether `text` may be an image version (and so a security floor)."""
+    return _VERSION_RE.fullmatch(text) is not None
+
+
 def compare_versions(a: str, b: str) -> int:
     """-1, 0 or 1 as version `a` is older than, equal to, or newer than `b`.
 
