@@ -317,9 +317,9 @@ class ImageInfo:
             "compatible": self.manifest.compatible,
             "format": self.manifest.format,
             "created": self.manifest.created,
-            "security_floor": self.manifest.security_floor,
             "payloads": [p.to_json() for p in self.manifest.payloads],
             "signatures": [s.to_json() for s in self.signatures],
+            "security_floor": self.manifest.security_floor,
         }
 
 
