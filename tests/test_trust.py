@@ -3,6 +3,7 @@ fix), the keyring's revocation list, and the manifest's security floor field."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -277,3 +278,47 @@ def test_executables_are_listed_with_their_refusals(tmp_path: Path) -> None:
     found = list(trust.executables(folder, "health check"))
     assert len(found) == 1 and found[0][0] == folder and found[0][1] is not None
     assert "refusing health check folder" in found[0][1].message
+
+
+# ------------------------------------------------------------------ configuration and CLI
+
+
+def test_security_section_of_the_configuration(tmp_path: Path) -> None:
+    from abupgrade import config
+
+    base = {"compatible": "box", "bootloader": "grub",
+            "slots": {"A": {"device": "/dev/a"}, "B": {"device": "/dev/b"}}}
+    assert config.parse(base).security.min_version is None
+    parsed = config.parse({**base, "security": {"min_version": "2.0-rc1"}})
+    assert parsed.security.min_version == "2.0-rc1"
+    path = tmp_path / "system.toml"
+    path.write_text(config.render(parsed))
+    assert config.load(path) == dataclasses.replace(parsed, source=path)
+    for bad, says in (({"min_version": 2}, "must be a str"), ({"min_version": "../x"}, "must be a version"),
+                      ({"floor": "1"}, "unknown key")):
+        with pytest.raises(UsageError, match=says):
+            config.parse({**base, "security": bad})
+    path.chmod(0o666)
+    with pytest.raises(UnsafePath, match="refusing configuration"):
+        config.load(path)
+
+
+def test_build_flag_and_inspect_text(tmp_path: Path, keyring_dir: Path) -> None:
+    from fixtures.machine import run_cli
+
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(os.urandom(4096))
+    image = tmp_path / "image.tar"
+    made = run_cli("image", "build", "--rootfs", str(rootfs), "--version", "2.1", "--compatible",
+                   "box", "--key", str(tmp_path / "old.key"), "--key", str(tmp_path / "new.key"),
+                   "-o", str(image), "--security-floor", "2.0")
+    assert made.returncode == 0, made.stderr
+    (keyring_dir / keys.REVOKED_NAME).write_text(kid(keyring_dir, "old") + "\n")
+    shown = run_cli("image", "inspect", str(image), "--pubkey", str(keyring_dir / "new.pub"))
+    assert "security floor: 2.0" in shown.stdout
+    # --pubkey names the keys to trust; the keyring's revocation list is not consulted
+    assert f"signature by key {kid(keyring_dir, 'new')}: trusted" in shown.stdout
+    bad = run_cli("image", "build", "--rootfs", str(rootfs), "--version", "2.1", "--compatible",
+                  "box", "--key", str(tmp_path / "old.key"), "-o", str(tmp_path / "x.tar"),
+                  "--security-floor", "3")
+    assert bad.returncode == 2 and "above the image's own version" in bad.stderr
