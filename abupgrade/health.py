@@ -107,8 +107,7 @@ def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
     for kind in (Kind.REQUIRED, Kind.WANTED):
         for path, refusal in trust.executables(directory / f"{kind}.d", f"{kind} check"):
             if refusal is not None:  # anyone could have put it there: failed, never skipped
-                results.append(Result(path.name, kind, False, 0.0,
-                                      f"{refusal.message} (hint: {refusal.hint})"))
+                results.append(Result(path.name, kind, False, 0.0, refusal.line()))
             else:
                 results.append(run_check(path, kind=kind, timeout=timeout, env=env))
     return Report(tuple(results))

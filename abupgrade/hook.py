@@ -235,12 +235,11 @@ def _trial_boot(system: System, state: State, trial: Trial, *, reboot: bool) -> 
                                 env=_check_env(slot, state, trial),
                                 builtins=_builtins(system, slot))
     if report.healthy:
-        before = system.store.load()
         system.transition(
             EventName.COMMITTED, slot, trial.version, report.summary(),
             bootloader=lambda loader: loader.commit(slot),
             state=lambda now: replace(now.committed(slot), trial=None))
-        system.store.record_floor(before, slot)
+        system.store.record_floor(state, slot)
         return HookResult(slot, Outcome.COMMITTED,
                           f"slot {slot} (version {trial.version}) is healthy and committed",
                           health=report)

@@ -36,7 +36,7 @@ def run_hooks(directory: Path | None, event: str, env: Mapping[str, str], *,
     for path, refusal in trust.executables(directory / f"{event}.d", f"{event} hook"):
         what = f"{event} hook {path.name}"
         if refusal is not None:  # anyone could have put it there: never run as root
-            problems.append(f"{what} not run: {refusal.message} (hint: {refusal.hint})")
+            problems.append(f"{what} not run: {refusal.line()}")
             continue
         try:
             done = run.supervise([path], timeout=timeout, env=hook_env)

@@ -387,7 +387,6 @@ def _commit(system: System, slot: Slot, detail: str) -> SlotVersion:
     return SlotVersion(slot, version)
 
 
-
 def _trial_without(state: State, slot: Slot) -> Trial | None:
     """The state's trial, unless it is one of `slot`."""
     return state.trial if state.trial is not None and state.trial.slot != slot else None

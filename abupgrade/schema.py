@@ -2,9 +2,9 @@
 
 A section of the configuration (`[health]`, `[grub]`, ...) is a frozen dataclass that derives
 from `Table`. Its fields may be `str`, `str | None`, `int`, `float`, `bool`, `Path` (absolute),
-`Path | None` or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` reads a section
-(refusing unknown keys and wrong types with one-line exit-2 errors), renders it back as TOML
-and moves its paths under mount points. Range checks go in `check`.
+`Path | None` or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` reads
+a section (refusing unknown keys and wrong types with one-line exit-2 errors), renders it back
+as TOML and moves its paths under mount points. Range checks go in `check`.
 
 Field metadata may say how to word a type error (`what`: "a command as a list of strings")
 and whether a bare string stands for a one-element list (`single`).

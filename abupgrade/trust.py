@@ -33,9 +33,8 @@ MAX_SYMLINKS = 40  # as the kernel's ELOOP limit
 
 
 class Kind(enum.Enum):
-    FILE = "file"  # a regular file that is read (config, key, revocation list, credentials)
+    FILE = "file"  # a regular file that is read or run (config, key, check, hook, ...)
     FOLDER = "folder"  # a folder whose entries are trusted (keyring, required.d, hooks)
-    EXECUTABLE = "executable"  # a regular file that runs as root (a check, a hook)
 
 
 class UnsafePath(UsageError):
@@ -45,6 +44,10 @@ class UnsafePath(UsageError):
         super().__init__(f"refusing {what} {path}: {problem}", hint=fix)
         self.path = path
         self.problem = problem
+
+    def line(self) -> str:
+        """What and the fix in one line, for reports that are not an error exit."""
+        return f"{self.message} (hint: {self.hint})"
 
 
 def trusted_owners() -> frozenset[int]:
@@ -158,7 +161,7 @@ def executables(folder: Path, what: str) -> Iterator[tuple[Path, UnsafePath | No
         if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111 or entry.name.startswith("."):
             continue
         try:
-            if check(entry, what, Kind.EXECUTABLE) is not None:
+            if check(entry, what, Kind.FILE) is not None:
                 yield entry, None
         except UnsafePath as refusal:
             yield entry, refusal
