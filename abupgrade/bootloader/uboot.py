@@ -1,0 +1,223 @@
+"""The U-Boot backend: the state in a redundant U-Boot environment, the choice in boot.scr.
+
+The environment (see ubootenv) sits where `[uboot] env` says, normally in the gap before
+the first partition; `fw_printenv`/`fw_setenv` read and write it with the same lines in
+their fw_env.config. Variables, always all present:
+
+    ab_default=<A|B>  ab_A=<g|b>  ab_B=<g|b>  ab_trial=<A|B|->
+    upgrade_available=<0|1>  bootcount=<0..9>  bootlimit=<1..9>  altbootcmd=<...>
+
+bootcount, bootlimit, upgrade_available and altbootcmd mean what they mean to U-Boot's own
+boot counting (CONFIG_BOOTCOUNT_LIMIT): a pending trial has upgrade_available=1, each boot
+adds one to bootcount, and once bootcount passes bootlimit the trial is over. Stock builds
+(Debian's) have no such counting, so boot.scr (rendered from boot.cmd.in, compiled with
+mkimage) does it: it reads both copies itself (`<interface> read`), picks the current one
+as U-Boot would, spends a trial boot by writing bootcount+1 into the older copy, and boots
+the trial only after that write succeeded; a slot that fails to load falls through to the
+next choice. Other variables in the environment are kept by abupgrade's writes; boot.scr
+writes only the variables above.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from abupgrade.bootloader.base import BootState
+from abupgrade.bootloader.ubootenv import HEADER, EnvLocation
+from abupgrade.errors import UsageError
+from abupgrade.model import Slot
+from abupgrade.run import require_tool, run
+
+MAX_TRIES = 9
+# Every variable boot.scr reads and writes, in the order abupgrade writes them.
+MANAGED = ("ab_default", "ab_A", "ab_B", "ab_trial", "upgrade_available", "bootcount",
+           "bootlimit", "altbootcmd")
+# Past bootlimit U-Boot's own counting runs altbootcmd: the same selection, which then
+# boots the default.
+ALTBOOTCMD = "run bootcmd"
+BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
+# Where boot.scr looks for a slot's kernel and initrd on the boot partition first
+# (<dir>/<slot>/vmlinuz), before the slot's own /boot.
+BOOT_FILES_DIR = "slots"
+SCRIPT_NAME = "boot.scr"
+_SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
+
+
+# ---------------------------------------------------------------- the protocol
+
+@dataclass(frozen=True)
+class EnvState:
+    """What the environment says, as boot.scr interprets it."""
+
+    default: Slot = Slot.A
+    good: frozenset[Slot] = frozenset()
+    trial: Slot | None = None
+    bootcount: int = 0
+    bootlimit: int = 3
+
+    @classmethod
+    def from_vars(cls, env: Mapping[str, str]) -> EnvState:
+        trial = env.get("ab_trial")
+        pending = env.get("upgrade_available") == "1" and trial in ("A", "B")
+        return cls(
+            default=Slot.B if env.get("ab_default") == "B" else Slot.A,
+            good=frozenset(s for s in Slot if env.get(f"ab_{s.value}") == "g"),
+            trial=Slot(trial) if pending and trial is not None else None,
+            bootcount=_digit(env.get("bootcount"), 0, 9, MAX_TRIES),
+            bootlimit=_digit(env.get("bootlimit"), 1, 9, 0),
+        )
+
+    @property
+    def tries_left(self) -> int:
+        if self.trial is None:
+            return 0
+        return max(self.bootlimit - self.bootcount, 0)
+
+    def variables(self) -> dict[str, str]:
+        return {
+            "ab_default": self.default.value,
+            "ab_A": "g" if Slot.A in self.good else "b",
+            "ab_B": "g" if Slot.B in self.good else "b",
+            "ab_trial": self.trial.value if self.trial else "-",
+            "upgrade_available": "1" if self.trial else "0",
+            "bootcount": str(min(max(self.bootcount, 0), MAX_TRIES)),
+            "bootlimit": str(min(max(self.bootlimit, 1), MAX_TRIES)),
+            "altbootcmd": ALTBOOTCMD,
+        }
+
+    def boot_state(self) -> BootState:
+        """What boot.scr makes of this state on the next boots."""
+        default = self.default
+        if default not in self.good and default.other in self.good:
+            default = default.other
+        bootable = set(self.good)
+        if self.trial is not None and self.tries_left > 0:
+            bootable.add(self.trial)
+        return BootState(default=default, bootable=frozenset(bootable), trial=self.trial,
+                         tries_left=self.tries_left)
+
+
+def _digit(text: str | None, low: int, high: int, otherwise: int) -> int:
+    """A one-digit value as boot.scr's string comparisons accept it, else `otherwise`."""
+    if text is not None and len(text) == 1 and text.isdigit() and low <= int(text) <= high:
+        return int(text)
+    return otherwise
+
+
+def updated(current: Mapping[str, str], state: EnvState) -> list[tuple[str, str]]:
+    """The environment with `state` written into it: variables abupgrade does not manage
+    keep their values and order; the managed ones follow."""
+    ours = state.variables()
+    kept = [(k, v) for k, v in current.items() if k not in ours]
+    return kept + list(ours.items())
+
+
+# ---------------------------------------------------------------- boot.scr
+
+@dataclass(frozen=True)
+class Arch:
+    """What boot.scr needs to know about a CPU architecture's U-Boot and kernel."""
+
+    boot_initrd: str  # boots ${kernel_addr_r} with the initrd just loaded
+    boot_kernel: str  # boots ${kernel_addr_r} alone
+    console: str  # the kernel's console= on the machines abupgrade boots
+    scratch: int  # RAM for the environment copies where setexpr is missing
+    image_arch: str  # mkimage -A
+
+
+ARCHES = {
+    "arm64": Arch("booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}",
+                  "booti ${kernel_addr_r} - ${fdtcontroladdr}", "ttyAMA0", 0x48000000, "arm64"),
+    # U-Boot's x86 builds (32-bit) load a bzImage with zboot; kernel_addr_r is 0x1000000
+    # in every x86 board's default environment.
+    "amd64": Arch("zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}",
+                  "zboot ${kernel_addr_r}", "ttyS0", 0x1000000, "x86"),
+}
+
+
+@dataclass(frozen=True)
+class ScriptParams:
+    """Everything boot.scr is rendered from."""
+
+    locations: tuple[EnvLocation, EnvLocation]
+    storage: str  # U-Boot's "<interface> <device>" of the disk, e.g. "mmc 0"
+    boot_partition: int
+    slot_partitions: Mapping[Slot, int]
+    slot_roots: Mapping[Slot, str]
+    cmdline: str
+    arch: Arch
+
+
+def _scratch(size: int) -> list[tuple[str, int]]:
+    """Named addresses in the scratch area, as offsets: the two copies read, the copy
+    written (its first four bytes also take the reversed crc32 when checking a copy), and
+    crc32's result."""
+    names = [("r0", 0), ("r0f", 4), ("r0d", HEADER), ("r1", size), ("r1f", size + 4),
+             ("r1d", size + HEADER), ("w", 2 * size), ("w1", 2 * size + 1),
+             ("w2", 2 * size + 2), ("w3", 2 * size + 3), ("wf", 2 * size + 4),
+             ("wd", 2 * size + HEADER)]
+    names += [(f"t{i}" if i else "t", 3 * size + i) for i in range(4)]
+    return names
+
+
+def _addresses(size: int, fixed: int) -> str:
+    offsets = _scratch(size)
+    computed = [f"  setexpr ab_{name} ${{kernel_addr_r}} + {offset:#x}"
+                for name, offset in offsets]
+    literal = [f"  ab_{name}={fixed + offset:#x}" for name, offset in offsets]
+    return "\n".join(["if setexpr ab_r0 ${kernel_addr_r} + 0; then", *computed[1:], "else",
+                      *literal, "fi"])
+
+
+def render_script(params: ScriptParams) -> str:
+    first, second = params.locations
+    for loc in params.locations:
+        if loc.offset < 0 or loc.offset % 512 or loc.size % 512:
+            raise UsageError(f"[uboot] env {loc.line()!r}: boot.scr reads whole 512-byte "
+                             "blocks from the start of the disk",
+                             hint="use an offset and size that are multiples of 0x200")
+    if first.device != second.device:
+        raise UsageError("[uboot] env: boot.scr expects both copies on the same disk")
+    words = params.storage.split()
+    if len(words) != 2 or not all(re.fullmatch(r"[A-Za-z0-9_${}]+", w) for w in words):
+        raise UsageError(f"[uboot] storage {params.storage!r} is not "
+                         "'<interface> <device>'", hint='like "mmc 0" or "virtio 0"')
+    for what, text in (("kernel command line", params.cmdline),
+                       *((f"root of slot {s}", r) for s, r in params.slot_roots.items())):
+        if not _SAFE_WORDS.fullmatch(text):
+            raise UsageError(f"{what} {text!r} cannot be written into boot.scr",
+                             hint="use letters, digits and _.,:=/+@%- separated by single "
+                                  "spaces")
+    size = first.size
+    values = {
+        "ENV0": first.line(), "ENV1": second.line(),
+        "IF": words[0], "DEV": words[1],
+        "ADDRESSES": _addresses(size, params.arch.scratch),
+        "BLK0": f"{first.offset // 512:#x}", "BLK1": f"{second.offset // 512:#x}",
+        "CNT": f"{size // 512:#x}", "SIZE": f"{size:#x}", "DATA": f"{size - HEADER:#x}",
+        "NAMES": " ".join(MANAGED),
+        "CMDLINE": params.cmdline,
+        "BOOT_PART": str(params.boot_partition), "BOOT_DIR": "/" + BOOT_FILES_DIR,
+        "BOOT_INITRD": params.arch.boot_initrd, "BOOT_KERNEL": params.arch.boot_kernel,
+    }
+    for slot in Slot:
+        values[f"{slot.value}_PART"] = str(params.slot_partitions[slot])
+        values[f"{slot.value}_ROOT"] = params.slot_roots[slot]
+    template = resources.files("abupgrade.bootloader").joinpath("boot.cmd.in").read_text()
+    return re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m[1]], template)
+
+
+def compile_script(text: str, arch: Arch) -> bytes:
+    """boot.scr from its text: a legacy U-Boot image of type script (mkimage)."""
+    mkimage = require_tool("mkimage", package="u-boot-tools")
+    with tempfile.TemporaryDirectory(prefix="abupgrade-bootscr.") as tmp:
+        source, out = Path(tmp, "boot.cmd"), Path(tmp, SCRIPT_NAME)
+        source.write_text(text)
+        run([mkimage, "-A", arch.image_arch, "-O", "linux", "-T", "script", "-C", "none",
+             "-n", "abupgrade A/B selection", "-d", source, out], timeout=60)
+        return out.read_bytes()
