@@ -17,6 +17,7 @@ from abupgrade.bootloader.ubootenv import (
     EnvCopy,
     Environment,
     EnvLocation,
+    check_storage,
     current,
     format_copy,
     newer,
@@ -206,6 +207,34 @@ def test_a_write_cut_at_any_byte_leaves_the_old_or_the_new_state_for_both_reader
         assert printenv(config) == mine, k
         seen.add(k >= last)
     assert seen == {False, True}
+
+
+@pytest.mark.parametrize(("line", "complaint"), [
+    ("{disk} 0x100000 0x4000", None),
+    ("{disk} 0x1000 0x4000", "overlaps the partition table"),
+    ("{disk} 0x1fc000 0x8000", "overlaps partition 1"),
+    ("{disk} -0x2000 0x1000", "overlaps the backup partition table"),
+    ("{disk} 0x7ff000 0x4000", "does not fit"),
+    ("/dev/null 0x0 0x4000", "raw flash"),
+    ("{disk}.d 0x0 0x4000", "neither a block device nor a file"),
+    ("{disk}.missing 0x0 0x4000", "does not exist"),
+])
+def test_storage_a_write_would_damage_is_refused(tmp_path: Path, line: str,
+                                                 complaint: str | None) -> None:
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk is not installed")
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], input=b"label: gpt\nstart=2M, size=2M\n",
+                   check=True, capture_output=True)
+    (tmp_path / "disk.img.d").mkdir()
+    location = EnvLocation.parse(line.format(disk=disk))
+    if complaint is None:
+        check_storage(Path(location.device), location)
+        return
+    with pytest.raises(UsageError, match=complaint):
+        check_storage(Path(location.device), location)
 
 
 def test_the_state_of_an_environment_as_boot_scr_reads_it() -> None:

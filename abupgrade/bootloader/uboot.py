@@ -23,13 +23,13 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from abupgrade.bootloader.base import BootState
 from abupgrade.bootloader.ubootenv import HEADER, EnvLocation
-from abupgrade.errors import UsageError
+from abupgrade.errors import PolicyRefusal, UsageError
 from abupgrade.model import Slot
 from abupgrade.run import require_tool, run
 
@@ -100,6 +100,29 @@ class EnvState:
             bootable.add(self.trial)
         return BootState(default=default, bootable=frozenset(bootable), trial=self.trial,
                          tries_left=self.tries_left)
+
+
+def disabled(state: EnvState, slot: Slot) -> EnvState:
+    """`slot` bad and not on trial; the default moves to the other slot if it was `slot`.
+    A PolicyRefusal when that would leave nothing to boot."""
+    if state.boot_state().default == slot:
+        if slot.other not in state.good:
+            raise PolicyRefusal(f"cannot disable slot {slot}: slot {slot.other} cannot boot",
+                                hint="the machine would be left without a bootable slot")
+        state = replace(state, default=slot.other)
+    if state.trial == slot:
+        state = replace(state, trial=None, bootcount=0)
+    return replace(state, good=state.good - {slot})
+
+
+def armed(state: EnvState, slot: Slot, tries: int) -> EnvState:
+    if not 1 <= tries <= MAX_TRIES:
+        raise ValueError(f"a U-Boot trial gets 1 to {MAX_TRIES} boots, not {tries}")
+    return replace(state, trial=slot, bootcount=0, bootlimit=tries)
+
+
+def committed(state: EnvState, slot: Slot) -> EnvState:
+    return replace(state, default=slot, good=state.good | {slot}, trial=None, bootcount=0)
 
 
 def _digit(text: str | None, low: int, high: int, otherwise: int) -> int:

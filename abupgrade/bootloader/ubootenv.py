@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abupgrade.errors import OperationalError, UsageError
+from abupgrade.partitions import TableKind, read_table
 
 HEADER = 5  # crc32 + flags
 DEFAULT_SIZE = 0x4000
@@ -266,6 +267,47 @@ class Environment:
             raise OperationalError(f"the U-Boot environment copy written on {path} is not "
                                    "the one in force afterwards")
         return after
+
+
+def check_storage(path: Path, location: EnvLocation) -> None:
+    """Refuse (UsageError) a copy abupgrade cannot rewrite safely: raw flash, missing or
+    read-only storage, a copy past the end of its device, or one that overlaps a partition
+    or the partition table of a whole disk (a write there would corrupt it)."""
+    where = f"U-Boot environment copy {location.line()!r}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{where}: {path} does not exist", hint="check [uboot] env") from None
+    if stat.S_ISCHR(st.st_mode):
+        raise UsageError(f"{where}: {path} is raw flash (MTD); abupgrade writes the "
+                         "environment on block devices only",
+                         hint="keep the environment on the eMMC/SD card or disk")
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise UsageError(f"{where}: {path} is neither a block device nor a file")
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"{where}: {path} is not writable",
+                         hint="run as root; for eMMC boot areas, /sys/block/*/force_ro")
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+    start = location.offset if location.offset >= 0 else size + location.offset
+    end = start + location.size
+    if start < 0 or end > size:
+        raise UsageError(f"{where} does not fit on {path} ({size:,} bytes)",
+                         hint="check [uboot] env")
+    table = read_table(path)
+    if table is None:
+        return
+    sector = table.sector_size
+    reserved = [("the partition table", 0, sector)]
+    if table.kind is TableKind.GPT:
+        reserved = [("the partition table", 0, 34 * sector),
+                    ("the backup partition table", size - 33 * sector, size)]
+    reserved += [(f"partition {p.number}", p.start, p.start + p.size) for p in table.partitions]
+    for what, first, last in reserved:
+        if start < last and first < end:
+            raise UsageError(f"{where} overlaps {what} of {path}",
+                             hint="the environment belongs in the gap before the first "
+                                  "partition (disk init puts it at 0x100000)")
 
 
 def _read_back(path: Path, offset: int, size: int) -> bytes:
