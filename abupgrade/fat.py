@@ -20,32 +20,33 @@ What FAT gives on a power cut
 -----------------------------
 FAT has no journal and no atomic operation above a single sector write (512 bytes; most
 storage writes one sector whole or not at all, which is all that is assumed here). What a
-change writes, in order (mtools 4.0.32 with O_SYNC, traced; Linux vfat with fsync does the
-same things, its order within one call is the page cache's):
+change writes, in order (mtools 4.0.32 with O_SYNC, traced with strace - see
+fixtures/fatlog.py; Linux's vfat does the same steps, ordered by fsync here):
 
-- a new file: its data clusters and its directory entry (often in one write, when they
-  are adjacent), then both FAT copies, then the FSInfo sector. A cut can leave an entry
-  whose clusters the FAT still calls free, or the right length of garbage: **a file is
-  never complete until the call that wrote it returned**, whatever its name says.
-- a rename inside one folder: one write of the directory sector holding the old and the
-  new entry (two writes when a long name spreads them over two sectors; Linux adds the new
-  entry first, then removes the old one, so a cut in between leaves both names on the
-  same clusters, which readers accept and fsck.fat repairs).
-- a rename onto an existing name (`replace=True`): the directory sector with the target's
-  entry pointed at the new clusters and the source's entry removed, then the FAT copies
-  freeing the old clusters. A cut before the FAT writes leaves lost clusters, harmless.
+- a new file: its data clusters and its directory entry (one write when they are
+  adjacent, whose sectors the device may persist in any order), then both FAT copies,
+  then the FSInfo sector. A cut can leave an entry whose clusters the FAT still calls
+  free, or the right length of garbage: **a file is complete only when the call that
+  wrote it has returned**, whatever its name says.
+- a rename inside one folder: one write of the directory sectors holding the old and the
+  new entry - one sector when they share it, else a cut can leave both names (on the same
+  clusters; readers accept it, fsck.fat repairs it) or, with the new entry's sector not
+  written yet, only the old name.
+- a rename onto an existing name (`replace=True`): the target's own entry is rewritten to
+  point at the source's clusters (mtools, and Linux's vfat_rename, reuse it), the source's
+  entry is removed, then the FAT copies free the old clusters. The target name never
+  disappears: before its sector is written it is the old file, after it the new one; a cut
+  can leave the source name as well, or lost clusters, both harmless.
 - a delete: the directory sector, then the FAT copies.
-- FAT copy 1 and 2 can differ after a cut; firmware reads copy 1, fsck.fat reconciles.
+- FAT copies 1 and 2 can differ after a cut; firmware reads copy 1, fsck.fat reconciles.
 
-So `write` never writes the final name directly: it writes `<name>.abupgrade-new`, syncs,
-and renames that onto the name (replacing it). After a cut the name holds the old bytes or
-the new bytes, never a mix; a left-over `.abupgrade-new` is garbage the next `write`
-removes. A reader of such names (firmware, a boot loader) must ignore names it does not
-expect. What FAT cannot give: replacing a file that the firmware must find on the next boot
-(`\\EFI\\BOOT\\BOOTX64.EFI`) with no window at all - between the two writes of a rename
-that crosses sectors, one name or the other may be missing. Callers that need a state
-machine on FAT (systemd-boot's counters in entry names) must make every intermediate set
-of names a bootable state.
+So `write` and `copy_in` never write the final name directly: they write
+`<name>.abupgrade-new`, then rename it onto the name. After a cut at any sector the name
+reads whole, old bytes or new (tests/test_fat.py replays every cut of the recorded writes);
+a left-over `.abupgrade-new` is garbage the next write of that name removes. Whoever reads
+such a folder (firmware, a boot loader) must ignore names it does not expect. What FAT
+cannot give is a change of several names at once: a state machine kept in file names
+(systemd-boot's tries counters) must make every intermediate set of names bootable.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Self
 
 from abupgrade.disk import mounted
 from abupgrade.errors import OperationalError, UsageError
@@ -218,7 +220,7 @@ class MtoolsFat(Fat):
         self.offset = offset
         self._rc: Path | None = None
 
-    def __enter__(self) -> MtoolsFat:
+    def __enter__(self) -> Self:
         require_tool("mcopy", package="mtools")
         fd, name = tempfile.mkstemp(prefix="abupgrade-mtoolsrc-")
         # sync: O_SYNC, each write on the disk before the next; exclusive: O_EXCL, which
@@ -241,12 +243,12 @@ class MtoolsFat(Fat):
         env = {**os.environ, "MTOOLSRC": str(self._rc), "MTOOLS_SKIP_CHECK": "1",
                "LC_ALL": "C.UTF-8"}
         # stdin empty: a question mtools would ask (a name clash) fails instead of waiting
-        proc = run(argv, env=env, check=False, timeout=120, input=b"",
-                   hint="is the partition a FAT filesystem, and not mounted?")
+        proc = run(argv, env=env, check=False, timeout=120, input=b"")
         if check and proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
             raise OperationalError(f"{argv[0]} on {self.where} failed: {tail[0]}",
-                                   hint="check the filesystem with fsck.fat -n")
+                                   hint="is it a FAT filesystem, not mounted or in use? "
+                                        "fsck.fat -n checks it")
         return proc.stdout
 
     def _z(self, path: str | PurePosixPath) -> str:
