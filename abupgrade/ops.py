@@ -163,6 +163,7 @@ def status(options: Options) -> Status:
                                     installed=state.slots[slot].installed)
                    for slot in Slot},
             notes=system.bootloader.notes(),
+            counters=system.bootloader.counters(),
         )
 
 

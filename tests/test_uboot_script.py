@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from abupgrade.bootloader.base import Arch
 from abupgrade.bootloader.uboot import (
     ARCHES,
     MANAGED,
@@ -99,9 +100,9 @@ def make_decision_disk(work: Path, arch: str) -> Path:
     text = render_script(ScriptParams(
         locations=locations, storage="virtio 0", boot_partition=1,
         slot_partitions={Slot.A: 2, Slot.B: 3}, slot_roots=ROOTS,
-        cmdline=f"console={ARCHES[arch].console} panic=5", arch=ARCHES[arch]))
+        cmdline=f"console={ARCHES[Arch(arch)].console} panic=5", arch=ARCHES[Arch(arch)]))
     script = work / SCRIPT_NAME
-    script.write_bytes(compile_script(text, ARCHES[arch]))
+    script.write_bytes(compile_script(text, ARCHES[Arch(arch)]))
     fat = work / f"boot-{arch}.fat"
     fat.unlink(missing_ok=True)
     subprocess.run(["mkfs.vfat", "-C", str(fat), str(8 * 1024)], check=True, capture_output=True)

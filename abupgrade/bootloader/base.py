@@ -93,6 +93,7 @@ class Firmware(enum.StrEnum):
 
 class Arch(enum.StrEnum):
     AMD64 = "amd64"
+    ARM64 = "arm64"
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,11 @@ class DiskPlan:
 
     table: TableKind
     partitions: tuple[PlannedPartition, ...]
+    disk_id: str | None = None  # the table's id (GPT disk GUID), when the backend needs it
 
     @classmethod
     def ab(cls, table: TableKind, *, slot_size: int, boot_size: int, boot_bootable: bool = False,
-           before: tuple[PlannedPartition, ...] = ()) -> DiskPlan:
+           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None) -> DiskPlan:
         """`before`, then boot, slot A, slot B and data (the rest): on GPT named boot,
         rootfs_a, rootfs_b and data, on MBR of type 83."""
         gpt = table is TableKind.GPT
@@ -152,7 +154,7 @@ class DiskPlan:
                            part(Role.BOOT, boot_size, "boot", BOOT_POINT, boot_bootable),
                            part(Role.SLOT_A, slot_size, SLOT_NAMES[Slot.A]),
                            part(Role.SLOT_B, slot_size, SLOT_NAMES[Slot.B]),
-                           part(Role.DATA, None, "data", DATA_POINT)))
+                           part(Role.DATA, None, "data", DATA_POINT)), disk_id)
 
     def number(self, role: Role) -> int:
         for number, part in enumerate(self.partitions, start=1):
@@ -281,3 +283,8 @@ class Bootloader(abc.ABC):
     def notes(self) -> tuple[str, ...]:
         """What `status` should tell about this bootloader's behaviour."""
         return ()
+
+    def counters(self) -> Mapping[str, object]:
+        """The bootloader's own boot-counting state, for `status --json` under the
+        bootloader's name (U-Boot's bootcount, bootlimit, ...); empty when it has none."""
+        return {}

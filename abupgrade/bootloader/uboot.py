@@ -22,16 +22,40 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any, ClassVar
 
-from abupgrade.bootloader.base import BootState
-from abupgrade.bootloader.ubootenv import HEADER, EnvLocation
-from abupgrade.errors import PolicyRefusal, UsageError
+from abupgrade import blockdev, fat, slots
+from abupgrade.bootloader.base import (
+    BOOT_POINT,
+    Arch,
+    Bootloader,
+    BootState,
+    DiskLayout,
+    DiskPlan,
+    PlannedPartition,
+    Platform,
+    Role,
+    boot_file,
+)
+from abupgrade.bootloader.ubootenv import (
+    DEFAULT_SIZE,
+    HEADER,
+    Current,
+    Environment,
+    EnvLocation,
+    check_storage,
+    parse_locations,
+)
+from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.model import Slot
+from abupgrade.partitions import PartitionSpec, TableKind, read_table
 from abupgrade.run import require_tool, run
+from abupgrade.schema import Table, error
 
 MAX_TRIES = 9
 # Every variable boot.scr reads and writes, in the order abupgrade writes them.
@@ -40,11 +64,18 @@ MANAGED = ("ab_default", "ab_A", "ab_B", "ab_trial", "upgrade_available", "bootc
 # Past bootlimit U-Boot's own counting runs altbootcmd: the same selection, which then
 # boots the default.
 ALTBOOTCMD = "run bootcmd"
-BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
-# Where boot.scr looks for a slot's kernel and initrd on the boot partition first
-# (<dir>/<slot>/vmlinuz), before the slot's own /boot.
-BOOT_FILES_DIR = "slots"
 SCRIPT_NAME = "boot.scr"
+MiB = 1 << 20
+# disk init: the two copies in the gap before the first partition, which starts at 2 MiB
+# (the GPT takes the first 17 KiB; many boards keep U-Boot itself below 1 MiB).
+ENV_OFFSETS = (0x100000, 0x104000)
+FIRST_PARTITION = 2 * MiB
+# The FAT partition with boot.scr: first on the disk and flagged bootable, where U-Boot's
+# distro boot looks for a script; FAT32 needs 33 MiB at least.
+FAT_NAME = "uboot"
+FAT_SIZE = 64 * MiB
+FAT_LABEL = "UBOOT"
+BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
 _SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
 
 
@@ -143,7 +174,7 @@ def updated(current: Mapping[str, str], state: EnvState) -> list[tuple[str, str]
 # ---------------------------------------------------------------- boot.scr
 
 @dataclass(frozen=True)
-class Arch:
+class ArchInfo:
     """What boot.scr needs to know about a CPU architecture's U-Boot and kernel."""
 
     boot_initrd: str  # boots ${kernel_addr_r} with the initrd just loaded
@@ -154,11 +185,11 @@ class Arch:
 
 
 ARCHES = {
-    "arm64": Arch("booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}",
+    Arch.ARM64: ArchInfo("booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}",
                   "booti ${kernel_addr_r} - ${fdtcontroladdr}", "ttyAMA0", 0x48000000, "arm64"),
     # U-Boot's x86 builds (32-bit) load a bzImage with zboot; kernel_addr_r is 0x1000000
     # in every x86 board's default environment.
-    "amd64": Arch("zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}",
+    Arch.AMD64: ArchInfo("zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}",
                   "zboot ${kernel_addr_r}", "ttyS0", 0x1000000, "x86"),
 }
 
@@ -173,7 +204,8 @@ class ScriptParams:
     slot_partitions: Mapping[Slot, int]
     slot_roots: Mapping[Slot, str]
     cmdline: str
-    arch: Arch
+    arch: ArchInfo
+    boot_dir: str = "/slots"  # <boot_dir>/<slot>/vmlinuz on the boot partition
 
 
 def _scratch(size: int) -> list[tuple[str, int]]:
@@ -225,7 +257,7 @@ def render_script(params: ScriptParams) -> str:
         "CNT": f"{size // 512:#x}", "SIZE": f"{size:#x}", "DATA": f"{size - HEADER:#x}",
         "NAMES": " ".join(MANAGED),
         "CMDLINE": params.cmdline,
-        "BOOT_PART": str(params.boot_partition), "BOOT_DIR": "/" + BOOT_FILES_DIR,
+        "BOOT_PART": str(params.boot_partition), "BOOT_DIR": params.boot_dir,
         "BOOT_INITRD": params.arch.boot_initrd, "BOOT_KERNEL": params.arch.boot_kernel,
     }
     for slot in Slot:
@@ -235,7 +267,7 @@ def render_script(params: ScriptParams) -> str:
     return re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m[1]], template)
 
 
-def compile_script(text: str, arch: Arch) -> bytes:
+def compile_script(text: str, arch: ArchInfo) -> bytes:
     """boot.scr from its text: a legacy U-Boot image of type script (mkimage)."""
     mkimage = require_tool("mkimage", package="u-boot-tools")
     with tempfile.TemporaryDirectory(prefix="abupgrade-bootscr.") as tmp:
@@ -244,3 +276,164 @@ def compile_script(text: str, arch: Arch) -> bytes:
         run([mkimage, "-A", arch.image_arch, "-O", "linux", "-T", "script", "-C", "none",
              "-n", "abupgrade A/B selection", "-d", source, out], timeout=60)
         return out.read_bytes()
+
+
+# ---------------------------------------------------------------- the backend
+
+@dataclass(frozen=True)
+class UBootConfig(Table):
+    """`[uboot]`: the two environment copies as fw_env.config lines (DEVICE a path, or
+    PTUUID=<id> for the disk with that partition table), how many boots a trial gets, the
+    U-Boot "<interface> <device>" boot.scr reads and writes them through (by default the
+    disk boot.scr was loaded from), and where the boot partition holding the slots' boot
+    files is mounted."""
+
+    env: tuple[str, ...] = ("/dev/mmcblk0 0x100000 0x4000", "/dev/mmcblk0 0x104000 0x4000")
+    tries: int = 3
+    storage: str = "${devtype} ${devnum}"
+    dir: Path = BOOT_POINT
+
+    def check(self, where: str) -> None:
+        if not 1 <= self.tries <= MAX_TRIES:
+            raise error(where, f"tries must be between 1 and {MAX_TRIES}")
+        try:
+            parse_locations(self.env)
+        except UsageError as exc:
+            raise UsageError(f"configuration: {where}{exc.message}", hint=exc.hint) from None
+
+    def resolved(self, resolve: Callable[[str], str]) -> UBootConfig:
+        lines = []
+        for location in parse_locations(self.env):
+            if not location.device.startswith("/"):
+                location = replace(location, device=resolve(location.device))
+            lines.append(location.line())
+        return replace(self, env=tuple(lines))
+
+
+class UBoot(Bootloader):
+    name: ClassVar[str] = "uboot"
+    settings_type: ClassVar[type[Table]] = UBootConfig
+    settings: UBootConfig
+    platforms: ClassVar[tuple[Platform, ...]] = (Platform(arch=Arch.ARM64),
+                                                 Platform(arch=Arch.AMD64))
+
+    # -- disk init
+
+    @classmethod
+    def plan(cls, platform: Platform, *, slot_size: int, boot_size: int) -> DiskPlan:
+        """GPT with the environment at 1 MiB, then from 2 MiB the FAT partition for boot.scr
+        (bootable, first), an ext4 boot partition (configuration, keyring, boot files), the
+        slots and data. The table's id names the disk in `[uboot] env`."""
+        cls.require_platform(platform)
+        fat_part = PlannedPartition(Role.FIRMWARE, PartitionSpec(
+            FAT_SIZE, BASIC_DATA, FAT_NAME, bootable=True, start=FIRST_PARTITION))
+        return DiskPlan.ab(TableKind.GPT, slot_size=slot_size, boot_size=boot_size,
+                           before=(fat_part,), disk_id=str(uuid.uuid4()))
+
+    @classmethod
+    def new_settings(cls, plan: DiskPlan) -> UBootConfig:
+        if plan.disk_id is None:
+            raise ValueError("a U-Boot disk plan names its partition table's id")
+        lines = tuple(f"PTUUID={plan.disk_id} {offset:#x} {DEFAULT_SIZE:#x}"
+                      for offset in ENV_OFFSETS)
+        return UBootConfig(env=lines, dir=plan.mount(Role.BOOT))
+
+    def install(self, layout: DiskLayout) -> None:
+        """Both environment copies (slot A the default and good, B bad), boot.scr on a new
+        FAT filesystem in the FAT partition, the boot files' folders."""
+        table = read_table(layout.disk)
+        found = table.by_name(FAT_NAME) if table is not None else []
+        nodes = blockdev.partitions(layout.disk)
+        if len(found) != 1 or found[0].number not in nodes:
+            raise UsageError(f"{layout.disk} has no partition named {FAT_NAME!r} for boot.scr",
+                             hint="lay the disk out with `abupgrade disk init --bootloader uboot`")
+        locations = self._locations()
+        env = Environment([(layout.disk, loc) for loc in locations])
+        for _ in locations:  # both copies valid, the second one newer
+            env.write(updated({}, EnvState(default=Slot.A, good=frozenset({Slot.A}),
+                                           bootlimit=self.settings.tries)))
+        arch = ARCHES[layout.platform.arch]
+        console = f"console={arch.console}"
+        cmdline = " ".join([console, *(w for w in layout.kernel_cmdline.split()
+                                       if not w.startswith("console="))])
+        slots_dir = boot_file(self.settings.dir, Slot.A, "kernel").parent.parent
+        text = render_script(ScriptParams(
+            locations=locations, storage=self.settings.storage,
+            boot_partition=layout.boot_partition, slot_partitions=layout.slot_partitions,
+            slot_roots=layout.slot_roots, cmdline=cmdline, arch=arch,
+            boot_dir="/" + str(layout.on_boot_fs(slots_dir, "[uboot] dir"))))
+        script = compile_script(text, arch)
+        device = nodes[found[0].number]
+        fat.mkfs_fat32(device, label=FAT_LABEL)
+        with fat.open_fat(device) as fs:
+            fs.write(SCRIPT_NAME, script)
+            if fs.read(SCRIPT_NAME) != script:
+                raise OperationalError(f"{SCRIPT_NAME} does not read back from {device}")
+        for slot in Slot:
+            (slots_dir / slot.value).mkdir(parents=True, exist_ok=True)
+
+    # -- the environment
+
+    def _locations(self) -> tuple[EnvLocation, EnvLocation]:
+        return parse_locations(self.settings.env)
+
+    def environment(self) -> Environment:
+        copies = []
+        for location in self._locations():
+            device = location.device
+            path = Path(device) if device.startswith("/") else slots.resolve(device)
+            copies.append((path, location))
+        return Environment(copies)
+
+    def current(self) -> Current:
+        return self.environment().current()
+
+    def _state(self) -> tuple[Environment, Current, EnvState]:
+        env = self.environment()
+        now = env.current()
+        if now.index is None:
+            raise UsageError("no valid U-Boot environment copy at "
+                             + " and ".join(repr(loc.line()) for loc in self._locations()),
+                             hint="check [uboot] env, or lay the disk out with "
+                                  "`abupgrade disk init --bootloader uboot`")
+        return env, now, EnvState.from_vars(now.variables)
+
+    def _write(self, change: Callable[[EnvState], EnvState]) -> None:
+        env, now, state = self._state()
+        env.write(updated(now.variables, change(state)))
+
+    # -- the running machine
+
+    def preflight(self) -> None:
+        env = self.environment()
+        for path, location in env.copies:
+            check_storage(path, location)
+        self._state()
+
+    def read(self) -> BootState:
+        return self._state()[2].boot_state()
+
+    def disable(self, slot: Slot) -> None:
+        self._write(lambda state: disabled(state, slot))
+
+    def arm_trial(self, slot: Slot, tries: int) -> None:
+        self._write(lambda state: armed(state, slot, min(tries, MAX_TRIES)))
+
+    def commit(self, slot: Slot) -> None:
+        self._write(lambda state: committed(state, slot))
+
+    def boot_file_path(self, slot: Slot, name: str) -> Path:
+        return boot_file(self.settings.dir, slot, name)
+
+    def trial_boots(self) -> int:
+        return self.settings.tries
+
+    def counters(self) -> dict[str, Any]:
+        """U-Boot's boot-counting variables as the environment holds them."""
+        env, now, state = self._state()
+        return {"bootcount": state.bootcount, "bootlimit": state.bootlimit,
+                "upgrade_available": 1 if state.trial is not None else 0,
+                "copy": now.index, "flags": now.flags}
+
+
+BACKEND = UBoot
