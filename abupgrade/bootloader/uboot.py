@@ -299,7 +299,7 @@ class UBootConfig(Table):
         try:
             parse_locations(self.env)
         except UsageError as exc:
-            raise UsageError(f"configuration: {where}{exc.message}", hint=exc.hint) from None
+            raise UsageError(f"configuration: {exc.message}", hint=exc.hint) from None
 
     def resolved(self, resolve: Callable[[str], str]) -> UBootConfig:
         lines = []
