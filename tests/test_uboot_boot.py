@@ -98,7 +98,9 @@ def decide(disk: Path, name: str) -> list[str]:
     """U-Boot's decision for the next boot (which copy it read left out), stopped before it
     loads a kernel."""
     found = run(disk, name, stop_at=r"abupgrade-uboot: boot slot=\S+ fallback=\S+ copy=\S+")
-    return [re.sub(r" copy=\S+$", "", line) for line in found.script]
+    lines = [re.sub(r" copy=\S+$", "", line) for line in found.script]
+    chosen = next(n for n, line in enumerate(lines) if line.startswith("boot slot="))
+    return lines[:chosen + 1]
 
 
 def test_the_whole_story_on_u_boot_arm64(world: World) -> None:
