@@ -83,6 +83,16 @@ class BootState:
             return self.trial
         return self.default
 
+    @classmethod
+    def of(cls, default: Slot, good: frozenset[Slot], trial: Slot | None,
+           tries_left: int) -> BootState:
+        """What a selection that boots `default` if it is good, else the other slot if
+        that one is, and a trial while it has boots left, does (grub.cfg, boot.scr)."""
+        if default not in good and default.other in good:
+            default = default.other
+        bootable = set(good) | ({trial} if trial is not None and tries_left > 0 else set())
+        return cls(default, frozenset(bootable), trial, tries_left if trial is not None else 0)
+
 
 # ---------------------------------------------------------------- disks a backend boots
 

@@ -123,14 +123,7 @@ class EnvState:
 
     def boot_state(self) -> BootState:
         """What boot.scr makes of this state on the next boots."""
-        default = self.default
-        if default not in self.good and default.other in self.good:
-            default = default.other
-        bootable = set(self.good)
-        if self.trial is not None and self.tries_left > 0:
-            bootable.add(self.trial)
-        return BootState(default=default, bootable=frozenset(bootable), trial=self.trial,
-                         tries_left=self.tries_left)
+        return BootState.of(self.default, self.good, self.trial, self.tries_left)
 
 
 def disabled(state: EnvState, slot: Slot) -> EnvState:
