@@ -178,12 +178,14 @@ class ArchInfo:
 
 
 ARCHES = {
-    Arch.ARM64: ArchInfo("booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}",
-                  "booti ${kernel_addr_r} - ${fdtcontroladdr}", "ttyAMA0", 0x48000000, "arm64"),
+    Arch.ARM64: ArchInfo(
+        "booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}",
+        "booti ${kernel_addr_r} - ${fdtcontroladdr}", "ttyAMA0", 0x48000000, "arm64"),
     # U-Boot's x86 builds (32-bit) load a bzImage with zboot; kernel_addr_r is 0x1000000
     # in every x86 board's default environment.
-    Arch.AMD64: ArchInfo("zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}",
-                  "zboot ${kernel_addr_r}", "ttyS0", 0x1000000, "x86"),
+    Arch.AMD64: ArchInfo(
+        "zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}",
+        "zboot ${kernel_addr_r}", "ttyS0", 0x1000000, "x86"),
 }
 
 
