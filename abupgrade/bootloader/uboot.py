@@ -20,6 +20,7 @@ writes only the variables above.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import uuid
@@ -404,6 +405,11 @@ class UBoot(Bootloader):
         for path, location in env.copies:
             check_storage(path, location)
         self._state()
+        folder = self.settings.dir
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"the boot partition {folder} for the slots' kernels is missing "
+                             "or not writable",
+                             hint="mount it read-write, or set [uboot] dir")
 
     def read(self) -> BootState:
         return self._state()[2].boot_state()
