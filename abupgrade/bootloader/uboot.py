@@ -412,7 +412,10 @@ class UBoot(Bootloader):
                              hint="mount it read-write, or set [uboot] dir")
 
     def read(self) -> BootState:
-        return self._state()[2].boot_state()
+        """As boot.scr reads it; with no valid copy it boots slot A (preflight refuses to
+        write there: wrong [uboot] env lines must not overwrite whatever is there)."""
+        now = self.current()
+        return EnvState.from_vars(now.variables).boot_state()
 
     def disable(self, slot: Slot) -> None:
         self._write(lambda state: disabled(state, slot))
@@ -431,7 +434,8 @@ class UBoot(Bootloader):
 
     def counters(self) -> dict[str, Any]:
         """U-Boot's boot-counting variables as the environment holds them."""
-        env, now, state = self._state()
+        now = self.current()
+        state = EnvState.from_vars(now.variables)
         return {"bootcount": state.bootcount, "bootlimit": state.bootlimit,
                 "upgrade_available": 1 if state.trial is not None else 0,
                 "copy": now.index, "flags": now.flags}
