@@ -21,7 +21,7 @@ import pytest
 
 from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.bootloader.syslinux import SyslinuxConfig
-from abupgrade.bootloader.uboot import UBootConfig
+from abupgrade.bootloader.uboot import UBoot, UBootConfig
 from abupgrade.model import Slot
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
@@ -47,6 +47,12 @@ def boot_files(m: Machine) -> dict[str, str]:
     if m.config.bootloader == "grub":
         env = m.config.section(GrubConfig).env
         paths = [env, env.with_name(env.name + ".1"), *(env.parent / "slots").rglob("*")]
+    elif m.config.bootloader == "uboot":
+        settings = m.config.section(UBootConfig)
+        paths = list((settings.dir / "slots").rglob("*"))
+        copies = {line: hashlib.sha256(data).hexdigest() for line, data in zip(
+            settings.env, UBoot(settings).environment().read_raw(), strict=True)}
+        return copies | {str(p): digest(p) for p in sorted(paths) if p.is_file()}
     else:
         d = m.config.section(SyslinuxConfig).dir
         paths = [d / "extlinux.conf", d / "ldlinux.sys", *(d / "slots").rglob("*")]
