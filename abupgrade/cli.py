@@ -26,6 +26,7 @@ from rich.table import Table
 
 from abupgrade import ops
 from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.base import Arch, Platform
 from abupgrade.errors import AbupgradeError, UsageError
 from abupgrade.model import Slot
 from abupgrade.progress import NullProgress, Progress
@@ -467,13 +468,17 @@ def disk_init(
     compatible: Annotated[str | None, typer.Option(
         help="The machine's compatible string [default: the --image's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing partition table.")] = False,
+    arch: Annotated[Arch | None, typer.Option(
+        help="CPU the disk boots on (uboot): " + " or ".join(Arch) + " [default: amd64].")] = None,
 ) -> None:
     """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
     g = _globals(ctx)
+    platform = Platform(arch=arch) if arch is not None else None
     with progress_for(g) as progress:
         result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
                                slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
-                               compatible=compatible, force=force, progress=progress)
+                               compatible=compatible, force=force, progress=progress,
+                               platform=platform)
     text = f"{target}: A/B disk with {bootloader}, slots of {result.slot_size:,} bytes"
     if result.version:
         text += f"; slot A holds version {result.version} (committed)"

@@ -176,6 +176,7 @@ def status(options: Options) -> Status:
                    for slot in Slot},
             notes=system.bootloader.notes(),
             security_floor=security_floor(system, state),
+            counters=system.bootloader.counters(),
         )
 
 
