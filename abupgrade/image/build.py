@@ -61,6 +61,7 @@ def build(
     compression: str | Compression = Compression.ZSTD,
     index: bool = True,
     progress: Progress | None = None,
+    security_floor: str | None = None,
 ) -> Manifest:
     """Write a signed image of `rootfs` (plus optional kernel and initrd) to `out` atomically.
 
@@ -68,6 +69,8 @@ def build(
     come compressed already). With `index` (and compression none or zstd), a chunk index goes
     before the slot payload and a zstd payload is stored chunk by chunk, so that `apply` can
     build the slot from what the machine holds and fetch only the rest (see abupgrade.delta).
+    `security_floor`: once this image is committed on a machine, the machine accepts no image
+    older than that version any more.
     """
     sink: Progress = progress or NullProgress()
     codec = compression if isinstance(compression, Compression) else Compression.parse(compression)
@@ -85,7 +88,8 @@ def build(
     with contextlib.ExitStack() as stack:
         if not indexed:
             payloads = tuple(_hash(item, sink) for item in inputs)
-            return _write(out, version, compatible, private_keys, inputs, payloads, {}, sink)
+            return _write(out, version, compatible, private_keys, inputs, payloads, {}, sink,
+                          security_floor)
         stored = stack.enter_context(tempfile.TemporaryFile(dir=out.parent))
         slot, index_bytes, tables = _chunked(inputs[0], stored, sink)
         sources: dict[str, bytes | BinaryIO] = {}
@@ -101,16 +105,17 @@ def build(
             sources[SLOT_PAYLOAD] = stored  # the frames made while indexing
         payloads = (*(p for _, p in extra), slot, *(_hash(item, sink) for item in inputs[1:]))
         return _write(out, version, compatible, private_keys, [*(i for i, _ in extra), *inputs],
-                      payloads, sources, sink)
+                      payloads, sources, sink, security_floor)
 
 
 def _write(out: Path, version: str, compatible: str, private_keys: Sequence[Ed25519PrivateKey],
            inputs: Sequence[_Input], payloads: tuple[Payload, ...],
-           sources: dict[str, bytes | BinaryIO], sink: Progress) -> Manifest:
+           sources: dict[str, bytes | BinaryIO], sink: Progress,
+           security_floor: str | None) -> Manifest:
     """Sign the manifest of `payloads` and write the image. A payload named in `sources` is
     written from those bytes (or that file of stored bytes), the others from their input."""
     try:
-        manifest = Manifest.create(version, compatible, payloads)
+        manifest = Manifest.create(version, compatible, payloads, security_floor=security_floor)
     except ImageRejected as e:
         raise UsageError(e.message, hint=e.hint) from None
     manifest_bytes = manifest.serialize()
