@@ -4,6 +4,7 @@ the whole image. Every run must leave the target slot byte for byte equal to the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from abupgrade.model import Slot
 from fixtures.files import FileServer, serve
 from fixtures.images import KeyPair, keypair, release_image, signed_image
 from fixtures.machine import Machine, run_cli, running_machine
-from fixtures.registry import TestCA, available, make_ca, registry
+from fixtures.registry import CuttingProxy, TestCA, available, make_ca, registry
 from fixtures.tiers import needs, needs_registry
 
 pytestmark = pytest.mark.loop
@@ -68,16 +69,23 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     return Releases(key, v1, v2, rootfs.read_bytes())
 
 
-@pytest.fixture
-def machine(tmp_path: Path, releases: Releases) -> Iterator[Machine]:
+@contextlib.contextmanager
+def new_machine(folder: Path, releases: Releases) -> Iterator[Machine]:
     """A disk with v1 committed in slot A, running from A; slot B never written."""
     needs(loop=True)
-    disk = tmp_path / "disk.img"
+    folder.mkdir(parents=True, exist_ok=True)
+    disk = folder / "disk.img"
     proc = run_cli("disk", "init", str(disk), "--bootloader", "grub", "--size", "512M",
                    "--slot-size", "32M", "--image", str(releases.v1),
                    "--pubkey", str(releases.key.public))
     assert proc.returncode == 0, proc.stderr
-    with running_machine(disk, tmp_path / "machine", booted=Slot.A) as running:
+    with running_machine(disk, folder / "machine", booted=Slot.A) as running:
+        yield running
+
+
+@pytest.fixture
+def machine(tmp_path: Path, releases: Releases) -> Iterator[Machine]:
+    with new_machine(tmp_path / "first", releases) as running:
         yield running
 
 
@@ -217,3 +225,21 @@ def test_bytes_the_update_does_not_need_are_not_read(machine: Machine, releases:
     result = apply(machine, str(damaged))
     assert (result["update"], result["bytes_downloaded"]) == ("delta", 0)  # a local file
     assert slot_b(machine, len(releases.v2_rootfs)) == releases.v2_rootfs
+
+
+def test_an_apply_that_failed_halfway_is_finished_by_the_next(
+        machine: Machine, releases: Releases, oci_image: str, tmp_path: Path) -> None:
+    """Connections that keep breaking end the first apply (nothing armed); the next one finds
+    what the first wrote in slot B and fetches only the rest."""
+    with new_machine(tmp_path / "reference", releases) as other:
+        whole = apply(other, oci_image)["bytes_downloaded"]  # a delta from the same start
+    host, _, path = oci_image.removeprefix("oci://").partition("/")
+    # the registry answers, then every connection breaks after 600 KB of a blob
+    with CuttingProxy(int(host.rsplit(":", 1)[1]), after=600_000, cuts=1000) as proxy:
+        proc = machine.cli("apply", f"oci://{proxy.host}/{path}")
+    assert proc.returncode == 1 and "broke" in proc.stderr, proc.stderr
+    assert json.loads(machine.cli("status", "--json").stdout)["trial"] is None
+    again = apply(machine, oci_image)
+    assert again["update"] == "delta"
+    assert slot_b(machine, len(releases.v2_rootfs)) == releases.v2_rootfs
+    assert again["bytes_downloaded"] < whole
