@@ -234,8 +234,8 @@ def test_an_apply_that_failed_halfway_is_finished_by_the_next(
     with new_machine(tmp_path / "reference", releases) as other:
         whole = apply(other, oci_image)["bytes_downloaded"]  # a delta from the same start
     host, _, path = oci_image.removeprefix("oci://").partition("/")
-    # the registry answers, then every connection breaks after 600 KB of a blob
-    with CuttingProxy(int(host.rsplit(":", 1)[1]), after=600_000, cuts=1000) as proxy:
+    # the registry answers, then a connection breaks after 400 KB and the server is gone
+    with CuttingProxy(int(host.rsplit(":", 1)[1]), after=400_000, then_refuse=True) as proxy:
         proc = machine.cli("apply", f"oci://{proxy.host}/{path}")
     assert proc.returncode == 1 and "broke" in proc.stderr, proc.stderr
     assert json.loads(machine.cli("status", "--json").stdout)["trial"] is None
