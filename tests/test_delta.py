@@ -298,6 +298,21 @@ def test_http_ranges_merge_requests_and_resume_a_broken_connection(tmp_path: Pat
         ranges.close()
 
 
+def test_http_reads_while_a_fetch_streams(tmp_path: Path) -> None:
+    """A chunk read alone (a stale one) while the merged fetch is half way through its
+    response: each has a connection of its own, nothing is resumed or sent twice."""
+    data = os.urandom(3 << 20)
+    (tmp_path / "image.tar").write_bytes(data)
+    with serve(tmp_path) as server:
+        ranges = HttpRanges(f"{server.url}/image.tar")
+        stream = ranges.fetch([(0, 1000), (1 << 20, 1000), (2 << 20, 1000)])
+        assert next(stream) == data[:1000]
+        assert ranges.read(500_000, 10) == data[500_000:500_010]
+        assert list(stream) == [data[1 << 20:(1 << 20) + 1000], data[2 << 20:(2 << 20) + 1000]]
+        assert ranges.requests == 5  # probe, three spans, one read
+        assert ranges.received == 1 + 3000 + 10
+
+
 def test_http_without_range_support_is_told_apart(tmp_path: Path) -> None:
     (tmp_path / "image.tar").write_bytes(os.urandom(100000))
     with serve(tmp_path, ranges=False) as server, pytest.raises(RangesUnsupported):
@@ -370,16 +385,22 @@ def test_delta_over_http_downloads_only_the_missing_chunk(tmp_path: Path) -> Non
     assert ranges.received < 100 << 10 < rel.image.stat().st_size // 10
 
 
-def test_a_slot_changed_behind_abupgrades_back_is_fetched_instead(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["file", "http"])
+def test_a_slot_changed_behind_abupgrades_back_is_fetched_instead(tmp_path: Path,
+                                                                   where: str) -> None:
     rel = make_releases(tmp_path)
     cached = read_slot(rel.active, len(rel.v1))  # digests taken, then the slot changes
     with rel.active.open("r+b") as f:
-        f.seek(520 * BLOCK)
-        f.write(os.urandom(3 * CHUNK))
-    assembler, _ = run_delta(rel, FileRanges(rel.image), active_blocks=cached,
-                             target_blocks=SlotBlocks(0, b""))
+        for at in (520, 580):  # two places: the second refetch comes while chunks stream
+            f.seek(at * BLOCK)
+            f.write(os.urandom(3 * CHUNK))
+    with serve(tmp_path) as server:
+        ranges: RangeSource = (FileRanges(rel.image) if where == "file"
+                               else HttpRanges(f"{server.url}/{rel.image.name}"))
+        assembler, _ = run_delta(rel, ranges, active_blocks=cached,
+                                 target_blocks=SlotBlocks(0, b""))
     assert rel.target.read_bytes()[:len(rel.v2)] == rel.v2
-    assert assembler.tally.stale["active"] >= 3
+    assert assembler.tally.stale["active"] >= 6
 
 
 def test_a_slot_changed_everywhere_gives_the_delta_up(tmp_path: Path) -> None:

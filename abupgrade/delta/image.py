@@ -131,8 +131,8 @@ class IndexedImage:
         assert entry is not None  # an image with an index has them
         member = self.members[entry.name]
         spans = [(member.data + index.table_offsets[g], index.table_sizes[g]) for g in groups]
-        return {g: index.table(g, data) for g, data in zip(groups, self.ranges.fetch(spans),
-                                                           strict=True)}
+        fetched = self.ranges.fetch(spans, side=True)  # may run while the chunks stream
+        return {g: index.table(g, data) for g, data in zip(groups, fetched, strict=True)}
 
     def table(self, group: int) -> ChunkTable:
         return self.tables([group])[group]

@@ -12,6 +12,7 @@ Nothing here trusts the bytes: the caller checks them against the signed manifes
 
 from __future__ import annotations
 
+import functools
 import http.client
 import re
 import ssl
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Protocol
 
 from abupgrade.config import RegistryConfig
-from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError, UsageError
+from abupgrade.errors import AbupgradeError, ImageRejected, OperationalError
+from abupgrade.fsutil import open_input
 from abupgrade.oci.client import Registry
 
 PIECE = 1 << 20  # bytes read from a response at a time
@@ -46,7 +48,7 @@ class RangeSource(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
-    def fetch(self, ranges: Sequence[Span]) -> Iterator[bytes]: ...
+    def fetch(self, ranges: Sequence[Span], *, side: bool = False) -> Iterator[bytes]: ...
 
     def close(self) -> None: ...
 
@@ -68,7 +70,10 @@ def coalesce(ranges: Sequence[Span], gap: int = GAP) -> list[Span]:
 
 
 class _Ranged:
-    """Shared by every source: merging, slicing responses into the asked ranges."""
+    """Shared by every source: merging, slicing responses into the asked ranges.
+
+    A fetch streams over a connection of its own; `read` and a fetch with `side` use another
+    one, so that they can run while a fetch is half way through a response."""
 
     size: int = 0
 
@@ -77,16 +82,16 @@ class _Ranged:
         self.requests = 0
         self.gap = GAP
 
-    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+    def _get(self, offset: int, length: int, side: bool) -> Iterator[bytes]:
         """The bytes of [offset, offset + length), in pieces, resumed where a connection broke."""
         raise NotImplementedError
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ImageRejected(f"image ends before byte {offset + length:,} (it has {self.size:,})")
-        return b"".join(self._get(offset, length)) if length else b""
+        return b"".join(self._get(offset, length, True)) if length else b""
 
-    def fetch(self, ranges: Sequence[Span]) -> Iterator[bytes]:
+    def fetch(self, ranges: Sequence[Span], *, side: bool = False) -> Iterator[bytes]:
         wanted = [r for r in ranges if r[1] > 0]
         pending = iter(wanted)
         current = next(pending, None)
@@ -95,7 +100,7 @@ class _Ranged:
                 raise ImageRejected(f"image ends before byte {start + length:,}")
             buffer = bytearray()
             at = start  # offset of buffer[0]
-            for piece in self._get(start, length):
+            for piece in self._get(start, length, side):
                 buffer += piece
                 while current is not None and current[0] + current[1] <= at + len(buffer):
                     lo = current[0] - at
@@ -117,16 +122,11 @@ class FileRanges(_Ranged):
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        try:
-            self._file = path.open("rb")
-        except FileNotFoundError:
-            raise UsageError(f"image {path} does not exist") from None
-        except OSError as exc:
-            raise OperationalError(f"cannot read image {path}: {exc.strerror}") from None
+        self._file = open_input(path, "image")
         self.size = self._file.seek(0, 2)
         self.gap = 0
 
-    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+    def _get(self, offset: int, length: int, side: bool) -> Iterator[bytes]:
         end = offset + length
         while offset < end:
             self._file.seek(offset)
@@ -222,11 +222,10 @@ class HttpRanges(_Ranged):
         self.context = context
         self.refresh = refresh
         self.parent = parent
-        self._conn: http.client.HTTPConnection | None = None
-        self._conn_key: tuple[str, str] | None = None
+        self._conns: dict[bool, tuple[str, http.client.HTTPConnection]] = {}  # side -> netloc, conn
         self._total = size
         if size is None:
-            self._open(0, 1).read(PIECE)
+            self._count(len(self._open(0, 1, True).read(PIECE)))
             self.size = self._total or 0
             if not self.size:
                 raise RangesUnsupported(f"{url} does not say how large it is")
@@ -237,27 +236,32 @@ class HttpRanges(_Ranged):
     def _what(self) -> str:
         return urllib.parse.urlsplit(self.url).netloc
 
-    def _connection(self, url: str) -> http.client.HTTPConnection:
+    def _connection(self, url: str, side: bool) -> http.client.HTTPConnection:
         parts = urllib.parse.urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        if self._conn is None or self._conn_key != key:
-            self.close()
-            if parts.scheme == "https":
-                context = self.context or ssl.create_default_context()
-                self._conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
-                                                         context=context)
-            else:
-                self._conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
-            self._conn_key = key
-        return self._conn
+        key = f"{parts.scheme}://{parts.netloc}"
+        if side in self._conns and self._conns[side][0] == key:
+            return self._conns[side][1]
+        self._drop(side)
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            context = self.context or ssl.create_default_context()
+            conn = http.client.HTTPSConnection(parts.netloc, timeout=self.timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+        self._conns[side] = (key, conn)
+        return conn
 
-    def _open(self, at: int, end: int) -> Body:
+    def _drop(self, side: bool) -> None:
+        if side in self._conns:
+            self._conns.pop(side)[1].close()
+
+    def _open(self, at: int, end: int, side: bool = False) -> Body:
         url = self.url
         refreshed = False
         hops = 0
         while hops <= MAX_REDIRECTS:
             parts = urllib.parse.urlsplit(url)
-            conn = self._connection(url)
+            conn = self._connection(url, side)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             headers = {"Range": f"bytes={at}-{end - 1}", "User-Agent": USER_AGENT}
             if parts.netloc == urllib.parse.urlsplit(self.url).netloc:
@@ -266,11 +270,11 @@ class HttpRanges(_Ranged):
                 conn.request("GET", path, headers=headers)
                 response = conn.getresponse()
             except ssl.SSLCertVerificationError as exc:
-                self.close()
+                self._drop(side)
                 raise OperationalError(f"TLS certificate of {parts.netloc} is not trusted: "
                                        f"{exc.verify_message}") from None
             except (OSError, http.client.HTTPException):
-                self.close()
+                self._drop(side)
                 raise
             self.requests += 1
             if self.parent is not None:
@@ -292,7 +296,7 @@ class HttpRanges(_Ranged):
                                        f"{response.reason}")
             self._total = _check_partial(response, at, end, self._total, self._what)
             if response.will_close:
-                self._conn = None  # this response ends the connection: the next one reconnects
+                self._conns.pop(side, None)  # the response ends the connection: reconnect next
             return response
         raise OperationalError(f"{self.url}: more than {MAX_REDIRECTS} redirects")
 
@@ -301,13 +305,13 @@ class HttpRanges(_Ranged):
         if self.parent is not None:
             self.parent.received += n
 
-    def _get(self, offset: int, length: int) -> Iterator[bytes]:
-        return _resuming(self._open, offset, length, self._what, self._count)
+    def _get(self, offset: int, length: int, side: bool) -> Iterator[bytes]:
+        return _resuming(functools.partial(self._open, side=side), offset, length, self._what,
+                         self._count)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for side in list(self._conns):
+            self._drop(side)
 
 
 class OciRanges(_Ranged):
@@ -332,13 +336,13 @@ class OciRanges(_Ranged):
         self.size = at
         self._blobs: dict[int, HttpRanges] = {}
 
-    def _get(self, offset: int, length: int) -> Iterator[bytes]:
+    def _get(self, offset: int, length: int, side: bool) -> Iterator[bytes]:
         end = offset + length
         for number, layer in enumerate(self.layers):
             start = self.starts[number]
             lo, hi = max(offset, start), min(end, start + layer.size)
             if lo < hi:
-                yield from self._blob(number)._get(lo - start, hi - lo)
+                yield from self._blob(number)._get(lo - start, hi - lo, side)
 
     def _blob(self, number: int) -> HttpRanges:
         if number not in self._blobs:
