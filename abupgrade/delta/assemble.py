@@ -71,7 +71,7 @@ class Assembler:
         self.tally = Tally()
         self.digests = bytearray()  # of every block of the new payload, for the block cache
         self._fds: dict[Path, int] = {}
-        self._zero_digests: dict[int, bytes] = {}
+        self._zeros: dict[int, tuple[Piece, bytes]] = {}
 
     def __enter__(self) -> Assembler:
         return self
@@ -115,8 +115,7 @@ class Assembler:
         """A whole group from one place, checked against its id."""
         start, length = self.index.group_span(g)
         if step.source is Source.ZERO:
-            self.digests += self._zeros(length)
-            yield Piece(bytes(length), False), Source.ZERO
+            yield self._zero_piece(length), Source.ZERO
             return
         data = self._read(step, start, length)
         digests = b"".join(block_digests(data))
@@ -142,8 +141,7 @@ class Assembler:
             step = steps[n]
             start, length = self.index.span(chunk)
             if step.source is Source.ZERO:
-                self.digests += self._zeros(length)
-                yield Piece(bytes(length), False), Source.ZERO
+                yield self._zero_piece(length), Source.ZERO
                 continue
             if step.source is Source.FETCH:
                 data = self._decode(chunk, next(fetched))
@@ -169,10 +167,14 @@ class Assembler:
             self.digests += digests
             yield Piece(data, step.source is Source.IN_PLACE), step.source
 
-    def _zeros(self, length: int) -> bytes:
-        if length not in self._zero_digests:
-            self._zero_digests[length] = b"".join(block_digests(bytes(length)))
-        return self._zero_digests[length]
+    def _zero_piece(self, length: int) -> Piece:
+        """`length` zero bytes (one shared object per length), their digests noted."""
+        if length not in self._zeros:
+            data = bytes(length)
+            self._zeros[length] = (Piece(data, False), b"".join(block_digests(data)))
+        piece, digests = self._zeros[length]
+        self.digests += digests
+        return piece
 
     def _decode(self, chunk: int, stored: bytes) -> bytes:
         length = self.index.span(chunk)[1]
