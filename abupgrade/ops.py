@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Options"]
 
+HISTORY_LOOKBACK = 50  # events searched for the last one of a slot
+
 
 # ------------------------------------------------------------------ keys and images
 
@@ -347,7 +349,8 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
                 return "full: the image has no chunk index", ranges.received
             device, active = system.device(target), target.other
             delta = Delta(image, BlockCache(system.config.state_dir / BLOCKS_FOLDER),
-                          target=SlotSource(device, state.slots[target].sha256),
+                          target=SlotSource(device, state.slots[target].sha256,
+                                            read_unknown=_stopped_midway(system, target)),
                           active=SlotSource(system.device(active), state.slots[active].sha256))
             plan = delta.plan(progress)
         except RangesUnsupported as exc:
@@ -378,6 +381,15 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
                           tally.from_active, "delta")
     return Installed(target, manifest.version, manifest.compatible,
                      stats.written + _boot_bytes(manifest), dry_run=False, traffic=traffic)
+
+
+def _stopped_midway(system: System, slot: Slot) -> bool:
+    """Whether the last install into `slot` stopped before its end (what it wrote may serve)."""
+    for event in reversed(system.store.history(HISTORY_LOOKBACK)):
+        if event.slot == slot:
+            return event.event in (EventName.INTERRUPTED, EventName.INSTALL_FAILED,
+                                   EventName.DELTA_FALLBACK)
+    return False
 
 
 def _mib(n: int) -> str:

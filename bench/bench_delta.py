@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--target", default="v1,empty")
     parser.add_argument("--skip", default="", help="comma list of: full, casync, zchunk")
     parser.add_argument("--workdir", type=Path, help="keeps built images between runs")
+    parser.add_argument("--link-mbit", type=float, default=0,
+                        help="pace each connection to this link speed (0: as fast as it goes)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -215,7 +217,8 @@ def main() -> None:
         for scenario in filter(None, args.scenario.split(",")):
             for target in filter(None, args.target.split(",")):
                 name = f"{scenario}/{target}"
-                report[name] = figures = bench(work, scenario, target, skip)
+                report[name] = figures = bench(work, scenario, target, skip,
+                                               args.link_mbit * 1e6 / 8 or None)
                 if not args.json:
                     print_table(name, figures)  # as soon as they are known
     if args.json:
@@ -246,7 +249,8 @@ def print_table(name: str, figures: dict[str, object]) -> None:
                                               for k in keys) + f", update {result.get('update')}")
 
 
-def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[str, object]:
+def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
+          rate: float | None) -> dict[str, object]:
     made = releases()
     v1, v2 = made.v1, {"rebuilt": made.rebuilt, "in-place": made.in_place}[scenario]
     size = v1.stat().st_size
@@ -267,7 +271,7 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[s
         oci.push(v2_tar, f"oci://{reg.host}/bench/os:2.0")
         oci.push(full_tar, f"oci://{reg.host}/bench/os:2.0-full")
         port = int(reg.host.rsplit(":", 1)[1])
-        proxy = stack.enter_context(CuttingProxy(port, after=0, cuts=0))
+        proxy = stack.enter_context(CuttingProxy(port, after=0, cuts=0, rate=rate))
 
         def check(tool: str, machine: Machine) -> None:
             if sha256_of(machine.device(Slot.B), size) != v2_sha:
@@ -290,7 +294,7 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[s
             if not (files / "v2.caibx").exists():
                 run(["casync", "make", f"--store={files / 'store'}", str(files / "v2.caibx"), str(v2)])
             with fresh(work, disk) as machine, serve(files) as server, \
-                    CuttingProxy(server.port, after=0, cuts=0) as fproxy:
+                    CuttingProxy(server.port, after=0, cuts=0, rate=rate) as fproxy:
                 url = f"http://{fproxy.host}"
                 tools["casync"] = measure(machine.device(Slot.B), fproxy, functools.partial(
                     _casync, url, machine.device(Slot.A), machine.device(Slot.B), fproxy))
@@ -299,7 +303,7 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str]) -> dict[s
             if not (files / "v2.zck").exists():
                 run(["zck", "-o", str(files / "v2.zck"), str(v2)])
             with fresh(work, disk) as machine, serve(files) as server, \
-                    CuttingProxy(server.port, after=0, cuts=0) as fproxy:
+                    CuttingProxy(server.port, after=0, cuts=0, rate=rate) as fproxy:
                 url = f"http://{fproxy.host}/v2.zck"
                 tools["zchunk"] = measure(machine.device(Slot.B), fproxy, functools.partial(
                     _zchunk, url, machine.device(Slot.A), machine.device(Slot.B), work, fproxy))

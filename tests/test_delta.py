@@ -479,3 +479,15 @@ def test_a_slot_smaller_than_the_payload_is_read_as_far_as_it_goes(tmp_path: Pat
     slot.write_bytes(os.urandom(3 * BLOCK))
     blocks = read_slot(slot, 10 * BLOCK)
     assert (blocks.size, blocks.count) == (3 * BLOCK, 3)
+
+
+def test_plan_does_not_search_a_target_that_holds_the_active_image() -> None:
+    a, b = os.urandom(CHUNK), os.urandom(CHUNK)
+    indexed = index_of(b + a, 6)
+    same = digests_of(a + b)
+    plan = make_plan(indexed.index, indexed.fetch, target=same, active=None,
+                     target_is_active=True)
+    assert [s.source for s in plan.groups[0].chunks] == [Source.TARGET, Source.FETCH]
+    plan = make_plan(indexed.index, indexed.fetch, target=same, active=same,
+                     target_is_active=True)  # found in the active slot, the target not read
+    assert [s.source for s in plan.groups[0].chunks] == [Source.ACTIVE, Source.ACTIVE]

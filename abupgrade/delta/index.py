@@ -9,8 +9,9 @@ it decodes alone. Chunks form groups of `group_chunks` (512 KiB).
   id is the first 8 bytes of SHA-256 over its chunks' ids. A machine that keeps the SHA-256 of
   every 4 KiB block of its slots computes both for a run starting at any block, and so finds a
   chunk or a whole group anywhere in a slot without reading it again.
-- The group index (image member `<slot>.index`, fetched whole) holds per group its id, the
-  bytes its chunks store, and the size and a hash of its chunk table.
+- The group index (image member `<slot>.index`, fetched whole) holds per group its id, the id
+  of its first chunk (so a scan hashes runs only where a group can start), the bytes its
+  chunks store, and the size and a hash of its chunk table.
 - The chunk tables (member `<slot>.chunks`) hold per chunk its id and stored size. A client
   fetches only the tables of groups it did not find whole on the machine, and checks each
   against its hash in the group index.
@@ -38,7 +39,7 @@ GROUP_CHUNKS = 32  # 512 KiB groups: the smallest index download (see bench/READ
 ID_BYTES = 8
 MAGIC = b"ABIDX\x00\x02\n"
 _HEADER = struct.Struct("<8sIIIQQ")  # magic, block, chunk blocks, group chunks, size, body size
-_ENTRY = 2 * ID_BYTES + 8  # group id, table hash, stored bytes (u32), table bytes (u32)
+_ENTRY = 3 * ID_BYTES + 8  # group id, first chunk id, table hash, stored, table bytes (u32s)
 MAX_CHUNK_BLOCKS = 256
 MAX_GROUP_CHUNKS = 4096
 MAX_INDEX_BYTES = 64 << 20
@@ -93,6 +94,7 @@ class Index:
     group_chunks: int
     size: int  # of the uncompressed payload
     ids: bytes  # ID_BYTES per group
+    firsts: bytes  # the id of each group's first chunk
     table_hashes: bytes  # ID_BYTES per group
     stored: array.array[int]  # stored bytes of each group's chunks
     table_sizes: array.array[int]  # bytes of each group's chunk table
@@ -134,6 +136,9 @@ class Index:
     def id(self, group: int) -> bytes:
         return self.ids[group * ID_BYTES:(group + 1) * ID_BYTES]
 
+    def first(self, group: int) -> bytes:
+        return self.firsts[group * ID_BYTES:(group + 1) * ID_BYTES]
+
     def table_hash(self, group: int) -> bytes:
         return self.table_hashes[group * ID_BYTES:(group + 1) * ID_BYTES]
 
@@ -156,7 +161,8 @@ class Index:
         if len(data) != self.table_sizes[group] or short_hash(data) != self.table_hash(group):
             raise ImageRejected(f"the chunk table of group {group} does not match the index")
         table = ChunkTable.parse(data, len(self.chunks(group)))
-        if short_hash(table.ids) != self.id(group) or sum(table.stored) != self.stored[group]:
+        if (short_hash(table.ids) != self.id(group) or table.id(0) != self.first(group)
+                or sum(table.stored) != self.stored[group]):
             raise ImageRejected(f"the chunk table of group {group} contradicts the index")
         for n, chunk in enumerate(self.chunks(group)):
             if not 1 <= table.stored[n] <= self.span(chunk)[1] + FRAME_SLACK:
@@ -165,8 +171,8 @@ class Index:
 
     def serialize(self) -> bytes:
         entries = b"".join(
-            self.id(g) + self.table_hash(g) + struct.pack("<II", self.stored[g], self.table_sizes[g])
-            for g in range(self.count))
+            self.id(g) + self.first(g) + self.table_hash(g)
+            + struct.pack("<II", self.stored[g], self.table_sizes[g]) for g in range(self.count))
         body = _ZSTD.compress(entries)
         return _HEADER.pack(MAGIC, self.block, self.chunk_blocks, self.group_chunks, self.size,
                             len(body)) + body
@@ -186,18 +192,19 @@ def build(size: int, chunk_ids: Sequence[bytes], stored: Sequence[int], *,
     """The index of a payload of `size` bytes whose chunks have these ids and stored sizes, and
     the chunks member (every group's table)."""
     tables = []
-    ids, hashes, group_stored, sizes = [], [], [], []
+    ids, firsts, hashes, group_stored, sizes = [], [], [], [], []
     for first in range(0, len(chunk_ids), group_chunks):
         table = ChunkTable(b"".join(chunk_ids[first:first + group_chunks]),
                            array.array("I", stored[first:first + group_chunks]))
         data = table.serialize()
         tables.append(data)
         ids.append(short_hash(table.ids))
+        firsts.append(table.id(0))
         hashes.append(short_hash(data))
         group_stored.append(sum(table.stored))
         sizes.append(len(data))
-    index = Index(BLOCK, chunk_blocks, group_chunks, size, b"".join(ids), b"".join(hashes),
-                  array.array("I", group_stored), array.array("I", sizes))
+    index = Index(BLOCK, chunk_blocks, group_chunks, size, b"".join(ids), b"".join(firsts),
+                  b"".join(hashes), array.array("I", group_stored), array.array("I", sizes))
     return index, b"".join(tables)
 
 
@@ -217,16 +224,17 @@ def parse(data: bytes, *, payload_size: int) -> Index:
         raise ImageRejected("the index body has the wrong length")
     groups = -(-size // (block * chunk_blocks * group_chunks))
     body = decompress_frame(data[_HEADER.size:], groups * _ENTRY, "the index")
-    ids, hashes, stored, sizes = [], [], [], []
+    ids, firsts, hashes, stored, sizes = [], [], [], [], []
     for g in range(groups):
         entry = body[g * _ENTRY:(g + 1) * _ENTRY]
         ids.append(entry[:ID_BYTES])
-        hashes.append(entry[ID_BYTES:2 * ID_BYTES])
-        n_stored, n_table = struct.unpack_from("<II", entry, 2 * ID_BYTES)
+        firsts.append(entry[ID_BYTES:2 * ID_BYTES])
+        hashes.append(entry[2 * ID_BYTES:3 * ID_BYTES])
+        n_stored, n_table = struct.unpack_from("<II", entry, 3 * ID_BYTES)
         stored.append(n_stored)
         sizes.append(n_table)
-    index = Index(block, chunk_blocks, group_chunks, size, b"".join(ids), b"".join(hashes),
-                  array.array("I", stored), array.array("I", sizes))
+    index = Index(block, chunk_blocks, group_chunks, size, b"".join(ids), b"".join(firsts),
+                  b"".join(hashes), array.array("I", stored), array.array("I", sizes))
     for g in range(groups):
         chunks = index.chunks(g)
         most = sum(index.span(c)[1] + FRAME_SLACK for c in chunks)

@@ -50,10 +50,13 @@ def open_ranges(spec: str, registry: RegistryConfig | None = None) -> RangeSourc
 
 @dataclass(frozen=True)
 class SlotSource:
-    """A slot the delta reads: its device and the sha256 of the image the state says it holds."""
+    """A slot the delta reads: its device, the sha256 of the image the state says it holds,
+    and whether to read it when that is not known (it may hold part of an install that
+    stopped; a slot never written holds nothing worth a read)."""
 
     device: Path
     sha256: str | None
+    read_unknown: bool = True
 
 
 class Delta:
@@ -70,11 +73,13 @@ class Delta:
 
     def _blocks(self, slot: SlotSource, progress: Progress) -> SlotBlocks | None:
         """The slot's cached digests, or its digests read now (and cached when the state
-        says what the slot holds)."""
+        says what the slot holds), or None where it is not worth a read."""
         if slot.sha256 is not None:
             cached = self.cache.load(slot.sha256)
             if cached is not None:
                 return cached
+        elif not slot.read_unknown:
+            return None
         blocks = read_slot(slot.device, self.index.size, progress)
         if slot.sha256 is not None and slot is self.active:
             self.cache.save(slot.sha256, blocks)
@@ -83,8 +88,9 @@ class Delta:
     def plan(self, progress: Progress | None = None) -> Plan:
         sink: Progress = progress or NullProgress()
         active = self._blocks(self.active, sink) if self.active is not None else None
+        same = self.active is not None and self.active.sha256 == self.target.sha256 is not None
         return make_plan(self.index, self.image.tables, target=self._blocks(self.target, sink),
-                         active=active)
+                         active=active, target_is_active=same)
 
     def pieces(self, plan: Plan, progress: Progress | None = None) -> Iterator[Piece]:
         active = self.active.device if self.active is not None else None

@@ -98,15 +98,19 @@ def zero_ids(index: Index) -> tuple[dict[int, bytes], dict[int, bytes]]:
 
 
 def make_plan(index: Index, tables: Tables, *, target: SlotBlocks | None,
-              active: SlotBlocks | None) -> Plan:
+              active: SlotBlocks | None, target_is_active: bool = False) -> Plan:
     """The cheapest source of every group, or of every chunk of the groups not found whole
-    (`tables` fetches and checks their chunk tables)."""
+    (`tables` fetches and checks their chunk tables). With `target_is_active` (both slots hold
+    the same image) the target is not searched beyond the blocks in place."""
     k, n = index.chunk_blocks, index.group_chunks
     zero_chunks, zero_groups = zero_ids(index)
     runs = {role: slot.run_ids(k) for role, slot in (("target", target), ("active", active))
             if slot is not None}
+    search: list[str] = [role for role in ("active", "target") if role in runs
+              and not (role == "target" and target_is_active and "active" in runs)]
     steps: dict[int, Step] = {}
     wanted: dict[bytes, list[int]] = {}
+    firsts: set[bytes] = set()
     for g in range(index.count):
         start, length = index.group_span(g)
         first = start // BLOCK
@@ -117,10 +121,12 @@ def make_plan(index: Index, tables: Tables, *, target: SlotBlocks | None,
             steps[g] = Step(Source.IN_PLACE)
         elif length == index.group_size:
             wanted.setdefault(index.id(g), []).append(g)
-    _find(wanted, steps, runs, k, n, index.group_size // BLOCK)
+            firsts.add(index.first(g))
+    _find(wanted, steps, {role: runs[role] for role in search}, k, n, index.group_size // BLOCK,
+          firsts)
     detail = [g for g in range(index.count) if g not in steps]
     fetched = tables(detail) if detail else {}
-    chunk_steps = _chunks(index, {g: fetched[g] for g in detail}, runs, zero_chunks)
+    chunk_steps = _chunks(index, {g: fetched[g] for g in detail}, runs, search, zero_chunks)
     groups = tuple(GroupPlan(steps[g]) if g in steps else
                    GroupPlan(None, fetched[g], chunk_steps[g]) for g in range(index.count))
     return Plan(index, groups)
@@ -133,18 +139,21 @@ def _group_id(run_ids: list[bytes], first: int, k: int, n: int) -> bytes | None:
 
 
 def _find(wanted: dict[bytes, list[int]], steps: dict[int, Step], runs: dict[str, list[bytes]],
-          k: int, n: int, blocks: int) -> None:
+          k: int, n: int, blocks: int, firsts: set[bytes] | None = None) -> None:
     """Runs of `n` chunks (`blocks` blocks) in the active slot, then in the target slot where
-    the update has not written yet, for the wanted ids: id -> the groups (or chunks) wanting it."""
+    the update has not written yet, for the wanted ids (id -> the groups or chunks wanting it).
+    Where a group's id is hashed, `firsts` (the ids its first chunk may have) says first."""
     for role, source in (("active", Source.ACTIVE), ("target", Source.TARGET)):
         if role not in runs or not wanted:
             continue
         ids = runs[role]
-        lanes = [b"".join(ids[r::k]) for r in range(k)]  # run ids k blocks apart, per residue
-        width = n * 8
         for first in range(0, len(ids) - k * (n - 1)):
-            lane, at = lanes[first % k], (first // k) * 8
-            key = ids[first] if n == 1 else short_hash(lane[at:at + width])
+            if n == 1:
+                key = ids[first]
+            elif firsts is not None and ids[first] not in firsts:
+                continue
+            else:
+                key = short_hash(b"".join(ids[first + k * j] for j in range(n)))
             parts = wanted.get(key)
             if not parts:
                 continue
@@ -159,7 +168,7 @@ def _find(wanted: dict[bytes, list[int]], steps: dict[int, Step], runs: dict[str
 
 
 def _chunks(index: Index, tables: dict[int, ChunkTable], runs: dict[str, list[bytes]],
-            zero_chunks: dict[int, bytes]) -> dict[int, tuple[Step, ...]]:
+            search: list[str], zero_chunks: dict[int, bytes]) -> dict[int, tuple[Step, ...]]:
     k = index.chunk_blocks
     steps: dict[int, Step] = {}
     wanted: dict[bytes, list[int]] = {}
@@ -174,5 +183,5 @@ def _chunks(index: Index, tables: dict[int, ChunkTable], runs: dict[str, list[by
                 steps[chunk] = Step(Source.IN_PLACE)
             elif length == index.chunk_size:
                 wanted.setdefault(cid, []).append(chunk)
-    _find(wanted, steps, runs, k, 1, k)
+    _find(wanted, steps, {role: runs[role] for role in search}, k, 1, k)
     return {g: tuple(steps.get(c, Step(Source.FETCH)) for c in index.chunks(g)) for g in tables}
