@@ -266,48 +266,46 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
     disk = template(work, v1_tar, signer, size, target_kind)
     tools: dict[str, Result] = {}
     reported: dict[str, dict[str, object]] = {}
-    with contextlib.ExitStack() as stack:
-        reg = stack.enter_context(registry(work / f"registry-{scenario}-{target_kind}"))
-        oci.push(v2_tar, f"oci://{reg.host}/bench/os:2.0")
-        oci.push(full_tar, f"oci://{reg.host}/bench/os:2.0-full")
-        port = int(reg.host.rsplit(":", 1)[1])
-        proxy = stack.enter_context(CuttingProxy(port, after=0, cuts=0, rate=rate))
+    def check(tool: str, machine: Machine) -> None:
+        if sha256_of(machine.device(Slot.B), size) != v2_sha:
+            raise SystemExit(f"{tool} left slot B different from v2")
 
-        def check(tool: str, machine: Machine) -> None:
-            if sha256_of(machine.device(Slot.B), size) != v2_sha:
-                raise SystemExit(f"{tool} left slot B different from v2")
-
-        with fresh(work, disk) as machine:
-            fl = floor(v1, v2, machine.device(Slot.B), size)
-        runs = [("abupgrade delta", "2.0", True), ("abupgrade delta, slots read", "2.0", False)]
-        if "full" not in skip:
-            runs.append(("abupgrade full", "2.0-full", True))
-        for name, tag, cached in runs:
-            with fresh(work, disk, cached=cached) as machine:
-                spec = f"oci://{proxy.host}/bench/os:{tag}"
+    with fresh(work, disk) as machine:
+        fl = floor(v1, v2, machine.device(Slot.B), size)
+    runs = [("abupgrade delta", v2_tar, True), ("abupgrade delta, slots read", v2_tar, False)]
+    if "full" not in skip:
+        runs.append(("abupgrade full", full_tar, True))
+    for name, tar, cached in runs:
+        # a registry of its own for each run: a long-lived one looks like an orphan to others
+        with registry(work / "registry") as reg, fresh(work, disk, cached=cached) as machine:
+            oci.push(tar, f"oci://{reg.host}/bench/os:2.0")
+            port = int(reg.host.rsplit(":", 1)[1])
+            with CuttingProxy(port, after=0, cuts=0, rate=rate) as proxy:
+                spec = f"oci://{proxy.host}/bench/os:2.0"
                 tools[name] = measure(machine.device(Slot.B), proxy, functools.partial(
                     _abupgrade, machine, spec, reported.setdefault(name, {}), proxy))
-                check(name, machine)
-        files = work / f"served-{scenario}"
-        files.mkdir(exist_ok=True)
-        if "casync" not in skip:
-            if not (files / "v2.caibx").exists():
-                run(["casync", "make", f"--store={files / 'store'}", str(files / "v2.caibx"), str(v2)])
-            with fresh(work, disk) as machine, serve(files) as server, \
-                    CuttingProxy(server.port, after=0, cuts=0, rate=rate) as fproxy:
-                url = f"http://{fproxy.host}"
-                tools["casync"] = measure(machine.device(Slot.B), fproxy, functools.partial(
-                    _casync, url, machine.device(Slot.A), machine.device(Slot.B), fproxy))
-                check("casync", machine)
-        if "zchunk" not in skip:
-            if not (files / "v2.zck").exists():
-                run(["zck", "-o", str(files / "v2.zck"), str(v2)])
-            with fresh(work, disk) as machine, serve(files) as server, \
-                    CuttingProxy(server.port, after=0, cuts=0, rate=rate) as fproxy:
-                url = f"http://{fproxy.host}/v2.zck"
-                tools["zchunk"] = measure(machine.device(Slot.B), fproxy, functools.partial(
-                    _zchunk, url, machine.device(Slot.A), machine.device(Slot.B), work, fproxy))
-                check("zchunk", machine)
+            check(name, machine)
+        shutil.rmtree(work / "registry")
+    files = work / f"served-{scenario}"
+    files.mkdir(exist_ok=True)
+    if "casync" not in skip:
+        if not (files / "v2.caibx").exists():
+            run(["casync", "make", f"--store={files / 'store'}", str(files / "v2.caibx"), str(v2)])
+        with fresh(work, disk) as machine, serve(files) as server, \
+                CuttingProxy(server.port, after=0, cuts=0, rate=rate) as fproxy:
+            url = f"http://{fproxy.host}"
+            tools["casync"] = measure(machine.device(Slot.B), fproxy, functools.partial(
+                _casync, url, machine.device(Slot.A), machine.device(Slot.B), fproxy))
+            check("casync", machine)
+    if "zchunk" not in skip:
+        if not (files / "v2.zck").exists():
+            run(["zck", "-o", str(files / "v2.zck"), str(v2)])
+        with fresh(work, disk) as machine, serve(files) as server, \
+                CuttingProxy(server.port, after=0, cuts=0, rate=rate) as fproxy:
+            url = f"http://{fproxy.host}/v2.zck"
+            tools["zchunk"] = measure(machine.device(Slot.B), fproxy, functools.partial(
+                _zchunk, url, machine.device(Slot.A), machine.device(Slot.B), work, fproxy))
+            check("zchunk", machine)
     return {"floor": asdict(fl), "tools": {name: asdict(r) for name, r in tools.items()},
             "reported": reported, "image_bytes": v2_tar.stat().st_size,
             "full_image_bytes": full_tar.stat().st_size}
