@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import struct
@@ -13,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from abupgrade import diskinit, run
+from abupgrade import diskinit, fsutil, run
 from abupgrade.bootloader import BootState
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import (
@@ -23,7 +22,6 @@ from abupgrade.errors import (
     PolicyRefusal,
     UsageError,
 )
-from abupgrade.fsutil import atomic_writer
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
 from abupgrade.image.manifest import PayloadKind, compare_versions
@@ -328,15 +326,14 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
     for name in ("kernel", "initrd"):
-        with contextlib.suppress(FileNotFoundError):
-            system.bootloader.boot_file_path(target, name).unlink()
+        fsutil.remove(system.bootloader.boot_file_path(target, name), boot=True)
 
 
 def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     progress.start(path.name, size)
     try:
-        with atomic_writer(path) as out:
+        with fsutil.atomic_writer(path, boot=True) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))

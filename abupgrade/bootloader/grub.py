@@ -35,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
+from abupgrade import fsutil
 from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write, fsync_dir
@@ -343,13 +344,14 @@ class Grub(Bootloader):
         parts = {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
         cfg = render_cfg(boot_device=boot_device, env_rel=env_rel, parts=parts,
                          roots=layout.slot_roots, cmdline=layout.kernel_cmdline)
-        atomic_write(grub_dir / "grub.cfg", cfg.encode())
+        atomic_write(grub_dir / "grub.cfg", cfg.encode(), boot=True)
         for slot in Slot:
             (env.parent / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
         create_blocks(env)
         run([BIOS_SETUP, "-d", modules_dir, layout.disk], timeout=120,
             hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
         fsync_dir(grub_dir)
+        fsutil.checkpoint(grub_dir)
 
     def _on_boot_fs(self, layout: DiskLayout) -> tuple[Path, str]:
         """Where `[grub] env` is while the boot fs is mounted at layout.boot_root, and its
@@ -374,7 +376,7 @@ def create_blocks(env: Path) -> None:
     (generation 0); block 1 holds the same state one generation older."""
     fresh = EnvState(default=Slot.A, good=frozenset({Slot.A}))
     for path, generation in zip(block_paths(env), (0, 2), strict=True):
-        atomic_write(path, fresh.block(generation))
+        atomic_write(path, fresh.block(generation), boot=True)
 
 
 def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
@@ -432,6 +434,7 @@ def write_in_place(path: Path, data: bytes) -> None:
         raise OperationalError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+    fsutil.checkpoint(path.parent)
 
 
 @dataclass(frozen=True)

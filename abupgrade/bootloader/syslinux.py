@@ -330,7 +330,7 @@ class Syslinux(Bootloader):
         """Carry out planned steps in order, each one durable before the next."""
         for step in steps:
             if isinstance(step, WriteConf):
-                atomic_write(self.conf_path, step.conf.render().encode())
+                atomic_write(self.conf_path, step.conf.render().encode(), boot=True)
             else:
                 adv.write(self.loader_path, step.adv)
 
@@ -374,7 +374,7 @@ class Syslinux(Bootloader):
         for module in MODULES:
             shutil.copyfile(MODULES_DIR / module, target / module)
         atomic_write(target / CONFIG_NAME,
-                     fresh_config(layout.slot_roots, layout.kernel_cmdline).encode())
+                     fresh_config(layout.slot_roots, layout.kernel_cmdline).encode(), boot=True)
         adv.write(target / LOADER_NAME, Adv())
         write_mbr_code(layout.disk, MBR_CODE.read_bytes())
 
