@@ -100,6 +100,22 @@ def _detach() -> None:
     os.dup2(out, 2)
 
 
+def bootloader_marks(system: System) -> dict[str, Slot]:
+    """What the bootloader could not do, from the kernel command line (see grub.cfg.in):
+    "fallback": it could not load that slot and booted its fallback entry; "unsaved": a
+    trial of that slot was due but its boot count could not be saved."""
+    try:
+        words = system.config.system.cmdline.read_text().split()
+    except OSError:
+        return {}
+    found = {}
+    for word in words:
+        key, _, value = word.partition("=")
+        if key in ("abupgrade.fallback", "abupgrade.unsaved") and value in ("A", "B"):
+            found[key.removeprefix("abupgrade.")] = Slot(value)
+    return found
+
+
 def _boot_id(system: System) -> str:
     try:
         return system.config.system.boot_id.read_text().strip()
@@ -211,12 +227,13 @@ def boot(system: System, *, reboot: bool) -> dict[str, Any]:
                       previous=state.slots[booted.other].version, armed="unknown")
         state = replace(state, trial=trial)
 
+    marks = bootloader_marks(system)
     if trial is not None and trial.slot == booted:
         result = _trial_boot(system, state, trial, boot_id, reboot=reboot)
     elif trial is not None:
-        result = _fallback(system, state, trial, booted, loader)
+        result = _fallback(system, state, trial, booted, loader, marks)
     else:
-        result = _committed_boot(system, state, booted, loader)
+        result = _committed_boot(system, state, booted, loader, marks)
     _remember(system, boot_id, result["outcome"])
     if result["outcome"] in ("committed", "rolled-back", "fallback"):
         _notify(system, result["outcome"], state, trial)
@@ -284,18 +301,44 @@ def _trial_boot(system: System, state: State, trial: Trial, boot_id: str, *,
 
 
 def _fallback(system: System, state: State, trial: Trial, booted: Slot,
-              boot: BootState) -> dict[str, Any]:
+              boot: BootState, marks: dict[str, Slot]) -> dict[str, Any]:
     """We run on the other slot although a trial was armed: the trial never made it."""
-    if boot.trial == trial.slot and boot.tries_left > 0:
+    unloadable = marks.get("fallback") == trial.slot
+    if not unloadable and marks.get("unsaved") == trial.slot and boot.trial == trial.slot:
+        # The bootloader could not save the trial's count, so it did not try the slot.
+        problems = system.bootloader.problems()
+        done = system.bootloader.repair()
+        if not done:
+            why = "; ".join(problems) or "the bootloader could not write its state"
+            return _give_up(system, state, trial, booted,
+                            f"the bootloader could not save the trial's boot count ({why}) "
+                            "and it cannot be repaired")
+        system.store.record("repaired", trial.slot, trial.version,
+                            "the bootloader could not save the trial's boot count, so it "
+                            f"booted slot {booted}: {'; '.join(done)}; the trial runs at the "
+                            "next boot")
+        return {"slot": str(booted), "outcome": "trial-pending", "repaired": done,
+                "summary": f"the bootloader could not save slot {trial.slot}'s trial count: "
+                           f"{'; '.join(done)}; the trial runs at the next boot"}
+    if not unloadable and boot.trial == trial.slot and boot.tries_left > 0:
         # The trial is still armed: we are on the old slot before the trial boot (a second
         # hook run after apply, or apply from this very boot). Nothing happened yet.
         return {"slot": str(booted), "outcome": "trial-pending",
                 "summary": f"slot {trial.slot} is armed for a trial on the next boot"}
-    if trial.phase == "checking":
+    if unloadable:
+        why = "the bootloader could not load the trial slot's kernel or initrd"
+    elif trial.phase == "checking":
         why = (f"the trial slot booted {trial.boots} time(s) and died or hung during its "
                "health checks")
     else:
         why = "the trial slot never reached the boot hook (kernel or init failed)"
+    return _give_up(system, state, trial, booted, why)
+
+
+def _give_up(system: System, state: State, trial: Trial, booted: Slot,
+             why: str) -> dict[str, Any]:
+    """The trial is over without a commit: its slot is bad, `booted` goes on."""
+    boot = system.bootloader.read()
     with critical():
         system.bootloader.disable(trial.slot)
         if boot.default != booted and booted in boot.bootable:
@@ -311,10 +354,14 @@ def _fallback(system: System, state: State, trial: Trial, booted: Slot,
                        f"running on slot {booted}"}
 
 
-def _committed_boot(system: System, state: State, booted: Slot, boot: BootState) -> dict[str, Any]:
+def _committed_boot(system: System, state: State, booted: Slot, boot: BootState,
+                    marks: dict[str, Slot]) -> dict[str, Any]:
     """A normal boot: compare the bootloader with state.json, repair what is safe."""
-    repaired: list[str] = []
-    problems: list[str] = []
+    repaired: list[str] = system.bootloader.repair()
+    problems: list[str] = system.bootloader.problems()
+    if marks.get("fallback") is not None:
+        problems.append(f"the bootloader could not load slot {marks['fallback']}'s kernel or "
+                        f"initrd and booted slot {booted} instead")
     if boot.default == booted and state.slots[booted].state is not SlotState.GOOD:
         state = state.with_slot(booted, state=SlotState.GOOD)
         repaired.append(f"slot {booted} is committed and booted: recorded as good")

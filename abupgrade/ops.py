@@ -149,6 +149,7 @@ def status(options: Options) -> dict[str, Any]:
         if system.bootloader.max_tries is not None:
             notes.append(f"{system.bootloader.name} gives a trial exactly "
                          f"{system.bootloader.max_tries} boot(s) before it falls back")
+        notes += system.bootloader.problems()
         trial = boot.trial if boot.trial is not None and boot.tries_left > 0 else None
         return {
             "booted": str(system.booted) if system.booted else None,

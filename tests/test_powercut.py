@@ -8,11 +8,15 @@ abupgrade's own operations (ops.apply, ops.boot_hook, ...) a System whose slot d
 those files - the one layer swapped out; everything from there down (ImageReader, SlotWriter,
 the backends, the state store, the hook) is the code that runs on a machine.
 
-After each cut the machine is powered on: GRUB is the model of grub.cfg in test_grub_model
-(both blocks also listed by the real `grub-editenv`), syslinux the model in
-test_syslinux_model; the slot it boots must hold one image completely (rootfs, kernel and
-initrd of the same version), never a half-written one. Then the boot hook runs on that slot,
-state.json and every history line must parse, and a new apply must succeed and boot.
+After each cut the machine is powered on from the boot filesystem as the bootloader reads it
+(the storage model's view without journal replay): GRUB is GRUB itself, grub-emu running the
+rendered grub.cfg on an image of that boot filesystem (fixtures/grubemu.py; each run's choice
+and saved block also checked against the model of grub.cfg in test_grub_model, and both blocks
+listed by the real `grub-editenv`), syslinux the model in test_syslinux_model; the slot it
+boots must hold one image completely (rootfs, and the kernel and initrd the bootloader loaded,
+of the same version), never a half-written one. Then the boot hook runs on that slot (Linux's
+view, the journal replayed), state.json and every history line must parse, and a new apply
+must succeed and boot.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from abupgrade import ops
+from abupgrade import fsutil, ops
 from abupgrade.bootloader import backend
 from abupgrade.bootloader.adv import Adv
 from abupgrade.bootloader.grub import block_paths, create_blocks
@@ -43,8 +48,9 @@ from abupgrade.model import BootloaderKind, Slot
 from abupgrade.progress import NullProgress
 from abupgrade.state import Store
 from abupgrade.system import Options, System
+from fixtures.grubemu import EmuUnavailable, GrubEmu, GrubRun, sha256
 from fixtures.images import KeyPair, keypair
-from fixtures.powercut import Recorder, cut_points, read_tree, tree_digest, write_tree
+from fixtures.powercut import Recorder, Tree, cut_points, read_tree, tree_digest, write_tree
 from fixtures.reliability import record
 from tests.test_grub_model import ModelGrub, grub_iterate
 from tests.test_syslinux_model import Disk, model_boot
@@ -96,7 +102,9 @@ class Bench:
     work: Path
     key: KeyPair
     images: dict[str, Image]
+    emu: GrubEmu | None = None
     keyring: Path = field(init=False)
+    grub_runs: dict[str, GrubRun] = field(default_factory=dict)  # boot fs digest -> GRUB
 
     def __post_init__(self) -> None:
         self.keyring = self.work / "keys"
@@ -189,42 +197,83 @@ class Bench:
 
     # -- power on
 
-    def power_on(self, root: Path, *, editenv: bool = False) -> tuple[Slot | None, str]:
-        """What the bootloader boots now (its own writes included), and why not if nothing."""
+    def power_on(self, root: Path, *, editenv: bool = False, boot: Tree | None = None
+                 ) -> tuple[Slot | None, dict[str, bytes | None], str]:
+        """What the bootloader boots now (its own writes included), the boot files it loaded
+        ("vmlinuz", "initrd.img"; None where it loaded none), and why. `boot`: the boot fs
+        as the bootloader reads it, where that is not what the files under `root` say."""
+        view = read_tree(root) if boot is None else boot
         if self.kind is BootloaderKind.GRUB:
-            paths = block_paths(root / GRUB_ENV)
             if editenv:
-                for path in paths:
+                for path in block_paths(root / GRUB_ENV):
                     agree_with_grub_editenv(path)
-            decision = ModelGrub(paths).boot()
-            slot: Slot | None = decision.boot
-            if slot is not None and not self.loads(root, slot):
-                slot = decision.fallback
-            return slot, f"GRUB chose {decision}"
-        loader = root / EXTLINUX / "ldlinux.sys"
-        raw = loader.read_bytes()
-        disk = Disk((root / EXTLINUX / "extlinux.conf").read_text(), raw[-1024:],
-                    frozenset(s for s in Slot if self.loads(root, s)))
+            files = {name.removeprefix("boot/"): data for name, data in view.items()
+                     if name.startswith("boot/grub/")}
+            run = self.grub(files)
+            for name, data in run.env.items():  # GRUB writes the blocks in place
+                (root / "boot" / name).write_bytes(data)
+            loaded = run.booted
+            if loaded is None:
+                return None, {}, f"GRUB booted nothing:\n{run.output[-800:]}"
+            (self.host / "cmdline").write_text(" ".join(loaded.cmdline) + "\n")
+            by = {x.command: x.sha256 for x in loaded.loads}
+            return loaded.slot, {"vmlinuz": self._bytes(view, by.get("linux")),
+                                 "initrd.img": self._bytes(view, by.get("initrd"))}, \
+                f"GRUB ran {[e.slot.value for e in run.entries]}, booted {loaded.slot}"
+        conf = view[f"{EXTLINUX}/extlinux.conf"].decode()
+        raw = view[f"{EXTLINUX}/ldlinux.sys"]
+        disk = Disk(conf, raw[-1024:], frozenset(s for s in Slot if all(
+            f"{EXTLINUX}/slots/{s.value}/{f}" in view for f in ("vmlinuz", "initrd.img"))))
         booted = model_boot(disk)
-        loader.write_bytes(raw[:-1024] + booted.disk.pair)
-        return booted.slot, f"syslinux booted {booted}"
+        loader = root / EXTLINUX / "ldlinux.sys"  # syslinux clears the once record in place
+        loader.write_bytes(loader.read_bytes()[:-1024] + booted.disk.pair)
+        if booted.slot is None:
+            return None, {}, f"syslinux booted {booted}"
+        (self.host / "cmdline").write_text(f"abupgrade.slot={booted.slot.value}\n")
+        return booted.slot, {f: view.get(f"{EXTLINUX}/slots/{booted.slot.value}/{f}")
+                             for f in ("vmlinuz", "initrd.img")}, f"syslinux booted {booted}"
 
-    def loads(self, root: Path, slot: Slot) -> bool:
-        """The bootloader finds the slot's kernel and initrd (their contents are checked
-        by `complete`)."""
-        return all((self.boot_dir(root) / "slots" / slot.value / f).is_file()
-                   for f in ("vmlinuz", "initrd.img"))
+    @staticmethod
+    def _bytes(view: Tree, digest: str | None) -> bytes | None:
+        """The boot file GRUB read, found among the files by its hash."""
+        return next((d for d in view.values() if sha256(d) == digest), None) if digest else None
 
-    def complete(self, root: Path, slot: Slot) -> str | None:
-        """The version `slot` holds completely (rootfs, kernel, initrd), or None."""
+    def grub(self, files: Tree) -> GrubRun:
+        """GRUB's own decision for this boot fs (grub-emu; one run per distinct boot fs),
+        which the model of grub.cfg must agree with."""
+        key = tree_digest(files)
+        if key not in self.grub_runs:
+            assert self.emu is not None
+            run = self.emu.boot(files)
+            spec_agrees(files, run)
+            self.grub_runs[key] = run
+        return self.grub_runs[key]
+
+    def complete(self, root: Path, slot: Slot, loaded: dict[str, bytes | None]) -> str | None:
+        """The version `slot` holds completely (rootfs, and the kernel and initrd the
+        bootloader loaded), or None."""
         data = (root / "slots" / f"{slot.value}.img").read_bytes()
-        files = self.boot_dir(root) / "slots" / slot.value
         for image in self.images.values():
             if (data[:len(image.rootfs)] == image.rootfs
-                    and (files / "vmlinuz").read_bytes() == image.kernel
-                    and (files / "initrd.img").read_bytes() == image.initrd):
+                    and loaded.get("vmlinuz") == image.kernel
+                    and loaded.get("initrd.img") == image.initrd):
                 return image.version
         return None
+
+
+def spec_agrees(files: Tree, run: GrubRun) -> None:
+    """The model of grub.cfg (a readable spec) chooses as GRUB did and saves the same block."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK)
+                                     else None) as tmp:
+        paths = block_paths(Path(tmp) / "grubenv")
+        for path, name in zip(paths, ("grub/grubenv", "grub/grubenv.1"), strict=True):
+            path.write_bytes(files[name])
+        decision = ModelGrub(paths).boot()
+        assert run.entries and run.entries[0].slot == decision.boot, \
+            f"the model chose {decision}, GRUB:\n{run.output[-800:]}"
+        saved = {name: path.read_bytes()
+                 for path, name in zip(paths, ("grub/grubenv", "grub/grubenv.1"), strict=True)}
+        assert saved == run.env, f"the model saved other bytes than GRUB:\n{run.output[-800:]}"
 
 
 def agree_with_grub_editenv(path: Path) -> None:
@@ -261,24 +310,26 @@ def state_parses(root: Path, *, torn_tail: bool) -> None:
 class Outcome:
     cuts: int = 0  # (cut point, crash state) pairs tried
     states: int = 0  # distinct on-disk states among them
+    boot_views: int = 0  # states where the bootloader's view of the boot fs is not Linux's
     bricks: list[str] = field(default_factory=list)  # booted nothing or a half-written slot
     failures: list[str] = field(default_factory=list)  # hook/state/next apply went wrong
 
 
-def after_cut(bench: Bench, disk: Path, out: Outcome, where: str) -> None:
-    slot, why = bench.power_on(disk, editenv=bench.kind is BootloaderKind.GRUB)
-    if slot is None or bench.complete(disk, slot) is None:
+def after_cut(bench: Bench, disk: Path, out: Outcome, where: str, boot: Tree | None) -> None:
+    slot, loaded, why = bench.power_on(disk, editenv=bench.kind is BootloaderKind.GRUB,
+                                       boot=boot)
+    if slot is None or bench.complete(disk, slot, loaded) is None:
         out.bricks.append(f"{where}: boots {slot} which holds no complete image ({why})")
         return
     try:
         bench.hook(disk, slot)
         state_parses(disk, torn_tail=True)
-        slot, why = bench.power_on(disk)
-        assert slot is not None and bench.complete(disk, slot), f"after the hook: {why}"
+        slot, loaded, why = bench.power_on(disk)
+        assert slot is not None and bench.complete(disk, slot, loaded), f"after the hook: {why}"
         bench.hook(disk, slot)
         bench.apply(disk, slot, "9.0")
-        new, why = bench.power_on(disk)
-        assert new == slot.other and bench.complete(disk, new) == "9.0", why
+        new, loaded, why = bench.power_on(disk)
+        assert new == slot.other and bench.complete(disk, new, loaded) == "9.0", why
         result = bench.hook(disk, new)
         assert result["outcome"] == "committed", result
         state_parses(disk, torn_tail=False)
@@ -298,22 +349,31 @@ def sweep(bench: Bench, name: str, prepare: Callable[[Path], Slot],
     out = Outcome()
     seen: set[str] = set()
     disk = bench.work / "cut"
-    for n, what, tree in cut_points(recorder.start, recorder.root, recorder.log):
+    emu_runs = len(bench.grub_runs)
+    for n, cut in cut_points(recorder.start, recorder.root, recorder.log,
+                             boot_fs=recorder.root / "boot"):
         out.cuts += 1
-        digest = tree_digest(tree)
+        digest = tree_digest(cut.tree) + (tree_digest(cut.boot) if cut.boot else "")
         if digest in seen:
             continue
         seen.add(digest)
         out.states += 1
+        if cut.boot is not None:
+            out.boot_views += 1
         bench.template(disk)
-        write_tree(disk, tree)
+        write_tree(disk, cut.tree)
         op = recorder.log[n] if n < len(recorder.log) else "the end"
-        after_cut(bench, disk, out, f"{name} cut before #{n} ({str(op)[:80]}), {what}")
+        after_cut(bench, disk, out, f"{name} cut before #{n} ({str(op)[:80]}), {cut.what}",
+                  cut.boot)
+    emu_runs = len(bench.grub_runs) - emu_runs
     if figures:
         record("powercut", f"{bench.kind}/{name}", tried=out.cuts, states=out.states,
-               log=len(recorder.log), bricks=len(out.bricks), failures=len(out.failures))
+               log=len(recorder.log), bricks=len(out.bricks), failures=len(out.failures),
+               boot_views=out.boot_views, grub_emu=emu_runs)
     print(f"\n{bench.kind} {name}: {len(recorder.log)} writes/syncs logged, {out.cuts} cuts, "
-          f"{out.states} distinct states, {len(out.bricks)} bricks, {len(out.failures)} failures")
+          f"{out.states} distinct states ({out.boot_views} where the bootloader reads other "
+          f"files than Linux), {emu_runs} grub-emu runs, {len(out.bricks)} bricks, "
+          f"{len(out.failures)} failures")
     return out
 
 
@@ -322,7 +382,7 @@ def sweep(bench: Bench, name: str, prepare: Callable[[Path], Slot],
 
 def _boot_until(bench: Bench, root: Path, slot: Slot) -> Slot:
     for _ in range(12):
-        booted, why = bench.power_on(root)
+        booted, _loaded, why = bench.power_on(root)
         if booted == slot:
             return slot
     raise AssertionError(f"never booted {slot}: {why}")
@@ -378,6 +438,7 @@ SCENARIOS: dict[str, tuple[Callable[[Bench, Path], Slot], Callable[[Bench, Path,
     "hook-fallback": (_fell_back, lambda b, r, s: b.hook(r, s)),
     "rollback": (_committed_b, _rollback),
     "mark-bad": (_applied, _mark_bad),
+    "apply-over": (_committed_b, lambda b, r, s: b.apply(r, s, "3.0")),
 }
 
 
@@ -399,19 +460,49 @@ def images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
     key = keypair(work / "signer")
     base = work / "images"
     base.mkdir()
-    return key, {v: make_image(base, key, v) for v in ("1.0", "2.0", "9.0")}
+    return key, {v: make_image(base, key, v) for v in ("1.0", "2.0", "3.0", "9.0")}
+
+
+@dataclass
+class GrubCache:
+    """GRUB itself, and its decision for each boot filesystem it was shown (shared by all
+    GRUB sweeps: the same boot fs gets the same decision)."""
+
+    emu: GrubEmu
+    runs: dict[str, GrubRun] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def grub(work: Path) -> GrubCache:
+    if shutil.which("grub-editenv") is None:
+        pytest.skip("grub-editenv is missing (apt-get install grub2-common)")
+    try:
+        return GrubCache(GrubEmu(work))
+    except EmuUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def bench_for(kind: BootloaderKind, folder: Path, images: tuple[KeyPair, dict[str, Image]],
+              request: pytest.FixtureRequest) -> Bench:
+    key, made = images
+    folder.mkdir()
+    if kind is not BootloaderKind.GRUB:
+        return Bench(kind, folder, key, made)
+    cache: GrubCache = request.getfixturevalue("grub")
+    return Bench(kind, folder, key, made, cache.emu, grub_runs=cache.runs)
+
+
+# GRUB's sweeps need grub-editenv and grub-emu: the tier that fails where a tool is missing.
+KINDS = [pytest.param(BootloaderKind.GRUB, marks=pytest.mark.loop, id="grub"),
+         pytest.param(BootloaderKind.SYSLINUX, id="syslinux")]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("kind", list(BootloaderKind), ids=str)
+@pytest.mark.parametrize("kind", KINDS)
 def test_power_cut_at_every_write(kind: BootloaderKind, scenario: str, work: Path,
-                                  images: tuple[KeyPair, dict[str, Image]]) -> None:
-    if kind is BootloaderKind.GRUB and shutil.which("grub-editenv") is None:
-        pytest.skip("grub-editenv is missing (apt-get install grub2-common)")
-    key, made = images
-    bench_dir = work / f"{kind}-{scenario}"
-    bench_dir.mkdir()
-    bench = Bench(kind, bench_dir, key, made)
+                                  images: tuple[KeyPair, dict[str, Image]],
+                                  request: pytest.FixtureRequest) -> None:
+    bench = bench_for(kind, work / f"{kind}-{scenario}", images, request)
     prepare, operation = SCENARIOS[scenario]
     out = sweep(bench, scenario, lambda r: prepare(bench, r),
                 lambda r, s: operation(bench, r, s))
@@ -455,7 +546,7 @@ def test_cut_before_fsync_loses_the_write(work: Path) -> None:
         os.fsync(fd)
         os.pwrite(fd, b"cccc", 0)
         os.close(fd)
-    states = {(n, what): tree["f"] for n, what, tree in
+    states = {(n, cut.what): cut.tree["f"] for n, cut in
               cut_points(recorder.start, recorder.root, recorder.log)}
     assert states[(1, "all pending lost")] == b"aaaa"
     assert states[(2, "all pending lost")] == b"bbbb"
@@ -465,19 +556,35 @@ def test_cut_before_fsync_loses_the_write(work: Path) -> None:
     assert hashlib.sha256(read_tree(root)["f"]).digest()  # the real file is readable
 
 
+@pytest.mark.loop
 def test_sweep_finds_a_slot_written_without_fsync(
         work: Path, images: tuple[KeyPair, dict[str, Image]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """The sweep can fail: with the writer's fsync gone, a cut after the trial is armed
     leaves an armed slot whose bytes never reached the disk, and the sweep says so."""
-    key, made = images
-    bench_dir = work / "no-fsync"
-    bench_dir.mkdir()
-    bench = Bench(BootloaderKind.GRUB, bench_dir, key, made)
+    bench = bench_for(BootloaderKind.GRUB, work / "no-fsync", images, request)
     monkeypatch.setattr("abupgrade.writer._sync", lambda out: out.flush())
     out = sweep(bench, "apply-without-fsync", lambda r: _initialised(bench, r),
                 lambda r, s: bench.apply(r, s, "2.0"), figures=False)
     assert out.bricks, "a slot written without fsync went unnoticed"
+
+
+@pytest.mark.loop
+def test_sweep_finds_boot_files_the_bootloader_cannot_see(
+        work: Path, images: tuple[KeyPair, dict[str, Image]],
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Defect 1 as the sweep sees it: boot files replaced without the journal checkpoint (as
+    before it existed) are not there for GRUB after a cut, which then boots slot A's new
+    rootfs with its old kernel."""
+    bench = bench_for(BootloaderKind.GRUB, work / "no-checkpoint", images, request)
+    writer = fsutil.atomic_writer
+    remove = fsutil.remove
+    monkeypatch.setattr(fsutil, "atomic_writer", lambda path, mode=0o644, *, boot=False:
+                        writer(path, mode))
+    monkeypatch.setattr(fsutil, "remove", lambda path, *, boot=False: remove(path))
+    out = sweep(bench, "apply-over-without-checkpoint", lambda r: _committed_b(bench, r),
+                lambda r, s: bench.apply(r, s, "3.0"), figures=False)
+    assert any("holds no complete image" in b for b in out.bricks), out.bricks[:3]
 
 
 # ---------------------------------------------------------------- one real cut, in QEMU

@@ -88,6 +88,15 @@ class Bootloader(abc.ABC):
     def boot_file_path(self, slot: Slot, name: str) -> Path:
         """Where the boot file `name` ("kernel" or "initrd") of `slot` lives on the boot fs."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with the bootloader's state that it cannot fix itself (damaged
+        copies of it, for example); each a sentence for `status`."""
+        return []
+
+    def repair(self) -> list[str]:
+        """Rewrite what `problems` finds and can be rewritten safely; what was done."""
+        return []
+
     @abc.abstractmethod
     def install(self, layout: DiskLayout) -> None:
         """`disk init`: install the bootloader, its configuration and a fresh state in which

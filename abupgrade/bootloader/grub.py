@@ -174,6 +174,21 @@ def block_generation(data: bytes) -> int | None:
     return None
 
 
+def block_damage(data: bytes) -> str | None:
+    """Why GRUB cannot save into this block as it is, or None when it can."""
+    if len(data) != ENV_SIZE:
+        return f"{len(data)} bytes, not {ENV_SIZE}"
+    env = parse_envblk(data)
+    if env is None:
+        return "no GRUB environment block signature"
+    generation = block_generation(data)
+    if generation is None:
+        return "torn or foreign: its generation marks disagree"
+    if data != EnvState.from_vars(env).block(generation):
+        return "not in the form GRUB and abupgrade write"
+    return None
+
+
 @dataclass(frozen=True)
 class Current:
     """The block grub.cfg boots from (`index`, None when neither is valid) and its state."""
@@ -248,6 +263,39 @@ class Grub(Bootloader):
         if read_exactly(path) != data:
             raise OperationalError(f"{path} does not read back what was written",
                                    hint="check the boot partition for errors")
+
+    def damage(self) -> list[tuple[Path, str]]:
+        """(block, why) for each block GRUB cannot save into as it is: not a valid block, or
+        not in the exact form GRUB's save_env and abupgrade write."""
+        found = []
+        for path, data in zip(self.env_paths, self._read_blocks(), strict=True):
+            why = block_damage(data)
+            if why is not None:
+                found.append((path, why))
+        return found
+
+    def problems(self) -> list[str]:
+        found = [f"GRUB environment block {path} is damaged ({why}); the boot hook rewrites "
+                 "it on the next committed boot" for path, why in self.damage()]
+        if len(found) == 2:
+            found.append("neither GRUB environment block is valid: GRUB boots slot A and "
+                         "cannot run a trial; lay the boot disk out again")
+        return found
+
+    def repair(self) -> list[str]:
+        """Rewrite each damaged block from the valid one (at most two writes, each to the
+        block that is not current, so the valid state is never touched)."""
+        done: list[str] = []
+        for _ in range(2):
+            damaged = self.damage()
+            now = self.current()
+            if not damaged or now.index is None:
+                break  # nothing to do, or no valid state to rewrite it from
+            target = self.env_paths[now.target]
+            self.write(now.state)
+            done += [f"rewrote GRUB environment block {path} ({why})" for path, why in damaged
+                     if path == target]
+        return done
 
     def disable(self, slot: Slot) -> None:
         state = self.current().state
