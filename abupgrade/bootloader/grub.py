@@ -54,7 +54,13 @@ GRUB_LIB = Path("/usr/lib/grub/i386-pc")
 BIOS_SETUP = GRUB_LIB / "grub-bios-setup"
 MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "serial", "terminal", "loadenv",
            "test", "echo", "linux", "normal")
-REFUSED_FS = {"btrfs": "btrfs", "zfs": "ZFS"}
+# Where GRUB's save_env is proven to rewrite the block through its sectors (grub-emu, QEMU).
+WRITABLE_FS = ("ext2", "ext3", "ext4")
+_FS_NAMES = {"zfs": "ZFS"}
+_FS_IOC_FIEMAP = 0xC020660B
+# fiemap extent flags that mean the bytes are not plainly in the file's own sectors:
+# unknown, delalloc, encoded, encrypted, not aligned, inline, tail-packed, unwritten, shared
+_FIEMAP_NOT_PLAIN = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x2000
 # What grub.cfg may carry verbatim on a `linux` line (no GRUB script syntax).
 _SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
 
@@ -351,13 +357,19 @@ class Grub(Bootloader):
             if not os.access(path, os.W_OK):
                 raise UsageError(f"GRUB environment block {path} is not writable",
                                  hint="mount the boot partition read-write")
+            why = not_in_place(path)
+            if why is not None:
+                raise UsageError(f"GRUB cannot rewrite the environment block {path} in place: "
+                                 f"{why}", hint=hint_init)
+        fsutil.checkpoint(env.parent, dry_run=True)  # every change must reach GRUB at once
         mount = find_mount(env, self.config.system.mountinfo)
         if mount is None:
             return
-        if mount.fstype in REFUSED_FS:
+        if mount.fstype not in WRITABLE_FS:
             raise UsageError(
-                f"GRUB environment {env} is on {REFUSED_FS[mount.fstype]}, where GRUB "
-                "cannot write it in place",
+                f"GRUB environment {env} is on {_FS_NAMES.get(mount.fstype, mount.fstype)}, "
+                "where GRUB's save_env is not "
+                "known to rewrite it in place",
                 hint="keep [grub] env on an ext2/3/4 boot partition on a plain disk")
         stacked = stacked_kind(mount)
         if stacked is not None:
@@ -454,6 +466,36 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
 
 
 # ---------------------------------------------------------------- files and mounts
+
+def not_in_place(path: Path) -> str | None:
+    """Why GRUB's save_env could not rewrite `path` through its disk sectors (its bytes are
+    inline, encrypted, compressed, unwritten, shared or not allocated), or None when it can.
+    A filesystem without FIEMAP is left to the filesystem check."""
+    import fcntl
+    import struct
+
+    head = struct.pack("=QQIIII", 0, ENV_SIZE, 1, 0, 16, 0)  # FIEMAP_FLAG_SYNC, 16 extents
+    buf = bytearray(head + bytes(16 * 56))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    count = struct.unpack_from("=I", buf, 20)[0]
+    covered = 0
+    for i in range(count):
+        logical, _physical, length, _r1, _r2, flags = struct.unpack_from("=QQQQQI", buf,
+                                                                       32 + 56 * i)
+        if flags & _FIEMAP_NOT_PLAIN:
+            return f"its data is not plainly on disk (extent flags {flags:#x})"
+        if logical <= covered:
+            covered = max(covered, logical + length)
+    if covered < ENV_SIZE:
+        return "not all of its bytes are allocated on disk"
+    return None
+
 
 def read_exactly(path: Path) -> bytes:
     with open(path, "rb") as f:

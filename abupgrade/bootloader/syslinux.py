@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from abupgrade import fsutil
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.adv import Adv
 from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
@@ -351,6 +352,7 @@ class Syslinux(Bootloader):
             raise UsageError(f"{self.dir} is on {fstype or 'an unknown filesystem'}; the syslinux "
                              "backend keeps its state on ext2/3/4 only",
                              hint="make the boot partition ext4: mkfs.ext4 -b 4096")
+        fsutil.checkpoint(self.dir, dry_run=True)  # every change must reach syslinux at once
         block = os.statvfs(self.dir).f_bsize
         if block < MIN_BLOCK_SIZE:
             raise UsageError(f"the boot filesystem of {self.dir} has {block}-byte blocks; "
