@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import stat
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from abupgrade import config as configuration
 from abupgrade.config import Config
-from abupgrade.errors import OperationalError, UsageError
+from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.partitions import PartitionTable, TableKind, read_table
 from abupgrade.run import require_tool, run
 from abupgrade.slots import resolve
@@ -63,13 +64,94 @@ def _wait_for_nodes(device: Path, numbers: list[int]) -> dict[int, Path]:
 
 
 @contextlib.contextmanager
+def locked(target: Path) -> Iterator[None]:
+    """`target` (image file or device) held for this run, before anything attaches it: a
+    second abupgrade on it is refused, and so is a disk with a partition mounted anywhere,
+    through any loop device of the same file too (two mounts of one ext4 corrupt it)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"{target} does not exist") from None
+    except OSError as exc:
+        raise OperationalError(f"cannot open {target}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PolicyRefusal(f"another abupgrade is working on {target}",
+                                hint="wait for it to finish") from None
+        busy = mounted_anywhere(target)
+        if busy:
+            raise PolicyRefusal(f"{target} is in use: {busy[0]}",
+                                hint="unmount it first; abupgrade never works on a mounted disk")
+        yield
+    finally:
+        os.close(fd)
+
+
+def _devices_of(target: Path) -> dict[int, str]:
+    """devno -> name of `target`'s block devices: the device and its partitions, or for an
+    image file every loop device backed by it (at any offset) and their partitions."""
+    st = target.stat()
+    disks: list[Path] = []
+    if stat.S_ISBLK(st.st_mode):
+        disks.append(Path("/sys/dev/block") / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    else:
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+            with contextlib.suppress(OSError):
+                other = os.stat(backing.read_text().strip().removesuffix(" (deleted)"))
+                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                    disks.append(backing.parent.parent)
+    found = {}
+    for disk in disks:
+        disk = disk.resolve()
+        for node in [disk, *(c for c in disk.iterdir() if (c / "partition").exists())]:
+            with contextlib.suppress(OSError, ValueError):
+                major, minor = (node / "dev").read_text().strip().split(":")
+                found[os.makedev(int(major), int(minor))] = f"/dev/{node.name}"
+    return found
+
+
+def mounted_anywhere(target: Path) -> list[str]:
+    """"<device> is mounted on <point>" for each mount of a device of `target`, in every
+    mount namespace this process can see."""
+    devices = _devices_of(target)
+    if not devices:
+        return []
+    seen_ns: set[int] = set()
+    found: list[str] = []
+    for proc in [Path("/proc/self"), *Path("/proc").glob("[0-9]*")]:
+        try:
+            ns = os.stat(proc / "ns/mnt").st_ino
+            if ns in seen_ns:
+                continue
+            seen_ns.add(ns)
+            lines = (proc / "mountinfo").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 5 or ":" not in fields[2]:
+                continue
+            major, minor = fields[2].split(":")
+            devno = os.makedev(int(major), int(minor))
+            if devno in devices:
+                text = f"{devices[devno]} is mounted on {fields[4]}"
+                if text not in found:
+                    found.append(text)
+    return found
+
+
+@contextlib.contextmanager
 def attached(target: Path) -> Iterator[Disk]:
-    """The disk `target` (image file or block device) with a node for each partition."""
+    """The disk `target` (image file or block device) with a node for each partition; the
+    target is `locked` meanwhile."""
     try:
         mode = target.stat().st_mode
     except FileNotFoundError:
         raise UsageError(f"{target} does not exist") from None
     with contextlib.ExitStack() as stack:
+        stack.enter_context(locked(target))
         image = None
         if stat.S_ISBLK(mode):
             device = Path(os.path.realpath(target))
