@@ -40,7 +40,7 @@ def boot_fs(work: Path, features: list[str]) -> Iterator[tuple[Path, Path]]:
     image = work / "boot.img"
     image.unlink(missing_ok=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", *features, str(image), "64M"],
-                   check=True)
+                   check=True, capture_output=True)
     device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
                             capture_output=True, text=True).stdout.strip()
     point = Path(tempfile.mkdtemp(dir=work))
@@ -146,7 +146,7 @@ def main() -> int:
     for name, r in results.items():
         seen = r["visible_after_s"]
         when = f"{seen:.1f} s" if seen is not None else f"not within {args.wait:g} s"
-        print(f"{name:45} {r['step_s'] * 1000:7.1f}ms {when}")
+        print(f"{name:45} {(r['step_s'] or 0) * 1000:7.1f}ms {when}")
     return 0
 
 
