@@ -25,25 +25,33 @@ def attached_loops(image: Path) -> list[str]:
             if b.read_text().strip() == real]
 
 
-def start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "abupgrade", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @any_bootloader
 def test_a_second_apply_on_a_disk_image_in_use_is_refused(
         ab_disk: Path, make_image: Callable[..., Path]) -> None:
-    """The second run starts once the first has attached the image: refused, exit 4, one
-    line on stderr; the first applies, and the history has one trial armed."""
-    image = str(make_image("2.0"))
-    first = start("--disk", str(ab_disk), "apply", image)
-    deadline = time.monotonic() + 120
-    while not attached_loops(ab_disk) and first.poll() is None:
-        assert time.monotonic() < deadline, "the first apply never attached the disk"
-        time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-m", "abupgrade", "--disk", str(ab_disk),
-                             "apply", image], capture_output=True, text=True, timeout=600)
-    assert first.wait(timeout=600) == 0, first.stderr.read() if first.stderr else ""
+    """The first run reads its image from stdin and is held there, the disk attached, while
+    the second starts: refused, exit 4, one line on stderr; then the first applies, and the
+    history has one trial armed."""
+    image = make_image("2.0")
+    first = subprocess.Popen([sys.executable, "-m", "abupgrade", "--disk", str(ab_disk),
+                              "apply", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    assert first.stdin is not None and first.stderr is not None
+    try:
+        deadline = time.monotonic() + 120
+        while not attached_loops(ab_disk):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first apply never attached the disk"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "abupgrade", "--disk", str(ab_disk),
+                                 "apply", str(image)], capture_output=True, text=True,
+                                timeout=600)
+        first.stdin.write(image.read_bytes())
+        first.stdin.close()
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
     assert second.returncode == 4, second.stderr
     assert "another abupgrade is working on" in second.stderr, second.stderr
     assert second.stderr.count("\n") == 1, second.stderr
