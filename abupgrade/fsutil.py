@@ -1,4 +1,5 @@
-"""Durable file updates: temp file in the same folder, write, fsync, rename, fsync the folder.
+"""Files: durable updates (temp file in the same folder, write, fsync, rename, fsync the
+folder) and inputs opened with one-line errors.
 
 Files a bootloader reads need one step more. GRUB and syslinux read ext2/3/4 without
 replaying its journal, so a rename or unlink that fsync made durable can still sit in the
@@ -13,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import io
 import os
 import struct
 import tempfile
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from abupgrade.errors import OperationalError
+from abupgrade.errors import OperationalError, UsageError
 
 # linux/fs.h and linux/ext4.h
 FIFREEZE = 0xC0045877
@@ -29,6 +31,21 @@ EXT4_IOC_CHECKPOINT = 0x4004662B  # Linux 5.13
 CHECKPOINT_DRY_RUN = 0x4
 EXT_MAGIC = 0xEF53  # statfs f_type of ext2, ext3 and ext4
 _UNSUPPORTED = (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+def open_input(path: Path, what: str = "") -> io.BufferedReader:
+    """`path` opened for reading. A missing file or a folder is a UsageError (exit 2) that
+    names `what` the path should have been ("image", "public key"); other failures are
+    operational (exit 1)."""
+    named = f"{what} {path}" if what else str(path)
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"{named} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{named} is a directory") from None
+    except OSError as e:
+        raise OperationalError(f"cannot read {named}: {e.strerror}") from None
 
 
 def fsync_dir(path: Path) -> None:

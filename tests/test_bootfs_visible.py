@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
+from abupgrade.bootloader.syslinux import SyslinuxConfig
+from abupgrade.model import Slot
 from fixtures.bootview import syslinux_view
 from fixtures.grubemu import EmuUnavailable, GrubEmu, sha256
 from fixtures.machine import Machine, running_machine
@@ -40,8 +43,10 @@ def cut_now(disk: Path, out: Path) -> Path:
 
 
 def linux_sees(machine: Machine, slot: Slot, name: str) -> bytes:
-    boot = machine.config.grub.env.parent if machine.config.bootloader is BootloaderKind.GRUB \
-        else machine.config.syslinux.dir
+    settings = machine.config.settings
+    boot = settings.env.parent if isinstance(settings, GrubConfig) else \
+        settings.dir if isinstance(settings, SyslinuxConfig) else None
+    assert boot is not None, settings
     return (boot / "slots" / slot.value / name).read_bytes()
 
 

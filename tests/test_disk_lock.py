@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from abupgrade.partitions import read_table
-from tests.conftest import any_bootloader, require_loop
+from fixtures.tiers import any_bootloader, needs
 
 pytestmark = pytest.mark.loop
 
@@ -64,7 +64,7 @@ def test_a_second_apply_on_a_disk_image_in_use_is_refused(
 @pytest.fixture
 def mounted_elsewhere(ab_disk: Path) -> Iterator[str]:
     """The disk's data partition mounted through a loop device of its own, at its offset."""
-    require_loop()
+    needs(loop=True)
     table = read_table(ab_disk)
     assert table is not None
     data = sorted(table.partitions, key=lambda p: p.number)[-1]

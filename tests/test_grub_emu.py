@@ -1,7 +1,7 @@
 """The GRUB protocol decided by GRUB's own code: the rendered grub.cfg run by grub-emu
 (fixtures/grubemu.py) against env blocks written by abupgrade's real `Grub` backend.
 
-The Python model of grub.cfg (tests/test_grub_model.py) is a readable spec; here each
+The Python model of grub.cfg (fixtures/grub_model.py) is a readable spec; here each
 grub-emu decision is checked against it too, so the spec cannot drift from GRUB."""
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from abupgrade.bootloader.grub import Grub, block_paths, create_blocks, current
-from abupgrade.config import Config, GrubConfig
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.bootloader.grub import Grub, GrubConfig, block_paths, create_blocks, current
+from abupgrade.model import Slot
+from fixtures.grub_model import ModelGrub
 from fixtures.grubemu import EmuMachine, EmuUnavailable, GrubEmu, GrubRun, boot_files, sha256
-from tests.test_grub_model import ModelGrub
 
 pytestmark = pytest.mark.loop  # needs grub-emu: where every tier must run, a skip fails
 
@@ -32,21 +31,19 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrubEmu]:
 
 
 def make_grub(folder: Path, tries: int = 3) -> Grub:
-    config = Config(compatible="test", bootloader=BootloaderKind.GRUB,
-                    slots={Slot.A: "PARTLABEL=a", Slot.B: "PARTLABEL=b"},
-                    grub=GrubConfig(env=folder / "grubenv", tries=tries))
-    create_blocks(config.grub.env)
-    return Grub(config)
+    settings = GrubConfig(env=folder / "grubenv", tries=tries)
+    create_blocks(settings.env)
+    return Grub(settings)
 
 
 def machine(emu: GrubEmu, grub: Grub, *, kernels: dict[Slot, bytes] | None = None) -> EmuMachine:
-    return EmuMachine(emu, grub.config.grub.env,
+    return EmuMachine(emu, grub.settings.env,
                       boot_files(KERNELS if kernels is None else kernels, INITRDS))
 
 
 def agrees_with_spec(grub: Grub, before: list[bytes], run: GrubRun) -> None:
     """The model of grub.cfg makes the same choice and saves the same block as GRUB did."""
-    paths = block_paths(grub.config.grub.env)
+    paths = block_paths(grub.settings.env)
     saved: dict[int, bytes] = {}
 
     def keep(path: Path, data: bytes) -> None:
@@ -66,7 +63,7 @@ def agrees_with_spec(grub: Grub, before: list[bytes], run: GrubRun) -> None:
 
 
 def boot(m: EmuMachine, grub: Grub) -> GrubRun:
-    before = [p.read_bytes() for p in block_paths(grub.config.grub.env)]
+    before = [p.read_bytes() for p in block_paths(grub.settings.env)]
     run = m.power_on()
     agrees_with_spec(grub, before, run)
     return run
@@ -107,17 +104,17 @@ def test_grubs_own_save_cut_at_any_byte_leaves_a_good_boot(emu: GrubEmu, tmp_pat
     tries = 2
     grub = make_grub(tmp_path, tries)
     grub.arm_trial(Slot.B, tries)
-    before = [p.read_bytes() for p in block_paths(grub.config.grub.env)]
+    before = [p.read_bytes() for p in block_paths(grub.settings.env)]
     m = machine(emu, grub)
     boot(m, grub)
-    after = [p.read_bytes() for p in block_paths(grub.config.grub.env)]
+    after = [p.read_bytes() for p in block_paths(grub.settings.env)]
     target = next(i for i in range(2) if before[i] != after[i])
     torn_blocks = {after[target][:cut] + before[target][cut:] for cut in range(1025)}
     assert len(torn_blocks) >= 3
     for torn in sorted(torn_blocks):
         blocks = list(before)
         blocks[target] = torn
-        for path, data in zip(block_paths(grub.config.grub.env), blocks, strict=True):
+        for path, data in zip(block_paths(grub.settings.env), blocks, strict=True):
             path.write_bytes(data)
         left = current(blocks).state.tries
         trial_boots = [boot(m, grub).slot for _ in range(tries + 1)].count(Slot.B)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from abupgrade import ops
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.bootloader.grub import block_paths, current
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.state import Store
 from abupgrade.system import Options
 from fixtures.grubemu import EmuUnavailable, GrubEmu
@@ -58,7 +59,7 @@ def history(root: Path) -> list[tuple[str, str]]:
 
 def status(bench: Bench, root: Path, booted: Slot) -> dict[str, object]:
     with bench.machine(root, booted):
-        return ops.status(Options())
+        return ops.status(Options()).to_json()
 
 
 def test_a_trial_grub_cannot_load_is_a_fallback_in_the_same_boot(bench: Bench) -> None:
@@ -70,7 +71,7 @@ def test_a_trial_grub_cannot_load_is_a_fallback_in_the_same_boot(bench: Bench) -
     assert slot is Slot.A, why
     assert "abupgrade.fallback=B" in (bench.host / "cmdline").read_text()
     result = bench.hook(root, slot)
-    assert result["outcome"] == "fallback", result
+    assert result.outcome == "fallback", result
     event, detail = history(root)[-1]
     assert event == "fallback" and "could not load the trial slot's kernel" in detail, detail
     after = status(bench, root, Slot.A)
@@ -93,12 +94,12 @@ def test_a_block_grub_cannot_save_into_is_repaired_and_the_trial_runs(
     assert slot is Slot.A, why
     assert "abupgrade.unsaved=B" in (bench.host / "cmdline").read_text()
     result = bench.hook(root, slot)
-    assert result["outcome"] == "trial-pending" and result["repaired"], result
+    assert result.outcome == "trial-pending" and result.repaired, result
     event, detail = history(root)[-1]
     assert event == "repaired" and "could not save the trial's boot count" in detail, detail
     slot, _loaded, why = bench.power_on(root)
     assert slot is Slot.B, f"the trial did not run after the repair: {why}"
-    assert bench.hook(root, slot)["outcome"] == "committed"
+    assert bench.hook(root, slot).outcome == "committed"
 
 
 def test_a_committed_boot_repairs_a_damaged_block(bench: Bench) -> None:
@@ -107,7 +108,7 @@ def test_a_committed_boot_repairs_a_damaged_block(bench: Bench) -> None:
     paths = block_paths(root / GRUB_ENV)
     paths[1].write_bytes(b"\xff" * 1024)
     result = bench.hook(root, Slot.A)
-    assert result["outcome"] == "committed-boot" and result["repaired"], result
+    assert result.outcome == "committed-boot" and result.repaired, result
     assert history(root)[-1][0] == "repaired"
     assert status(bench, root, Slot.A)["notes"] == []
     assert all(p.read_bytes().startswith(b"# GRUB Environment Block\n") for p in paths)

@@ -4,23 +4,25 @@ storage is, not only by the names of a few filesystems."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from abupgrade.bootloader.grub import ENV_SIZE, Grub, block_paths, create_blocks, not_in_place
-from abupgrade.config import Config, GrubConfig
+from abupgrade.bootloader.grub import (
+    ENV_SIZE,
+    Grub,
+    GrubConfig,
+    block_paths,
+    create_blocks,
+    not_in_place,
+)
 from abupgrade.errors import UsageError
-from abupgrade.model import BootloaderKind, Slot
 
 
 def grub_on(folder: Path, mountinfo: Path) -> Grub:
-    config = Config(compatible="test", bootloader=BootloaderKind.GRUB,
-                    slots={Slot.A: "PARTLABEL=a", Slot.B: "PARTLABEL=b"},
-                    grub=GrubConfig(env=folder / "grubenv"))
-    create_blocks(config.grub.env)
-    return Grub(replace(config, system=replace(config.system, mountinfo=mountinfo)))
+    settings = GrubConfig(env=folder / "grubenv")
+    create_blocks(settings.env)
+    return Grub(settings, mountinfo=mountinfo)
 
 
 def mounted_as(tmp_path: Path, folder: Path, fstype: str, source: str = "/dev/sda2") -> Path:
@@ -53,7 +55,7 @@ def test_a_block_whose_bytes_are_not_plainly_on_disk_is_refused(tmp_path: Path) 
     folder = tmp_path / "boot"
     folder.mkdir()
     grub = grub_on(folder, mounted_as(tmp_path, folder, "ext4"))
-    target = block_paths(grub.config.grub.env)[1]
+    target = block_paths(grub.settings.env)[1]
     target.unlink()
     fd = os.open(target, os.O_CREAT | os.O_WRONLY, 0o644)
     try:

@@ -33,17 +33,16 @@ from cryptography.hazmat.primitives import serialization
 from abupgrade import config as configuration
 from abupgrade import ops
 from abupgrade.__main__ import main
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.errors import AbupgradeError
 from abupgrade.image import signature
 from abupgrade.image.manifest import Compression, Manifest, Payload, PayloadKind
 from abupgrade.image.reader import ImageReader
 from abupgrade.image.tar import BLOCK, END_MARKER
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.system import Options
-from fixtures.machine import Machine, run_cli, running_machine
-from fixtures.reliability import record
-from tests.conftest import require_loop
-from tests.test_image_reject import (
+from fixtures.hostile_images import (
     CASES,
     GOOD,
     HEAD_LEN,
@@ -54,9 +53,12 @@ from tests.test_image_reject import (
     RING,
     ROOT,
     ROOT_PAD,
-    _flip,
+    flip,
     member,
 )
+from fixtures.machine import Machine, run_cli, running_machine
+from fixtures.reliability import record
+from fixtures.tiers import needs
 
 pytestmark = pytest.mark.loop
 
@@ -106,7 +108,7 @@ def corpus(slot_size: int) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
         span = end - start
         offsets = sorted({start + span * i // 12 for i in range(12)} | {end - 1})
         for at in offsets:
-            yield f"flip: {region} byte {at}", 3, partial(_flip, GOOD, at, 0x10)
+            yield f"flip: {region} byte {at}", 3, partial(flip, GOOD, at, 0x10)
     member_edges = sorted({0, BLOCK, *[e for r in regions().values() for e in r]})
     for edge in member_edges:
         for cut in {edge - 1, edge, edge + 1} - {len(GOOD)}:
@@ -136,21 +138,16 @@ def digest(path: Path, length: int | None = None) -> str:
 
 
 def boot_state(m: Machine) -> dict[str, str]:
-    """Every byte the bootloader reads: both env blocks (or extlinux.conf and ldlinux.sys)
-    and every boot file."""
-    if m.config.bootloader is BootloaderKind.GRUB:
-        env = m.config.grub.env
-        files = [env, env.with_name(env.name + ".1"), *sorted((env.parent / "slots").rglob("*"))]
-    else:
-        folder = m.config.syslinux.dir
-        files = [folder / "extlinux.conf", folder / "ldlinux.sys",
-                 *sorted((folder / "slots").rglob("*"))]
+    """Every byte the bootloader reads: both env blocks and every boot file (GRUB only:
+    the corpus runs on GRUB disks)."""
+    env = m.config.section(GrubConfig).env
+    files = [env, env.with_name(env.name + ".1"), *sorted((env.parent / "slots").rglob("*"))]
     return {str(p): digest(p) for p in files if p.is_file()}
 
 
 def only_b_disabled(m: Machine) -> bool:
     """The bootloader boots A and nothing else: B was taken out of its choice, not armed."""
-    status = ops.status(Options(config=m.config_path))
+    status = ops.status(Options(config=m.config_path)).to_json()
     return (status["next_boot"] == "A" and status["trial"] is None
             and status["slots"]["A"]["state"] == "good"
             and status["slots"]["B"]["state"] in ("empty", "bad"))
@@ -167,7 +164,7 @@ def signed_by_trusted_key(data: bytes) -> bool:
 
 
 def slot_b_state(m: Machine) -> str:
-    return str(ops.status(Options(config=m.config_path))["slots"]["B"]["state"])
+    return str(ops.status(Options(config=m.config_path)).slots[Slot.B].state)
 
 
 def apply_in_process(m: Machine, image: Path) -> tuple[int, str]:
@@ -187,7 +184,7 @@ DISKS = [(BootloaderKind.GRUB, "empty"), (BootloaderKind.GRUB, "good")]
 def hostile_machine(request: pytest.FixtureRequest,
                     disk_template: Callable[[BootloaderKind], Path],
                     make_image: Callable[..., Path], tmp_path: Path) -> Iterator[Machine]:
-    require_loop()
+    needs(loop=True)
     kind, slot_b = request.param
     disk = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(disk_template(kind)), str(disk)], check=True)
