@@ -1,6 +1,6 @@
 """What GRUB could not do reaches the boot hook in the same boot (grub.cfg's marks on the
 kernel command line), decided by GRUB itself: grub-emu runs the rendered grub.cfg, the real
-boot hook runs on the machine-as-files of tests/test_powercut.py.
+boot hook runs on the machine-as-files of fixtures/filemachine.py.
 
 - A trial whose kernel GRUB cannot load: GRUB has spent one try and boots the fallback entry;
   the hook records `fallback` with the reason, the slot is bad, `apply` runs again.
@@ -22,9 +22,9 @@ from abupgrade.bootloader.grub import block_paths, current
 from abupgrade.model import Slot
 from abupgrade.state import Store
 from abupgrade.system import Options
+from fixtures.filemachine import GRUB_ENV, STATE, Bench, GrubCache, Image, make_image
 from fixtures.grubemu import EmuUnavailable, GrubEmu
 from fixtures.images import KeyPair, keypair
-from tests.test_powercut import GRUB_ENV, STATE, Bench, GrubCache, Image, make_image
 
 pytestmark = pytest.mark.loop  # grub-emu: the tier that fails where a tool is missing
 

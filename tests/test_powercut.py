@@ -1,18 +1,15 @@
 """Power cuts at every write of apply, commit, rollback, mark-bad and the boot hook, both
 bootloaders (see fixtures/powercut.py for the storage model and what it leaves out).
 
-The machine is plain files: `boot/` (GRUB's two env blocks, or extlinux.conf and a stand-in
-ldlinux.sys whose last 1024 bytes are the ADV), `data/abupgrade` (state_dir) and the slots
-`slots/A.img`, `slots/B.img`. `slots.resolve` accepts only block devices, so the test hands
-abupgrade's own operations (ops.apply, ops.boot_hook, ...) a System whose slot devices are
-those files - the one layer swapped out; everything from there down (ImageReader, SlotWriter,
-the backends, the state store, the hook) is the code that runs on a machine.
+The machine is plain files (fixtures/filemachine.py): the storage of a machine in a folder,
+and abupgrade's own operations run on it with only the slot devices swapped for files.
 
 After each cut the machine is powered on from the boot filesystem as the bootloader reads it
 (the storage model's view without journal replay): GRUB is GRUB itself, grub-emu running the
 rendered grub.cfg on an image of that boot filesystem (fixtures/grubemu.py; each run's choice
-and saved block also checked against the model of grub.cfg in test_grub_model, and both blocks
-listed by the real `grub-editenv`), syslinux the model in test_syslinux_model; the slot it
+and saved block also checked against the model of grub.cfg in fixtures/grub_model.py, both
+blocks listed by the real `grub-editenv`), syslinux the model in fixtures/syslinux_model.py;
+the slot it
 boots must hold one image completely (rootfs, and the kernel and initrd the bootloader loaded,
 of the same version), never a half-written one. Then the boot hook runs on that slot (Linux's
 view, the journal replayed), state.json and every history line must parse, and a new apply
@@ -27,8 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,257 +33,22 @@ import pytest
 
 from abupgrade import fsutil, ops
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.adv import Adv
-from abupgrade.bootloader.grub import GrubConfig, block_paths, create_blocks
-from abupgrade.bootloader.syslinux import SyslinuxConfig, fresh_config
-from abupgrade.config import Config, HealthConfig, SystemConfig
 from abupgrade.errors import AbupgradeError, HealthFailed
-from abupgrade.image import build
 from abupgrade.model import Slot
-from abupgrade.progress import NullProgress
-from abupgrade.results import HookResult
 from abupgrade.state import Store
-from abupgrade.system import Options, System, bootloader_of
-from fixtures.grub_model import ModelGrub, grub_iterate
-from fixtures.grubemu import EmuUnavailable, GrubEmu, GrubRun, sha256
+from abupgrade.system import Options
+from fixtures.filemachine import (
+    STATE,
+    Bench,
+    GrubCache,
+    Image,
+    make_image,
+)
+from fixtures.grubemu import EmuUnavailable, GrubEmu
 from fixtures.images import KeyPair, keypair
 from fixtures.powercut import Recorder, Tree, cut_points, read_tree, tree_digest, write_tree
 from fixtures.reliability import record
-from fixtures.syslinux_model import Disk, model_boot
 from fixtures.tiers import guest_skips, needs
-
-SLOT_SIZE = 256 << 10
-COMPATIBLE = "pc-box"
-GRUB_ENV = "boot/grub/grubenv"
-EXTLINUX = "boot/extlinux"
-STATE = "data/abupgrade"
-
-
-# ---------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class Image:
-    version: str
-    tar: Path
-    rootfs: bytes
-    kernel: bytes
-    initrd: bytes
-
-
-def make_image(base: Path, key: KeyPair, version: str) -> Image:
-    # random bytes with a zero run: the writer skips and punches holes there
-    rootfs = os.urandom(64 << 10) + bytes(48 << 10) + os.urandom(40 << 10)
-    files = {}
-    for name, data in (("rootfs", rootfs), ("kernel", os.urandom(6000)),
-                       ("initrd", os.urandom(3000))):
-        files[name] = base / f"{version}.{name}"
-        files[name].write_bytes(data)
-    tar = base / f"{version}.tar"
-    build.build(files["rootfs"], version, COMPATIBLE, [key.private], tar,
-                kernel=files["kernel"], initrd=files["initrd"])
-    return Image(version, tar, rootfs, files["kernel"].read_bytes(), files["initrd"].read_bytes())
-
-
-# ---------------------------------------------------------------- the machine as files
-
-
-class FileSystem(System):
-    def is_in_use(self, device: Path) -> bool:
-        return False  # plain files stand for the slots: nothing mounts them
-
-
-@dataclass
-class Bench:
-    kind: BootloaderKind
-    work: Path
-    key: KeyPair
-    images: dict[str, Image]
-    emu: GrubEmu | None = None
-    keyring: Path = field(init=False)
-    grub_runs: dict[str, GrubRun] = field(default_factory=dict)  # boot fs digest -> GRUB
-
-    def __post_init__(self) -> None:
-        self.keyring = self.work / "keys"
-        self.keyring.mkdir(exist_ok=True)
-        shutil.copy(self.key.public, self.keyring / "signer.pub")
-        self.host = self.work / "host"  # cmdline, mountinfo, boot id: outside the disk
-        self.host.mkdir(exist_ok=True)
-        (self.host / "mountinfo").write_text("22 1 0:0 / / rw,relatime - ext4 /dev/root rw\n")
-        self.no_checks = self.work / "no-checks"
-        self.no_checks.mkdir(exist_ok=True)
-        self.failing = self.work / "failing-checks"
-        (self.failing / "required.d").mkdir(parents=True, exist_ok=True)
-        check = self.failing / "required.d" / "10-fail"
-        check.write_text("#!/bin/sh\necho 'app: port 443 closed' >&2\nexit 1\n")
-        check.chmod(0o755)
-
-    # -- layout
-
-    def template(self, root: Path) -> None:
-        if root.exists():
-            shutil.rmtree(root)
-        for slot in Slot:
-            (self.boot_dir(root) / "slots" / slot.value).mkdir(parents=True)
-        (root / STATE).mkdir(parents=True)
-        (root / "slots").mkdir()
-        for slot in Slot:
-            (root / "slots" / f"{slot.value}.img").write_bytes(bytes(SLOT_SIZE))
-        if self.kind is BootloaderKind.GRUB:
-            create_blocks(root / GRUB_ENV)
-        else:
-            (root / EXTLINUX / "ldlinux.sys").write_bytes(b"\x90" * 4096 + Adv().encode_pair())
-            roots = {s: f"/dev/vda{n}" for s, n in ((Slot.A, 2), (Slot.B, 3))}
-            (root / EXTLINUX / "extlinux.conf").write_text(fresh_config(roots, "console=ttyS0"))
-
-    def boot_dir(self, root: Path) -> Path:
-        return (root / GRUB_ENV).parent if self.kind is BootloaderKind.GRUB else root / EXTLINUX
-
-    def config(self, root: Path, checks: Path) -> Config:
-        return Config(
-            compatible=COMPATIBLE, bootloader=self.kind,
-            slots={s: f"/dev/plain-file-{s.value}" for s in Slot},
-            keyring=self.keyring, state_dir=root / STATE,
-            bootloaders={BootloaderKind.GRUB: GrubConfig(env=root / GRUB_ENV, tries=3),
-                         BootloaderKind.SYSLINUX: SyslinuxConfig(dir=root / EXTLINUX)},
-            health=HealthConfig(dir=checks, timeout=10, deadline=120,
-                                watchdog=self.work / "no-watchdog"),
-            system=SystemConfig(cmdline=self.host / "cmdline", mountinfo=self.host / "mountinfo",
-                                boot_id=self.host / "boot_id", reboot=("true",)),
-        )
-
-    @contextlib.contextmanager
-    def machine(self, root: Path, booted: Slot | None, checks: Path | None = None
-                ) -> Iterator[System]:
-        """ops.* see this machine, booted from `booted` (None: serviced offline)."""
-        cfg = self.config(root, checks or self.no_checks)
-        devices = {s: root / "slots" / f"{s.value}.img" for s in Slot}
-
-        def open_files(options: Options, *, readonly: bool = False) -> Any:
-            return contextlib.nullcontext(FileSystem(cfg, booted, booted is None, bootloader_of(cfg),
-                                                     Store(cfg.state_dir), dict(devices)))
-
-        (self.host / "boot_id").write_text(f"{uuid.uuid4()}\n")
-        # ops looks open_system up at each call: the one layer this test swaps
-        saved = ops.__dict__["open_system"]
-        setattr(ops, "open_system", open_files)  # noqa: B010
-        try:
-            yield open_files(Options()).enter_result
-        finally:
-            setattr(ops, "open_system", saved)  # noqa: B010
-
-    # -- operations
-
-    def init(self, root: Path) -> None:
-        """What `disk init --image` does: 1.0 into slot A, committed."""
-        self.template(root)
-        with self.machine(root, None) as system:
-            ops._install(system, system.store.load(), str(self.images["1.0"].tar), Slot.A,
-                         progress=NullProgress(), dry_run=False, allow_downgrade=True,
-                         committed=None)
-            ops._commit(system, Slot.A, "first image")
-
-    def apply(self, root: Path, booted: Slot, version: str) -> None:
-        with self.machine(root, booted):
-            ops.apply(Options(), str(self.images[version].tar), allow_downgrade=False,
-                      dry_run=False, reboot=False, progress=NullProgress())
-
-    def hook(self, root: Path, booted: Slot, checks: Path | None = None) -> HookResult:
-        with self.machine(root, booted, checks):
-            return ops.boot_hook(Options(), reboot=False)
-
-    # -- power on
-
-    def power_on(self, root: Path, *, editenv: bool = False, boot: Tree | None = None
-                 ) -> tuple[Slot | None, dict[str, bytes | None], str]:
-        """What the bootloader boots now (its own writes included), the boot files it loaded
-        ("vmlinuz", "initrd.img"; None where it loaded none), and why. `boot`: the boot fs
-        as the bootloader reads it, where that is not what the files under `root` say."""
-        view = read_tree(root) if boot is None else boot
-        if self.kind is BootloaderKind.GRUB:
-            if editenv:
-                for path in block_paths(root / GRUB_ENV):
-                    agree_with_grub_editenv(path)
-            files = {name.removeprefix("boot/"): data for name, data in view.items()
-                     if name.startswith("boot/grub/")}
-            run = self.grub(files)
-            for name, data in run.env.items():  # GRUB writes the blocks in place
-                (root / "boot" / name).write_bytes(data)
-            loaded = run.booted
-            if loaded is None:
-                return None, {}, f"GRUB booted nothing:\n{run.output[-800:]}"
-            (self.host / "cmdline").write_text(" ".join(loaded.cmdline) + "\n")
-            by = {x.command: x.sha256 for x in loaded.loads}
-            return loaded.slot, {"vmlinuz": self._bytes(view, by.get("linux")),
-                                 "initrd.img": self._bytes(view, by.get("initrd"))}, \
-                f"GRUB ran {[e.slot.value for e in run.entries]}, booted {loaded.slot}"
-        conf = view[f"{EXTLINUX}/extlinux.conf"].decode()
-        raw = view[f"{EXTLINUX}/ldlinux.sys"]
-        disk = Disk(conf, raw[-1024:], frozenset(s for s in Slot if all(
-            f"{EXTLINUX}/slots/{s.value}/{f}" in view for f in ("vmlinuz", "initrd.img"))))
-        booted = model_boot(disk)
-        loader = root / EXTLINUX / "ldlinux.sys"  # syslinux clears the once record in place
-        loader.write_bytes(loader.read_bytes()[:-1024] + booted.disk.pair)
-        if booted.slot is None:
-            return None, {}, f"syslinux booted {booted}"
-        (self.host / "cmdline").write_text(f"abupgrade.slot={booted.slot.value}\n")
-        return booted.slot, {f: view.get(f"{EXTLINUX}/slots/{booted.slot.value}/{f}")
-                             for f in ("vmlinuz", "initrd.img")}, f"syslinux booted {booted}"
-
-    @staticmethod
-    def _bytes(view: Tree, digest: str | None) -> bytes | None:
-        """The boot file GRUB read, found among the files by its hash."""
-        return next((d for d in view.values() if sha256(d) == digest), None) if digest else None
-
-    def grub(self, files: Tree) -> GrubRun:
-        """GRUB's own decision for this boot fs (grub-emu; one run per distinct boot fs),
-        which the model of grub.cfg must agree with."""
-        key = tree_digest(files)
-        if key not in self.grub_runs:
-            assert self.emu is not None
-            run = self.emu.boot(files)
-            spec_agrees(files, run)
-            self.grub_runs[key] = run
-        return self.grub_runs[key]
-
-    def complete(self, root: Path, slot: Slot, loaded: dict[str, bytes | None]) -> str | None:
-        """The version `slot` holds completely (rootfs, and the kernel and initrd the
-        bootloader loaded), or None."""
-        data = (root / "slots" / f"{slot.value}.img").read_bytes()
-        for image in self.images.values():
-            if (data[:len(image.rootfs)] == image.rootfs
-                    and loaded.get("vmlinuz") == image.kernel
-                    and loaded.get("initrd.img") == image.initrd):
-                return image.version
-        return None
-
-
-def spec_agrees(files: Tree, run: GrubRun) -> None:
-    """The model of grub.cfg (a readable spec) chooses as GRUB did and saves the same block."""
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK)
-                                     else None) as tmp:
-        paths = block_paths(Path(tmp) / "grubenv")
-        for path, name in zip(paths, ("grub/grubenv", "grub/grubenv.1"), strict=True):
-            path.write_bytes(files[name])
-        decision = ModelGrub(paths).boot()
-        assert run.entries and run.entries[0].slot == decision.boot, \
-            f"the model chose {decision}, GRUB:\n{run.output[-800:]}"
-        saved = {name: path.read_bytes()
-                 for path, name in zip(paths, ("grub/grubenv", "grub/grubenv.1"), strict=True)}
-        assert saved == run.env, f"the model saved other bytes than GRUB:\n{run.output[-800:]}"
-
-
-def agree_with_grub_editenv(path: Path) -> None:
-    """The real grub-editenv reads the block as the model does (or refuses it likewise)."""
-    data = path.read_bytes()
-    proc = subprocess.run(["grub-editenv", str(path), "list"], capture_output=True, text=True,
-                          check=False, timeout=30)
-    if not data.startswith(b"# GRUB Environment Block\n"):
-        assert proc.returncode != 0, f"grub-editenv read a block without signature: {path}"
-        return
-    assert proc.returncode == 0, proc.stderr
-    listed = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    assert listed == dict(grub_iterate(data)), (listed, data[:200])
 
 
 def state_parses(root: Path, *, torn_tail: bool) -> None:
@@ -467,15 +227,6 @@ def images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
     base = work / "images"
     base.mkdir()
     return key, {v: make_image(base, key, v) for v in ("1.0", "2.0", "3.0", "9.0")}
-
-
-@dataclass
-class GrubCache:
-    """GRUB itself, and its decision for each boot filesystem it was shown (shared by all
-    GRUB sweeps: the same boot fs gets the same decision)."""
-
-    emu: GrubEmu
-    runs: dict[str, GrubRun] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
