@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from abupgrade import blockdev
+from abupgrade import blockdev, mounts
 from abupgrade import config as configuration
 from abupgrade.config import Config
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
@@ -79,33 +79,14 @@ def locked(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _devices_of(target: Path) -> dict[int, str]:
-    """devno -> name of `target`'s block devices: the device and its partitions, or for an
-    image file every loop device backed by it (at any offset) and their partitions."""
-    st = target.stat()
-    disks: list[Path] = []
-    if stat.S_ISBLK(st.st_mode):
-        disks.append(Path("/sys/dev/block") / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-    else:
-        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-            with contextlib.suppress(OSError):
-                other = os.stat(backing.read_text().strip().removesuffix(" (deleted)"))
-                if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                    disks.append(backing.parent.parent)
-    found = {}
-    for disk in disks:
-        disk = disk.resolve()
-        for node in [disk, *(c for c in disk.iterdir() if (c / "partition").exists())]:
-            with contextlib.suppress(OSError, ValueError):
-                major, minor = (node / "dev").read_text().strip().split(":")
-                found[os.makedev(int(major), int(minor))] = f"/dev/{node.name}"
-    return found
-
-
 def mounted_anywhere(target: Path) -> list[str]:
-    """"<device> is mounted on <point>" for each mount of a device of `target`, in every
-    mount namespace this process can see."""
-    devices = _devices_of(target)
+    """"<device> is mounted on <point>" for each mount, in every mount namespace this process
+    can see, of `target`'s block devices: the device (or, for an image file, every loop
+    device backed by it), their partitions and what is stacked on them."""
+    st = target.stat()
+    disks = [st.st_rdev] if stat.S_ISBLK(st.st_mode) else \
+        [os.stat(loop).st_rdev for loop in blockdev.loops_backed_by(target)]
+    devices = {devno for disk in disks for devno in blockdev.related(disk)}
     if not devices:
         return []
     seen_ns: set[int] = set()
@@ -116,19 +97,13 @@ def mounted_anywhere(target: Path) -> list[str]:
             if ns in seen_ns:
                 continue
             seen_ns.add(ns)
-            lines = (proc / "mountinfo").read_text().splitlines()
+            listed = mounts.parse((proc / "mountinfo").read_text())
         except OSError:
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 5 or ":" not in fields[2]:
-                continue
-            major, minor = fields[2].split(":")
-            devno = os.makedev(int(major), int(minor))
-            if devno in devices:
-                text = f"{devices[devno]} is mounted on {fields[4]}"
-                if text not in found:
-                    found.append(text)
+        for mount in listed:
+            text = f"{mount.source} is mounted on {mount.point}"
+            if mount.devno in devices and text not in found:
+                found.append(text)
     return found
 
 

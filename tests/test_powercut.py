@@ -43,10 +43,19 @@ from fixtures.filemachine import (
     GrubCache,
     Image,
     make_image,
+    slots_on_loop_devices,
 )
 from fixtures.grubemu import EmuUnavailable, GrubEmu
 from fixtures.images import KeyPair, keypair
-from fixtures.powercut import Recorder, Tree, cut_points, read_tree, tree_digest, write_tree
+from fixtures.powercut import (
+    Recorder,
+    Tree,
+    Zero,
+    cut_points,
+    read_tree,
+    tree_digest,
+    write_tree,
+)
 from fixtures.reliability import record
 from fixtures.tiers import guest_skips, needs
 
@@ -101,15 +110,19 @@ def after_cut(bench: Bench, disk: Path, out: Outcome, where: str, boot: Tree | N
 
 def sweep(bench: Bench, name: str, prepare: Callable[[Path], Slot],
           operation: Callable[[Path, Slot], object], *, figures: bool = True,
-          until_brick: bool = False) -> Outcome:
+          until_brick: bool = False, on_devices: bool = False) -> Outcome:
     """Record `operation` on the machine `prepare` leaves, then cut before every log entry
-    (`until_brick`: stop at the first brick, for the sweeps that must find one)."""
+    (`until_brick`: stop at the first brick, for the sweeps that must find one; `on_devices`:
+    the operation writes the slots through loop devices of the slot files)."""
     root = bench.work / "run"
     booted = prepare(root)
-    recorder = Recorder(root)
-    with recorder.active():
-        operation(root, booted)
+    with contextlib.ExitStack() as stack:
+        devices = stack.enter_context(slots_on_loop_devices(bench, root)) if on_devices else {}
+        recorder = Recorder(root, devices)
+        with recorder.active():
+            operation(root, booted)
     recorder.verify()
+    bench.zeroed = sum(isinstance(op, Zero) for op in recorder.log)
     out = Outcome()
     seen: set[str] = set()
     disk = bench.work / "cut"
@@ -311,6 +324,24 @@ def test_cut_before_fsync_loses_the_write(work: Path) -> None:
     assert states[(3, "all pending kept")] == b"cccc"
     assert states[(3, "last write torn at byte 2")] == b"ccbb"
     assert hashlib.sha256(read_tree(root)["f"]).digest()  # the real file is readable
+
+
+@pytest.mark.loop
+@pytest.mark.parametrize("kind", [BootloaderKind.GRUB, BootloaderKind.SYSLINUX], ids=str)
+def test_power_cut_at_every_write_of_an_apply_to_real_devices(
+        kind: BootloaderKind, work: Path, images: tuple[KeyPair, dict[str, Image]],
+        request: pytest.FixtureRequest) -> None:
+    """The writer's block-device path swept: the slots are loop devices while `apply` runs
+    (O_EXCL, O_DIRECT for aligned blocks, BLKZEROOUT for the zero run), every write, fsync
+    and zeroing of the device logged against its file, then cut like any other."""
+    needs(root=True, loop=True, tools=("losetup",))
+    bench = bench_for(kind, work / f"{kind}-apply-devices", images, request)
+    out = sweep(bench, "apply-to-loop-devices", lambda r: _initialised(bench, r),
+                lambda r, s: bench.apply(r, s, "2.0"), on_devices=True)
+    assert bench.zeroed, "the writer did not zero the device with BLKZEROOUT"
+    assert not out.bricks, f"{len(out.bricks)} bricks, first: " + "\n".join(out.bricks[:5])
+    assert not out.failures, (f"{len(out.failures)} failures, first: "
+                              + "\n".join(out.failures[:5]))
 
 
 @pytest.mark.loop
