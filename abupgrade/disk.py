@@ -30,6 +30,8 @@ from abupgrade.slots import resolve
 log = logging.getLogger(__name__)
 
 NODE_TIMEOUT = 10.0
+MOUNT_PREFIX = "abupgrade-mnt-"  # our temporary mount points, in TEMP_DIR
+TEMP_DIR = Path(tempfile.gettempdir()).resolve()
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ def locked(target: Path) -> Iterator[None]:
         except BlockingIOError:
             raise PolicyRefusal(f"another abupgrade is working on {target}",
                                 hint="wait for it to finish") from None
-        busy = mounted_anywhere(target)
+        if mounted_anywhere(target):
+            _clear_leftovers(target)
+        busy = [f"{m.source} is mounted on {m.point}" for m in mounted_anywhere(target)]
         if busy:
             raise PolicyRefusal(f"{target} is in use: {busy[0]}",
                                 hint="unmount it first; abupgrade never works on a mounted disk")
@@ -79,10 +83,28 @@ def locked(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def mounted_anywhere(target: Path) -> list[str]:
-    """"<device> is mounted on <point>" for each mount, in every mount namespace this process
-    can see, of `target`'s block devices: the device (or, for an image file, every loop
-    device backed by it), their partitions and what is stacked on them."""
+def _clear_leftovers(target: Path) -> None:
+    """What a killed abupgrade left of `target` (we hold its lock, so none is running): its
+    mounts on temporary folders of ours in this namespace are unmounted, the loop devices of
+    an image file that nothing mounts any more are detached. Anything else stays, and refuses."""
+    for mount in mounted_anywhere(target):
+        if mount.point.name.startswith(MOUNT_PREFIX) and mount.point.parent == TEMP_DIR \
+                and mount in mounts.parse(Path("/proc/self/mountinfo").read_text()):
+            log.debug("unmounting %s, left by a killed run", mount.point)
+            run(["umount", mount.point], check=False)
+            with contextlib.suppress(OSError):
+                mount.point.rmdir()
+    if stat.S_ISREG(target.stat().st_mode) and not mounted_anywhere(target):
+        for loop in blockdev.loops_backed_by(target):
+            log.debug("detaching %s, left by a killed run", loop)
+            run([require_tool("partx", package="util-linux"), "--delete", loop], check=False)
+            run([require_tool("losetup", package="mount"), "--detach", loop], check=False)
+
+
+def mounted_anywhere(target: Path) -> list[mounts.Mount]:
+    """Each mount, in every mount namespace this process can see, of `target`'s block
+    devices: the device (or, for an image file, every loop device backed by it), their
+    partitions and what is stacked on them."""
     st = target.stat()
     disks = [st.st_rdev] if stat.S_ISBLK(st.st_mode) else \
         [os.stat(loop).st_rdev for loop in blockdev.loops_backed_by(target)]
@@ -90,7 +112,7 @@ def mounted_anywhere(target: Path) -> list[str]:
     if not devices:
         return []
     seen_ns: set[int] = set()
-    found: list[str] = []
+    found: list[mounts.Mount] = []
     for proc in [Path("/proc/self"), *Path("/proc").glob("[0-9]*")]:
         try:
             ns = os.stat(proc / "ns/mnt").st_ino
@@ -100,10 +122,7 @@ def mounted_anywhere(target: Path) -> list[str]:
             listed = mounts.parse((proc / "mountinfo").read_text())
         except OSError:
             continue
-        for mount in listed:
-            text = f"{mount.source} is mounted on {mount.point}"
-            if mount.devno in devices and text not in found:
-                found.append(text)
+        found += [m for m in listed if m.devno in devices and m not in found]
     return found
 
 
@@ -179,7 +198,7 @@ def _partx_added(device: Path, numbers: list[int]) -> Iterator[None]:
 @contextlib.contextmanager
 def mounted(device: Path, *, readonly: bool = False) -> Iterator[Path]:
     """`device` mounted on a fresh temporary folder; unmounted and removed afterwards."""
-    point = Path(tempfile.mkdtemp(prefix="abupgrade-mnt-"))
+    point = Path(tempfile.mkdtemp(prefix=MOUNT_PREFIX, dir=TEMP_DIR))
     try:
         run(["mount", "-o", "ro" if readonly else "rw", device, point],
             hint=f"is there a filesystem on {device}?")
