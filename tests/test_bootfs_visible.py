@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,18 +22,10 @@ from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.bootloader.syslinux import SyslinuxConfig
 from abupgrade.model import Slot
 from fixtures.bootview import syslinux_view
-from fixtures.grubemu import EmuUnavailable, GrubEmu, sha256
+from fixtures.grubemu import GrubEmu, sha256
 from fixtures.machine import Machine, running_machine
 
 pytestmark = pytest.mark.loop
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrubEmu]:
-    try:
-        yield GrubEmu(tmp_path_factory.mktemp("emu"))
-    except EmuUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def cut_now(disk: Path, out: Path) -> Path:

@@ -6,7 +6,6 @@ grub-emu decision is checked against it too, so the spec cannot drift from GRUB.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,12 @@ import pytest
 from abupgrade.bootloader.grub import Grub, GrubConfig, block_paths, create_blocks, current
 from abupgrade.model import Slot
 from fixtures.grub_model import ModelGrub
-from fixtures.grubemu import EmuMachine, EmuUnavailable, GrubEmu, GrubRun, boot_files, sha256
+from fixtures.grubemu import EmuMachine, GrubEmu, GrubRun, boot_files, sha256
 
 pytestmark = pytest.mark.loop  # needs grub-emu: where every tier must run, a skip fails
 
 KERNELS = {Slot.A: b"kernel of slot A\n" * 64, Slot.B: b"kernel of slot B\n" * 64}
 INITRDS = {Slot.A: b"initrd of slot A\n" * 32, Slot.B: b"initrd of slot B\n" * 32}
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrubEmu]:
-    try:
-        yield GrubEmu(tmp_path_factory.mktemp("emu"))
-    except EmuUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def make_grub(folder: Path, tries: int = 3) -> Grub:
