@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -10,12 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, diskinit, run
+from abupgrade import blockdev, diskinit, fsutil, run
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
 from abupgrade.bootloader.base import Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
-from abupgrade.fsutil import atomic_writer
 from abupgrade.health import Report
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
@@ -174,7 +172,7 @@ def status(options: Options) -> Status:
                                     version=state.slots[slot].version,
                                     installed=state.slots[slot].installed)
                    for slot in Slot},
-            notes=system.bootloader.notes(),
+            notes=(*system.bootloader.notes(), *system.bootloader.problems()),
             security_floor=security_floor(system, state),
             counters=system.bootloader.counters(),
         )
@@ -349,15 +347,14 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
     for name in BOOT_NAMES:
-        with contextlib.suppress(FileNotFoundError):
-            system.bootloader.boot_file_path(target, name).unlink()
+        fsutil.remove(system.bootloader.boot_file_path(target, name), boot=True)
 
 
 def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     progress.start(path.name, size)
     try:
-        with atomic_writer(path) as out:
+        with fsutil.atomic_writer(path, boot=True) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))

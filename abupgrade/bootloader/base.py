@@ -285,6 +285,15 @@ class Bootloader(abc.ABC):
         """Where the boot file `name` ("kernel" or "initrd") of `slot` lives; abupgrade
         writes it there atomically before the slot is armed."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with the bootloader's state that it cannot fix itself (damaged
+        copies of it, for example); each a sentence for `status`."""
+        return []
+
+    def repair(self) -> list[str]:
+        """Rewrite what `problems` finds and can be rewritten safely; what was done."""
+        return []
+
     @abc.abstractmethod
     def trial_boots(self) -> int:
         """How many boots `apply` gives a trial (from the settings, or what the bootloader

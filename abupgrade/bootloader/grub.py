@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
-from abupgrade import blockdev, mounts
+from abupgrade import blockdev, fsutil, mounts
 from abupgrade.bootloader.base import (
     BOOT_FILES,
     BOOT_POINT,
@@ -65,7 +65,13 @@ GRUB_LIB = Path("/usr/lib/grub/i386-pc")
 BIOS_SETUP = GRUB_LIB / "grub-bios-setup"
 MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "serial", "terminal", "loadenv",
            "test", "echo", "linux", "normal")
-REFUSED_FS = {"btrfs": "btrfs", "zfs": "ZFS"}
+# Where GRUB's save_env is proven to rewrite the block through its sectors (grub-emu, QEMU).
+WRITABLE_FS = ("ext2", "ext3", "ext4")
+_FS_NAMES = {"zfs": "ZFS"}
+_FS_IOC_FIEMAP = 0xC020660B
+# fiemap extent flags that mean the bytes are not plainly in the file's own sectors:
+# unknown, delalloc, encoded, encrypted, not aligned, inline, tail-packed, unwritten, shared
+_FIEMAP_NOT_PLAIN = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x2000
 # What grub.cfg may carry verbatim on a `linux` line (no GRUB script syntax).
 _SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
 
@@ -198,6 +204,21 @@ def block_generation(data: bytes) -> int | None:
     return None
 
 
+def block_damage(data: bytes) -> str | None:
+    """Why GRUB cannot save into this block as it is, or None when it can."""
+    if len(data) != ENV_SIZE:
+        return f"{len(data)} bytes, not {ENV_SIZE}"
+    env = parse_envblk(data)
+    if env is None:
+        return "no GRUB environment block signature"
+    generation = block_generation(data)
+    if generation is None:
+        return "torn or foreign: its generation marks disagree"
+    if data != EnvState.from_vars(env).block(generation):
+        return "not in the form GRUB and abupgrade write"
+    return None
+
+
 @dataclass(frozen=True)
 class Current:
     """The block grub.cfg boots from (`index`, None when neither is valid) and its state."""
@@ -277,6 +298,39 @@ class Grub(Bootloader):
             raise OperationalError(f"{path} does not read back what was written",
                                    hint="check the boot partition for errors")
 
+    def damage(self) -> list[tuple[Path, str]]:
+        """(block, why) for each block GRUB cannot save into as it is: not a valid block, or
+        not in the exact form GRUB's save_env and abupgrade write."""
+        found = []
+        for path, data in zip(self.env_paths, self._read_blocks(), strict=True):
+            why = block_damage(data)
+            if why is not None:
+                found.append((path, why))
+        return found
+
+    def problems(self) -> list[str]:
+        found = [f"GRUB environment block {path} is damaged ({why}); the boot hook rewrites "
+                 "it on the next committed boot" for path, why in self.damage()]
+        if len(found) == 2:
+            found.append("neither GRUB environment block is valid: GRUB boots slot A and "
+                         "cannot run a trial; lay the boot disk out again")
+        return found
+
+    def repair(self) -> list[str]:
+        """Rewrite each damaged block from the valid one (at most two writes, each to the
+        block that is not current, so the valid state is never touched)."""
+        done: list[str] = []
+        for _ in range(2):
+            damaged = self.damage()
+            now = self.current()
+            if not damaged or now.index is None:
+                break  # nothing to do, or no valid state to rewrite it from
+            target = self.env_paths[now.target]
+            self.write(now.state)
+            done += [f"rewrote GRUB environment block {path} ({why})" for path, why in damaged
+                     if path == target]
+        return done
+
     def disable(self, slot: Slot) -> None:
         state = self.current().state
         effective = state.boot_state().default
@@ -327,13 +381,19 @@ class Grub(Bootloader):
             if not os.access(path, os.W_OK):
                 raise UsageError(f"GRUB environment block {path} is not writable",
                                  hint="mount the boot partition read-write")
+            why = not_in_place(path)
+            if why is not None:
+                raise UsageError(f"GRUB cannot rewrite the environment block {path} in place: "
+                                 f"{why}", hint=hint_init)
+        fsutil.checkpoint(env.parent, dry_run=True)  # every change must reach GRUB at once
         mount = mounts.holding(env, self.mountinfo)
         if mount is None:
             return
-        if mount.fstype in REFUSED_FS:
+        if mount.fstype not in WRITABLE_FS:
             raise UsageError(
-                f"GRUB environment {env} is on {REFUSED_FS[mount.fstype]}, where GRUB "
-                "cannot write it in place",
+                f"GRUB environment {env} is on {_FS_NAMES.get(mount.fstype, mount.fstype)}, "
+                "where GRUB's save_env is not "
+                "known to rewrite it in place",
                 hint="keep [grub] env on an ext2/3/4 boot partition on a plain disk")
         stacked = blockdev.stacked_kind(mount.devno, mount.source)
         if stacked is not None:
@@ -381,13 +441,14 @@ class Grub(Bootloader):
         parts = {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
         cfg = render_cfg(boot_device=boot_device, env_rel=env_rel, parts=parts,
                          roots=layout.slot_roots, cmdline=layout.kernel_cmdline)
-        atomic_write(grub_dir / "grub.cfg", cfg.encode())
+        atomic_write(grub_dir / "grub.cfg", cfg.encode(), boot=True)
         for slot in Slot:
             (env.parent / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
         create_blocks(env)
         run([BIOS_SETUP, "-d", modules_dir, layout.disk], timeout=120,
             hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
         fsync_dir(grub_dir)
+        fsutil.checkpoint(grub_dir)
 
 
 BACKEND = Grub
@@ -402,7 +463,7 @@ def create_blocks(env: Path) -> None:
     (generation 0); block 1 holds the same state one generation older."""
     fresh = EnvState(default=Slot.A, good=frozenset({Slot.A}))
     for path, generation in zip(block_paths(env), (0, 2), strict=True):
-        atomic_write(path, fresh.block(generation))
+        atomic_write(path, fresh.block(generation), boot=True)
 
 
 def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
@@ -433,6 +494,36 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
 
 # ---------------------------------------------------------------- files and mounts
 
+def not_in_place(path: Path) -> str | None:
+    """Why GRUB's save_env could not rewrite `path` through its disk sectors (its bytes are
+    inline, encrypted, compressed, unwritten, shared or not allocated), or None when it can.
+    A filesystem without FIEMAP is left to the filesystem check."""
+    import fcntl
+    import struct
+
+    head = struct.pack("=QQIIII", 0, ENV_SIZE, 1, 0, 16, 0)  # FIEMAP_FLAG_SYNC, 16 extents
+    buf = bytearray(head + bytes(16 * 56))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    count = struct.unpack_from("=I", buf, 20)[0]
+    covered = 0
+    for i in range(count):
+        logical, _physical, length, _r1, _r2, flags = struct.unpack_from("=QQQQQI", buf,
+                                                                       32 + 56 * i)
+        if flags & _FIEMAP_NOT_PLAIN:
+            return f"its data is not plainly on disk (extent flags {flags:#x})"
+        if logical <= covered:
+            covered = max(covered, logical + length)
+    if covered < ENV_SIZE:
+        return "not all of its bytes are allocated on disk"
+    return None
+
+
 def read_exactly(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(ENV_SIZE + 1)
@@ -460,3 +551,4 @@ def write_in_place(path: Path, data: bytes) -> None:
         raise OperationalError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+    fsutil.checkpoint(path.parent)
