@@ -103,3 +103,20 @@ def test_ext_uuid_reads_the_superblock(tmp_path: Path) -> None:
     assert grub_efi.ext_uuid(image, 8 * MiB) == wanted
     with pytest.raises(UsageError):
         grub_efi.ext_uuid(image)  # no filesystem at the start
+
+
+def test_authenticode_signature_of_kernels(tmp_path: Path) -> None:
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        pytest.skip("no /boot/vmlinuz-* (install linux-image-amd64; run scripts/setup)")
+    signed = kernels[-1].read_bytes()  # Debian's kernels are signed for Secure Boot
+    assert grub_efi.authenticode_signed(signed)
+    # The same kernel with its certificate table emptied, truncated, or not a PE at all.
+    pe = int.from_bytes(signed[0x3C:0x40], "little")
+    entry = pe + 24 + 112 + 4 * 8  # PE32+: data directory 4, the certificate table
+    stripped = signed[:entry] + bytes(8) + signed[entry + 8:]
+    assert not grub_efi.authenticode_signed(stripped)
+    offset = int.from_bytes(signed[entry:entry + 4], "little")
+    assert not grub_efi.authenticode_signed(signed[:offset])
+    assert not grub_efi.authenticode_signed(b"\x7fELF" + signed[4:])
+    assert not grub_efi.authenticode_signed(b"MZ")

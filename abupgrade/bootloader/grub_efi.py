@@ -27,6 +27,7 @@ blocks `($ab_boot)/grub/grubenv` and the slots `($ab_disk,gpt3)`.
 from __future__ import annotations
 
 import re
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -143,3 +144,30 @@ def install_esp(esp: Fat, *, boot_uuid: str, cfg_path: str, secure_boot: bool,
     else:
         esp.copy_in(REMOVABLE, own_image(scratch / "BOOTX64.EFI"))
         esp.write(OWN_CONFIG, config)
+
+
+def authenticode_signed(kernel: bytes) -> bool:
+    """Whether `kernel` is a PE image (an x86 Linux bzImage is one) that carries an
+    Authenticode signature (a PKCS#7 WIN_CERTIFICATE in its certificate table). Whether shim
+    trusts the signer is for shim to say at boot; a kernel with no signature at all cannot
+    boot under Secure Boot."""
+    try:
+        if kernel[:2] != b"MZ":
+            return False
+        (pe,) = struct.unpack_from("<I", kernel, 0x3C)
+        if kernel[pe:pe + 4] != b"PE\0\0":
+            return False
+        optional = pe + 24
+        (magic,) = struct.unpack_from("<H", kernel, optional)
+        count_at, directories = {0x10B: (92, 96), 0x20B: (108, 112)}[magic]
+        (count,) = struct.unpack_from("<I", kernel, optional + count_at)
+        if count <= 4:
+            return False
+        offset, size = struct.unpack_from("<II", kernel, optional + directories + 4 * 8)
+        if size < 8 or offset + size > len(kernel):
+            return False
+        length, _revision, kind = struct.unpack_from("<IHH", kernel, offset)
+        return bool(kind == 0x0002 and 8 < length <= size)  # WIN_CERT_TYPE_PKCS_SIGNED_DATA
+    except (struct.error, KeyError):
+        return False
+
