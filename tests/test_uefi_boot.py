@@ -21,16 +21,12 @@ from __future__ import annotations
 import json
 import re
 import time
-import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from abupgrade import config as configuration
-from abupgrade.disk import open_disk
-from abupgrade.fsutil import atomic_write
 from fixtures import pyguest
 from fixtures.guest import (
     QEMU,
@@ -115,12 +111,7 @@ def make_disk(disk: Path, images: Images, *extra: str) -> None:
     cli("disk", "init", str(disk), "--bootloader", "grub", "--firmware", "uefi", *extra,
         "--size", "1G", "--slot-size", pyguest.SLOT_SIZE, "--image", str(images.v1),
         "--pubkey", str(images.key.public))
-    with open_disk(disk) as session:
-        path = session.boot / configuration.ON_DISK_PATH
-        cfg = configuration.parse(tomllib.loads(path.read_text()))
-        cfg = replace(cfg, grub=replace(cfg.grub, tries=TRIES),
-                      system=replace(cfg.system, reboot=pyguest.REBOOT))
-        atomic_write(path, configuration.render(cfg).encode())
+    pyguest.configure_disk(disk, tries=TRIES)
 
 
 @dataclass
