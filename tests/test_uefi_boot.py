@@ -126,7 +126,7 @@ class Run:
     def guests(self) -> list[str]:
         """`slot=X tag=V` of each busybox guest that came up, `broken tag=V` of each that
         panicked, `slot=X version=V` of the Python guest."""
-        return [" ".join(w for w in line.split() if w.split("=")[0] in
+        return [" ".join(w.rstrip(":") for w in line.split() if w.split("=")[0] in
                          ("slot", "tag", "version", "broken"))
                 for line in guest_lines(self.log)
                 if line.startswith(("slot=", "broken"))]
