@@ -64,6 +64,7 @@ class Status:
     secure_boot: bool
     slots: Mapping[Slot, SlotStatus]
     notes: tuple[str, ...]
+    security_floor: str | None = None  # no image below it is accepted (ops.security_floor)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class Status:
             "secure_boot": self.secure_boot,
             "slots": {str(slot): self.slots[slot].to_json() for slot in Slot},
             "notes": list(self.notes),
+            "security_floor": self.security_floor,
         }
 
 
