@@ -26,7 +26,7 @@ from rich.table import Table
 
 from abupgrade import ops
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.base import Firmware
+from abupgrade.bootloader.base import Arch, Firmware
 from abupgrade.errors import AbupgradeError, UsageError
 from abupgrade.model import Slot
 from abupgrade.progress import NullProgress, Progress
@@ -475,11 +475,13 @@ def disk_init(
     compatible: Annotated[str | None, typer.Option(
         help="The machine's compatible string [default: the --image's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing partition table.")] = False,
+    arch: Annotated[Arch | None, typer.Option(
+        help="CPU the disk boots on (uboot): " + " or ".join(Arch) + " [default: amd64].")] = None,
 ) -> None:
     """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
     g = _globals(ctx)
+    platform = ops.platform_for(bootloader, firmware=firmware, arch=arch, secure_boot=secure_boot)
     with progress_for(g) as progress:
-        platform = ops.platform_for(bootloader, firmware=firmware, secure_boot=secure_boot)
         result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
                                slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
                                compatible=compatible, force=force, progress=progress,

@@ -133,7 +133,8 @@ def init_disk(
     if is_file:
         with open(target, "ab") as f:
             f.truncate(final)
-    table = create_table(target, plan.table, [p.spec for p in plan.partitions])
+    table = create_table(target, plan.table, [p.spec for p in plan.partitions],
+                         disk_id=plan.disk_id)
     if not is_file:
         run(["partx", "--update", target])  # the kernel's view of the new table
 

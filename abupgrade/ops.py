@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from abupgrade import blockdev, diskinit, run
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
-from abupgrade.bootloader.base import Firmware, Platform
+from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
@@ -179,6 +179,7 @@ def status(options: Options) -> Status:
                    for slot in Slot},
             notes=system.bootloader.notes(),
             security_floor=security_floor(system, state),
+            counters=system.bootloader.counters(),
         )
 
 
@@ -457,16 +458,17 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
 # ------------------------------------------------------------------ disks
 
 
-def platform_for(kind: BootloaderKind, *, firmware: Firmware | None,
+def platform_for(kind: BootloaderKind, *, firmware: Firmware | None, arch: Arch | None,
                  secure_boot: bool) -> Platform:
     """What `disk init` lays a disk out for: the backend's own firmware unless one is
-    given; Secure Boot is UEFI's. Whether the backend boots it, its `plan` says."""
+    given (Secure Boot is UEFI's), amd64 unless an arch is given. Whether the backend
+    boots it, its `plan` says."""
     if secure_boot and firmware is Firmware.BIOS:
         raise UsageError("--secure-boot needs --firmware uefi",
                          hint="Secure Boot is a feature of UEFI firmware")
-    default = backend_class(kind).platforms[0]
-    chosen = firmware or (Firmware.UEFI if secure_boot else default.firmware)
-    return replace(default, firmware=chosen, secure_boot=secure_boot)
+    own = backend_class(kind).platforms[0].firmware
+    chosen = firmware or (Firmware.UEFI if secure_boot else own)
+    return Platform(chosen, arch or Arch.AMD64, secure_boot)
 
 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,

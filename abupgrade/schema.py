@@ -113,6 +113,12 @@ class Table:
         return dataclasses.replace(self, **changes)
 
 
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        """The same table with the device specs it holds resolved by `resolve` (`--disk`
+        resolves them on the disk it services); a table without any returns itself."""
+        return self
+
+
 def _read(table: Mapping[str, Any], field: dataclasses.Field[Any], hint: Any, where: str) -> Any:
     key, found = field.name, table[field.name]
     if hint in (Path, Path | None):
