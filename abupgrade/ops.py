@@ -10,9 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, diskinit, run
-from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
-from abupgrade.bootloader.base import Platform
+from abupgrade import blockdev, diskinit, fsutil, run
+from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
+from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.delta.assemble import DeltaFailed
 from abupgrade.delta.blocks import BlockCache
@@ -21,7 +21,6 @@ from abupgrade.delta.install import BLOCKS_FOLDER, Delta, SlotSource, open_range
 from abupgrade.delta.plan import Source
 from abupgrade.delta.remote import RangesUnsupported
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
-from abupgrade.fsutil import atomic_writer
 from abupgrade.health import Report
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
@@ -172,6 +171,7 @@ def status(options: Options) -> Status:
         boot = system.bootloader.read()
         state = system.store.load()
         trial = boot.trial if boot.trial is not None and boot.tries_left > 0 else None
+        platform = system.bootloader.platform()
         return Status(
             booted=system.booted,
             next_boot=boot.next_boot,
@@ -179,12 +179,14 @@ def status(options: Options) -> Status:
             trial_boots_left=boot.tries_left if trial else 0,
             committed=boot.default,
             bootloader=system.bootloader.name,
+            firmware=str(platform.firmware),
+            secure_boot=platform.secure_boot,
             slots={slot: SlotStatus(device=system.device_text(slot),
                                     state=_slot_state(slot, state.slots[slot], boot),
                                     version=state.slots[slot].version,
                                     installed=state.slots[slot].installed)
                    for slot in Slot},
-            notes=system.bootloader.notes(),
+            notes=(*system.bootloader.notes(), *system.bootloader.problems()),
             security_floor=security_floor(system, state),
             counters=system.bootloader.counters(),
         )
@@ -321,6 +323,7 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                 else:
                     _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
                                      chunks, payload.size, progress)
+            system.bootloader.check_boot_files(target)
         assert stats is not None
         _installed(system, target, manifest, device)
         if source_is_remote(spec):
@@ -374,6 +377,7 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
                 if payload.kind is PayloadKind.BOOT:
                     _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
                                      image.boot_payload(payload.name), payload.size, progress)
+            system.bootloader.check_boot_files(target)
         delta.done()
         _installed(system, target, manifest, device)
         tally = delta.assembler.tally
@@ -450,15 +454,14 @@ def _recorded(system: System, target: Slot, version: str) -> Iterator[None]:
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
     for name in BOOT_NAMES:
-        with contextlib.suppress(FileNotFoundError):
-            system.bootloader.boot_file_path(target, name).unlink()
+        fsutil.remove(system.bootloader.boot_file_path(target, name), boot=True)
 
 
 def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     progress.start(path.name, size)
     try:
-        with atomic_writer(path) as out:
+        with fsutil.atomic_writer(path, boot=True) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))
@@ -553,6 +556,19 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
 
 
 # ------------------------------------------------------------------ disks
+
+
+def platform_for(kind: BootloaderKind, *, firmware: Firmware | None, arch: Arch | None,
+                 secure_boot: bool) -> Platform:
+    """What `disk init` lays a disk out for: the backend's own firmware unless one is
+    given (Secure Boot is UEFI's), amd64 unless an arch is given. Whether the backend
+    boots it, its `plan` says."""
+    if secure_boot and firmware is Firmware.BIOS:
+        raise UsageError("--secure-boot needs --firmware uefi",
+                         hint="Secure Boot is a feature of UEFI firmware")
+    own = backend_class(kind).platforms[0].firmware
+    chosen = firmware or (Firmware.UEFI if secure_boot else own)
+    return Platform(chosen, arch or Arch.AMD64, secure_boot)
 
 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,

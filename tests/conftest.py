@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from abupgrade.bootloader import BootloaderKind
+from fixtures.grubemu import EmuUnavailable, GrubEmu
 from fixtures.images import KeyPair, keypair, rootfs_image, signed_image
 from fixtures.machine import run_cli
 from fixtures.tiers import EVERY_TIER, needs
@@ -39,6 +40,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 COMPATIBLE = "test-box"
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrubEmu]:
+    """GRUB itself (grub-emu, fixtures/grubemu.py); skipped with the reason where it is missing."""
+    try:
+        yield GrubEmu(tmp_path_factory.mktemp("emu"))
+    except EmuUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -51,10 +51,14 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem and of the disk's first 2 MiB (where
-    U-Boot's environment is): the bootloader's whole state."""
+    """sha256 of every file on the boot filesystem and of the gap before the first partition
+    (boot code, U-Boot's environment): the bootloader's whole state. Filesystems are compared
+    by their files, as mounting changes their superblocks."""
+    table = read_table(disk)
+    assert table is not None
     with open(disk, "rb") as f:
-        out = {"<first 2 MiB>": hashlib.sha256(f.read(2 << 20)).hexdigest()}
+        gap = f.read(min(p.start for p in table.partitions))
+    out = {"<before the first partition>": hashlib.sha256(gap).hexdigest()}
     with attached(disk) as d:
         boot_nr = boot_partition(d.table, disk)
         with mounted(d.partitions[boot_nr], readonly=True) as root:

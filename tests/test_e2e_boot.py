@@ -12,19 +12,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from abupgrade import config as configuration
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.grub import GrubConfig
-from abupgrade.bootloader.uboot import UBootConfig
-from abupgrade.disk import open_disk
-from abupgrade.fsutil import atomic_write
 from fixtures import pyguest
 from fixtures.guest import QEMU, qemu_boot
 from fixtures.images import KeyPair, keypair
@@ -36,7 +30,7 @@ from fixtures.uboot import boot as uboot_boot
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
 
 COMPATIBLE = "test-box"
-TRIES = 2  # [grub] tries on the test disks: a panicking trial costs GRUB two boots
+TRIES = 3  # the default [grub] tries, as `disk init` writes it: a panicking trial costs 3 boots
 ONE_BOOT = 150  # seconds QEMU may take for one boot of the Python guest under TCG
 TOOLS = (QEMU, "debootstrap", "losetup", "partx", "sfdisk", "mkfs.ext4", "mount", "extlinux",
          "grub-mkimage", "modprobe")
@@ -75,19 +69,6 @@ def cli(*args: str) -> Any:
     proc = run_cli("--json", *args)
     assert proc.returncode == 0, f"abupgrade {' '.join(args)}: {proc.stderr}"
     return json.loads(proc.stdout) if proc.stdout.strip() else None
-
-
-def set_test_config(disk: Path) -> None:
-    """On the disk's own configuration: GRUB gives a trial TRIES boots, and the guest
-    reboots with busybox (read by `apply` and by the guest's boot hook)."""
-    with open_disk(disk) as session:
-        path = session.boot / configuration.ON_DISK_PATH
-        cfg = configuration.parse(tomllib.loads(path.read_text()))
-        tables = {kind: replace(table, tries=TRIES)
-                  if isinstance(table, GrubConfig | UBootConfig) else table
-                  for kind, table in cfg.bootloaders.items()}
-        cfg = replace(cfg, bootloaders=tables, system=replace(cfg.system, reboot=pyguest.REBOOT))
-        atomic_write(path, configuration.render(cfg).encode())
 
 
 @dataclass
@@ -134,7 +115,7 @@ class Stages:
             cli("disk", "init", str(disk), "--bootloader", str(kind), "--size", "1G",
                 "--slot-size", pyguest.SLOT_SIZE, "--image", str(self.images.v1),
                 "--pubkey", str(self.images.key.public))
-            set_test_config(disk)
+            pyguest.configure_disk(disk, tries=TRIES)
             run = boot(disk, "first", kind=kind, boots=1)
             assert [(b.slot, b.version) for b in run.boots] == [("A", "1.0")], run.tail()
             assert run.boots[0].status is not None, run.tail()

@@ -99,6 +99,7 @@ class BootState:
 
 class Firmware(enum.StrEnum):
     BIOS = "bios"
+    UEFI = "uefi"
 
 
 class Arch(enum.StrEnum):
@@ -126,6 +127,7 @@ class Role(enum.StrEnum):
     SLOT_B = "slot-B"
     DATA = "data"  # ext4 made by disk init, the rest of the disk: the state folder
     FIRMWARE = "firmware"  # what firmware or bootloader needs besides (bios_grub); install fills it
+    ESP = "esp"  # the EFI system partition: FAT32 made by disk init; install writes it (abupgrade.fat)
 
     @classmethod
     def of(cls, slot: Slot) -> Role:
@@ -141,15 +143,18 @@ class PlannedPartition:
 
 @dataclass(frozen=True)
 class DiskPlan:
-    """The partition table a backend needs; partitions are numbered from 1 in this order."""
+    """The partition table a backend needs for `platform`; partitions are numbered from 1
+    in this order."""
 
     table: TableKind
     partitions: tuple[PlannedPartition, ...]
     disk_id: str | None = None  # the table's id (GPT disk GUID), when the backend needs it
+    platform: Platform = field(default_factory=Platform)
 
     @classmethod
     def ab(cls, table: TableKind, *, slot_size: int, boot_size: int, boot_bootable: bool = False,
-           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None) -> DiskPlan:
+           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None,
+           platform: Platform | None = None) -> DiskPlan:
         """`before`, then boot, slot A, slot B and data (the rest): on GPT named boot,
         rootfs_a, rootfs_b and data, on MBR of type 83."""
         gpt = table is TableKind.GPT
@@ -164,7 +169,11 @@ class DiskPlan:
                            part(Role.BOOT, boot_size, "boot", BOOT_POINT, boot_bootable),
                            part(Role.SLOT_A, slot_size, SLOT_NAMES[Slot.A]),
                            part(Role.SLOT_B, slot_size, SLOT_NAMES[Slot.B]),
-                           part(Role.DATA, None, "data", DATA_POINT)), disk_id)
+                           part(Role.DATA, None, "data", DATA_POINT)),
+                   disk_id, platform or Platform())
+
+    def has(self, role: Role) -> bool:
+        return any(part.role is role for part in self.partitions)
 
     def number(self, role: Role) -> int:
         for number, part in enumerate(self.partitions, start=1):
@@ -193,7 +202,8 @@ class DiskLayout:
     `boot_root` is the boot filesystem, mounted (the backend's settings are rebased onto
     it); `disk` is the whole disk (block device or image file); `boot_partition` is the boot
     partition's number on it; `slot_partitions` the slots' partition numbers (GRUB needs them
-    for `(hd0,gptN)`); `slot_roots` the device specs the kernel gets as `root=`.
+    for `(hd0,gptN)`); `slot_roots` the device specs the kernel gets as `root=`;
+    `partitions` every partition's block device; `esp` the EFI system partition, if any.
     """
 
     disk: Path
@@ -203,6 +213,16 @@ class DiskLayout:
     slot_roots: Mapping[Slot, str]
     kernel_cmdline: str = "console=ttyS0 panic=5"
     platform: Platform = field(default_factory=Platform)
+    partitions: Mapping[int, Path] = field(default_factory=dict)  # number -> block device
+    esp_partition: int | None = None  # the plan's Role.ESP, made FAT32 and empty
+
+    @property
+    def esp(self) -> Path:
+        """The EFI system partition's block device; a UsageError when the plan has none."""
+        if self.esp_partition is None or self.esp_partition not in self.partitions:
+            raise UsageError(f"{self.disk} has no EFI system partition",
+                             hint="lay the disk out with `abupgrade disk init --firmware uefi`")
+        return self.partitions[self.esp_partition]
 
     def on_boot_fs(self, path: Path, what: str) -> PurePosixPath:
         """Where `path` (a backend's file on the mounted disk) is inside the boot filesystem;
@@ -285,6 +305,15 @@ class Bootloader(abc.ABC):
         """Where the boot file `name` ("kernel" or "initrd") of `slot` lives; abupgrade
         writes it there atomically before the slot is armed."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with the bootloader's state that it cannot fix itself (damaged
+        copies of it, for example); each a sentence for `status`."""
+        return []
+
+    def repair(self) -> list[str]:
+        """Rewrite what `problems` finds and can be rewritten safely; what was done."""
+        return []
+
     @abc.abstractmethod
     def trial_boots(self) -> int:
         """How many boots `apply` gives a trial (from the settings, or what the bootloader
@@ -298,3 +327,12 @@ class Bootloader(abc.ABC):
         """The bootloader's own boot-counting state, for `status --json` under the
         bootloader's name (U-Boot's bootcount, bootlimit, ...); empty when it has none."""
         return {}
+
+    def platform(self) -> Platform:
+        """What the disk boots on (`status` reports its firmware): the backend's only
+        platform unless its settings say which."""
+        return self.platforms[0]
+
+    def check_boot_files(self, slot: Slot) -> None:  # noqa: B027 - a hook, empty by default
+        """Refuse (PolicyRefusal) boot files just written for `slot` that the bootloader
+        will not boot, before the slot can be armed. Nothing to check by default."""
