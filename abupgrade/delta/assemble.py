@@ -154,10 +154,8 @@ class Assembler:
                 continue
             if read is not None:  # the group was read whole already
                 data = read[start - group_start:start - group_start + length]
-                local = Step(step.source, step.block + (start - group_start) // self.index.block)
             else:
-                local = step
-                data = self._read(local, start, length)
+                data = self._read(step, start, length)
             digests = self._check(table.id(n), data)
             if digests is None:
                 data, digests = self._refetch(g, table, n, step.source)
