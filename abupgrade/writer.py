@@ -1,10 +1,14 @@
 """Streaming bytes into a slot.
 
-The core (`copy_chunks`) writes a chunk stream into any seekable file object, skipping
-all-zero blocks when the target is known to read zeros there. `SlotWriter` adds the rules
-for a real slot on top: exclusive open, capacity check before the first byte, making the
-target read zeros where that is cheap, periodic and final fsync, and a read-back that
-reads the device (not the page cache) and compares the sha256 with the expected one.
+The core (`copy_chunks`) takes a payload as a stream of authenticated chunks (the image reader
+hashed each one against the signed manifest) and writes it into any seekable file object. It
+takes a fast checksum (xxh3-128) of the same bytes as they arrive, gathers them into
+page-aligned buffers and hands those, as (offset, buffer) extents, to a writer thread, which
+skips all-zero blocks where the target is known to read zeros and writes the rest.
+`SlotWriter` adds the rules for a real slot on top: exclusive open, capacity check before the
+first byte, making the target read zeros where the device guarantees it, O_DIRECT writes,
+periodic flushes and a final one, and a read-back of every byte of the payload's range from
+the device (O_DIRECT, not the page cache) whose checksum must equal the stream's.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import hashlib
 import io
 import mmap
 import os
@@ -29,12 +32,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+import xxhash
+
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal
 from abupgrade.progress import NullProgress, Progress
 
 BLOCK = 4096  # zero detection granularity (the usual filesystem block)
 CHUNK = 1024 * 1024  # bytes gathered before a write
-SYNC_EVERY = 64 * 1024 * 1024  # writeback window: keeps dirty memory flat
+ZERO_MIN = 256 * 1024  # shorter zero runs are written: one write beats splitting extents
+SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat, paces the read-back
 READ_CHUNK = 4 * 1024 * 1024
 
 _BLKGETSIZE64 = 0x80081272
@@ -42,8 +48,15 @@ _BLKSSZGET = 0x1268
 _BLKZEROOUT = 0x127F
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_ZEROS = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_SOURCE = mmap.mmap(-1, CHUNK, prot=mmap.PROT_READ)  # zeros to write, page aligned, no RSS
+
+
+def checksum() -> xxhash.xxh3_128:
+    """The read-back checksum: xxh3-128, taken of the authenticated stream and of the bytes
+    read back from the device. It proves the device returned what was streamed, not who
+    made the stream: that is the signed manifest's sha256, checked by the image reader."""
+    return xxhash.xxh3_128()
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ class WriteStats:
     written: int  # bytes actually written
     skipped: int  # all-zero bytes not written because the target already reads zeros there
     seconds: float
+    checksum: str  # xxh3-128 (hex) of the payload's bytes as they were streamed
 
 
 def copy_chunks(
@@ -59,7 +73,7 @@ def copy_chunks(
     chunks: Iterable[bytes | bytearray | memoryview],
     size: int,
     *,
-    skip_zeros: bool = False,
+    zero: Callable[[int, int], bool] | None = None,
     progress: Progress | None = None,
     sync_every: int = SYNC_EVERY,
     on_durable: Callable[[int], None] | None = None,
@@ -67,26 +81,30 @@ def copy_chunks(
 ) -> WriteStats:
     """Write exactly `size` bytes from `chunks` to `out` from offset 0.
 
-    The caller's thread gathers the chunks (reading and hashing the image) while a writer
-    thread writes the gathered ones. With `skip_zeros`, all-zero 4 KiB blocks are not written:
-    the caller guarantees the target already reads zeros there. `on_durable(end)` is called
-    (from the writer thread) each time [0, end) has reached the device. More or fewer bytes
-    than `size` is ImageRejected. `direct_fd`, the same target opened with O_DIRECT, takes the
-    block-aligned writes past the page cache (the unaligned tail goes through `out`).
+    The caller's thread gathers the chunks (reading and hashing the image) and takes their
+    checksum, while a writer thread writes the gathered ones. With `zero(offset, length)`,
+    which makes a range of the target read zeros (True) or cannot (False), runs of all-zero
+    4 KiB blocks of at least ZERO_MIN bytes are zeroed instead of written. `on_durable(end)`
+    is called (from the writer thread) each time [0, end) has reached the device. More or
+    fewer bytes than `size` is ImageRejected. `direct_fd`, the same target opened with
+    O_DIRECT, takes the block-aligned writes past the page cache (an unaligned tail goes
+    through `out`).
     """
     progress = progress or NullProgress()
     started = time.monotonic()
+    digest = checksum()
     pos = 0  # bytes handed to the writer so far
     progress.start("write", size)
     try:
-        behind = _WriteBehind(out, sync_every, on_durable)
-        with _WriterThread(out, skip_zeros, behind, direct_fd) as writer:
+        behind = _WriteBehind(out, sync_every, on_durable, direct=direct_fd is not None)
+        with _WriterThread(out, size, zero, behind, direct_fd) as writer:
             buffer = writer.take_buffer()
             fill = 0
             for chunk in chunks:
                 data = memoryview(chunk).cast("B")
                 if pos + fill + len(data) > size:
                     raise ImageRejected(f"payload is longer than its declared {size:,} bytes")
+                digest.update(data)  # the very bytes the reader hashed, before any copy
                 while data:
                     n = min(CHUNK - fill, len(data))
                     buffer[fill : fill + n] = data[:n]
@@ -107,30 +125,34 @@ def copy_chunks(
         _sync(out)
     finally:
         progress.finish()
-    return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started)
+    return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started,
+                      digest.hexdigest())
 
 
 class _WriterThread:
-    """Writes gathered chunks in a thread of its own, so that the writes (and waiting for the
-    device) overlap with reading and hashing the next chunks. A few chunk buffers go round
-    between the two threads: memory stays flat. An error in the thread is raised in the
-    caller's at its next `put` or `drain`."""
+    """Writes gathered extents - (offset, buffer, length) - in a thread of its own, so that
+    the writes (and waiting for the device) overlap with reading and hashing the next chunks.
+    A few page-aligned buffers go round between the two threads: memory stays flat, and
+    O_DIRECT writes go straight from them. An error in the thread is raised in the caller's
+    at its next `put` or `drain`."""
 
     BUFFERS = 4
 
-    def __init__(self, out: BinaryIO, skip_zeros: bool, behind: _WriteBehind,
-                 direct_fd: int | None = None) -> None:
+    def __init__(self, out: BinaryIO, size: int, zero: Callable[[int, int], bool] | None,
+                 behind: _WriteBehind, direct_fd: int | None = None) -> None:
         self.out = out
+        self.size = size
+        self.zero = zero
         self.direct_fd = direct_fd
-        self.staging = mmap.mmap(-1, CHUNK) if direct_fd is not None else None  # page aligned
-        self.skip_zeros = skip_zeros
         self.behind = behind
         self.written = 0
+        self.zeros_from: int | None = None  # a run of zero blocks not yet zeroed starts here
         self.error: BaseException | None = None
-        self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(self.BUFFERS):
-            self.free.put(bytearray(CHUNK))
-        self.work: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+        self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(self.BUFFERS)]
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for buffer in self.buffers:
+            self.free.put(buffer)
+        self.work: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="abupgrade-writer", daemon=True)
 
     def __enter__(self) -> _WriterThread:
@@ -143,13 +165,14 @@ class _WriterThread:
             self.error = value or Interrupted("stopped")  # the thread skips what is queued
         self.work.put(None)
         self.thread.join()
-        if self.staging is not None:
-            self.staging.close()
+        for buffer in self.buffers:
+            with contextlib.suppress(BufferError):  # a view the caller still holds
+                buffer.close()
 
-    def take_buffer(self) -> bytearray:
+    def take_buffer(self) -> mmap.mmap:
         return self.free.get()
 
-    def put(self, buffer: bytearray, offset: int, length: int) -> None:
+    def put(self, buffer: mmap.mmap, offset: int, length: int) -> None:
         self._raise()
         self.work.put((buffer, offset, length))
 
@@ -168,7 +191,11 @@ class _WriterThread:
             try:
                 if self.error is None:
                     self._write(buffer, offset, length)
-                    self.behind.reached(offset + length)
+                    if offset + length == self.size:
+                        self._settle_zeros(self.size)
+                    # [0, zeros_from) holds its bytes; a pending zero run does not yet
+                    self.behind.reached(offset + length if self.zeros_from is None
+                                        else self.zeros_from)
             except OSError as exc:  # EIO, ENOSPC from a failing or vanishing device
                 self.error = OperationalError(
                     f"the slot's storage failed while writing near byte {offset:,}: "
@@ -179,30 +206,52 @@ class _WriterThread:
                 self.free.put(buffer)
                 self.work.task_done()
 
-    def _write(self, buffer: bytearray, offset: int, length: int) -> None:
+    def _write(self, buffer: mmap.mmap, offset: int, length: int) -> None:
+        """Write one extent: its data runs, and its zero runs as zeroed ranges."""
         with memoryview(buffer) as view:
-            if not self.skip_zeros:
-                self._put(view[:length], offset)
-            elif length == CHUNK and buffer == _ZEROS:
-                pass
-            elif buffer.find(_ZERO_BLOCK, 0, length) < 0:  # no zero block at all: one write
-                self._put(view[:length], offset)
-            else:
-                run_start = None
-                for at in range(0, length, BLOCK):
-                    end = min(at + BLOCK, length)
-                    zero = buffer[at:end] == _ZERO_BLOCK[: end - at]
-                    if zero and run_start is not None:
-                        self._put(view[run_start:at], offset + run_start)
-                        run_start = None
-                    elif not zero and run_start is None:
-                        run_start = at
-                if run_start is not None:
-                    self._put(view[run_start:length], offset + run_start)
+            if self.zero is None or buffer.find(_ZERO_BLOCK, 0, length) < 0:
+                self._settle_zeros(offset)
+                self._put(view[:length], offset)  # nothing to zero: one write
+                return
+            data_from = None  # start of the data run being gathered
+            for at in range(0, length, BLOCK):
+                end = min(at + BLOCK, length)
+                if buffer.find(_ZERO_BLOCK[: end - at], at, end) == at:  # a zero block
+                    if data_from is not None:
+                        self._put(view[data_from:at], offset + data_from)
+                        data_from = None
+                    if self.zeros_from is None:
+                        self.zeros_from = offset + at
+                elif data_from is None:
+                    self._settle_zeros(offset + at)
+                    data_from = at
+            if data_from is not None:
+                self._put(view[data_from:length], offset + data_from)
+
+    def _settle_zeros(self, end: int) -> None:
+        """Make the pending zero run [zeros_from, end) read zeros: zeroed when long enough
+        and the target can, else written."""
+        start, self.zeros_from = self.zeros_from, None
+        if start is None:
+            return
+        assert self.zero is not None
+        if end - start >= ZERO_MIN and self.zero(start, end - start):
+            return
+        with memoryview(_ZERO_SOURCE) as zeros:
+            while start < end:
+                n = min(end - start, len(zeros))
+                self._put(zeros[:n], start)
+                start += n
 
     def _put(self, data: memoryview, offset: int) -> None:
-        if self.staging is not None and offset % BLOCK == 0 and len(data) % BLOCK == 0:
-            self._put_direct(data, offset)
+        if self.direct_fd is not None and offset % BLOCK == 0 and len(data) % BLOCK == 0:
+            done = 0  # O_DIRECT straight from the aligned buffer: no copy, nothing dirty
+            while done < len(data):
+                n = os.pwrite(self.direct_fd, data[done:], offset + done)
+                if n <= 0 or n % BLOCK:
+                    raise OperationalError(f"short direct write at byte {offset + done}")
+                done += n
+            self.written += done
             return
         self.out.seek(offset)
         while data:
@@ -211,22 +260,6 @@ class _WriterThread:
                 raise OperationalError(f"short write at byte {offset}")
             data, offset = data[n:], offset + n
             self.written += n
-
-
-    def _put_direct(self, data: memoryview, offset: int) -> None:
-        """Write aligned blocks with O_DIRECT from the aligned staging buffer: the data skips
-        the page cache, which saves a copy and leaves nothing dirty for fsync to flush."""
-        assert self.staging is not None and self.direct_fd is not None
-        length = len(data)
-        self.staging[:length] = data
-        with memoryview(self.staging) as view:
-            done = 0
-            while done < length:
-                n = os.pwrite(self.direct_fd, view[done:length], offset + done)
-                if n <= 0 or n % BLOCK:
-                    raise OperationalError(f"short direct write at byte {offset + done}")
-                done += n
-        self.written += length
 
 
 def _sync(out: BinaryIO) -> None:
@@ -250,18 +283,22 @@ _SYNC_FILE_RANGE_WAIT_AFTER = 4
 
 
 class _WriteBehind:
-    """Keeps dirty memory at about two windows without stalling the writes.
+    """Flushes the writes window by window, so that dirty memory stays flat and the read-back
+    can follow; the final fsync still makes everything durable.
 
-    Each full window is handed to writeback at once (sync_file_range WRITE) and the window
-    before it is waited for; the final fsync still makes everything durable. Where
-    sync_file_range is not available, a full window is fsynced. `on_durable(end)` hears when
-    [0, end) has reached the device.
+    O_DIRECT writes (`direct`) sit in the device's own cache (for a loop device: its backing
+    file's page cache), which only a flush empties: each full window is fsynced. Buffered
+    writes sit in the page cache: each full window is handed to writeback at once
+    (sync_file_range WRITE) and the window before it is waited for; where sync_file_range is
+    not available, a full window is fsynced. `on_durable(end)` hears when [0, end) has
+    reached the device.
     """
 
     def __init__(self, out: BinaryIO, window: int,
-                 on_durable: Callable[[int], None] | None = None) -> None:
+                 on_durable: Callable[[int], None] | None = None, *, direct: bool = False) -> None:
         self.window = window
         self.on_durable = on_durable
+        self.direct = direct
         self.start = 0  # the window being filled begins here
         self.previous: tuple[int, int] | None = None  # the window in writeback
         try:
@@ -275,7 +312,7 @@ class _WriteBehind:
             return
         current = (self.start, pos - self.start)
         durable = None
-        if not self._range(*current, _SYNC_FILE_RANGE_WRITE):
+        if self.direct or not self._range(*current, _SYNC_FILE_RANGE_WRITE):
             _sync(self.out)
             durable = pos
         elif self.previous is not None:
@@ -395,7 +432,12 @@ class SlotWriter:
     def write_payload(
         self, size: int, sha256: str, chunks: Iterable[bytes | bytearray | memoryview]
     ) -> WriteStats:
-        """Write `size` bytes from `chunks`, fsync, then (unless verify=False) read back."""
+        """Write `size` bytes from `chunks`, fsync, then (unless verify=False) read back.
+
+        `chunks` must be authenticated as they are consumed (ImageReader raises at their
+        end when they do not hash to `sha256`); the read-back then proves that the device
+        holds them: its checksum of [0, size) must equal the one of the stream.
+        """
         out = self._file
         if out is None:
             raise OperationalError("SlotWriter used outside its with block")
@@ -403,46 +445,50 @@ class SlotWriter:
             raise ImageRejected(
                 f"payload larger than the slot: {size:,} bytes into {self.capacity:,} "
                 f"({self.path})", hint="build the image for this disk's slot size")
-        skip = self._make_zeros(out.fileno(), size)
         if not self._block_device and os.fstat(out.fileno()).st_size < size:
-            os.ftruncate(out.fileno(), size)  # skipped zeros at the end read as zeros too
-        self._expected = (size, sha256.lower())
+            os.ftruncate(out.fileno(), size)  # a zeroed run at the end reads zeros too
+        zero = self._zeroer(out.fileno())
+        self._expected = None
         if not self.verify:
-            return copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
-                               sync_every=self.sync_every, direct_fd=self._direct)
-        # The read-back follows the writeback: each window is read from the device once it
-        # got there, while the next ones are written; the rest after the final fsync.
+            stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
+                                sync_every=self.sync_every, direct_fd=self._direct)
+            self._expected = (size, stats.checksum)
+            return stats
+        # The read-back follows the writer: each window is read from the device once it got
+        # there, while the next ones are written; the rest after the final fsync.
         with _ReadBack(self.path, size) as readback:
-            stats = copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
+            stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
                                 sync_every=self.sync_every, on_durable=readback.allow,
                                 direct_fd=self._direct)
-            digest = readback.finish(self.progress)
-        self._check(digest)
+            self._expected = (size, stats.checksum)
+            self._check(readback.finish(self.progress))
         return stats
 
-    def _make_zeros(self, fd: int, size: int) -> bool:
-        """Make [0, size) read zeros if that is cheap; True when it did."""
-        if size == 0:
-            return False
-        if self._block_device:
-            if _sysfs_queue(self.path, "write_zeroes_max_bytes") <= 0:
-                return False
-            sector = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
-            length = -(-size // sector) * sector
-            if self.capacity is not None:
-                length = min(length, self.capacity)
+    def _zeroer(self, fd: int) -> Callable[[int, int], bool] | None:
+        """How to make a range of the target read zeros without writing it, where the target
+        guarantees that: BLKZEROOUT on a device that offloads it, a punched hole in a file."""
+        if not self._block_device:
+            return lambda offset, length: _libc_fallocate(
+                fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if _sysfs_queue(self.path, "write_zeroes_max_bytes") <= 0:
+            return None
+        sector = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+        capacity = self.capacity
+
+        def zero_out(offset: int, length: int) -> bool:
+            end = -(-(offset + length) // sector) * sector  # a partial last sector: all of it
+            if capacity is not None:
+                end = min(end, capacity)
             try:
-                fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", 0, length))
+                fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, end - offset))
             except OSError:
                 return False
             return True
-        end = os.fstat(fd).st_size
-        if end == 0:
-            return True  # a new or empty file reads zeros everywhere
-        return _libc_fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, min(end, size))
+
+        return zero_out
 
     def verify_readback(self) -> None:
-        """Read the written bytes from the device itself and compare their sha256."""
+        """Read the written range from the device itself again and compare its checksum."""
         if self._expected is None:
             raise OperationalError("nothing written to verify")
         with _ReadBack(self.path, self._expected[0]) as readback:
@@ -454,20 +500,20 @@ class SlotWriter:
         if digest != expected:
             raise OperationalError(
                 f"read-back of {self.path} does not match what was written "
-                f"(sha256 {digest[:16]}..., expected {expected[:16]}...)",
+                f"(xxh3 {digest[:16]}..., expected {expected[:16]}...)",
                 hint="the storage may be failing; the slot stays unbootable")
 
 
 class _ReadBack:
-    """sha256 of the first `size` bytes of a slot, read from the device (O_DIRECT, not the
-    page cache) in a thread, up to what `allow` says has reached the device."""
+    """The checksum of the first `size` bytes of a slot, read from the device (O_DIRECT, not
+    the page cache) in a thread, up to what `allow` says has reached the device."""
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
         self.done = 0  # bytes read and hashed
         self.limit = 0  # bytes that may be read
-        self.digest = hashlib.sha256()
+        self.digest = checksum()
         self.error: OperationalError | None = None
         self.stop = False
         self.changed = threading.Condition()
