@@ -7,8 +7,9 @@ page-aligned buffers and hands those, as (offset, buffer) extents, to a writer t
 skips all-zero blocks where the target is known to read zeros and writes the rest.
 `SlotWriter` adds the rules for a real slot on top: exclusive open, capacity check before the
 first byte, making the target read zeros where the device guarantees it, O_DIRECT writes,
-periodic flushes and a final one, and a read-back of every byte of the payload's range from
-the device (O_DIRECT, not the page cache) whose checksum must equal the stream's.
+periodic flushes and a final one, then a read-back of every byte of the payload's range -
+written and zeroed alike - from the device (O_DIRECT, not the page cache), whose checksum
+must equal the stream's.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import io
 import mmap
 import os
 import queue
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,18 +33,16 @@ from typing import BinaryIO
 
 import xxhash
 
+from abupgrade import blockdev
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal
 from abupgrade.progress import NullProgress, Progress
 
 BLOCK = 4096  # zero detection granularity (the usual filesystem block)
 CHUNK = 1024 * 1024  # bytes gathered before a write
 ZERO_MIN = 256 * 1024  # shorter zero runs are written: one write beats splitting extents
-SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat, paces the read-back
+SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
 
-_BLKGETSIZE64 = 0x80081272
-_BLKSSZGET = 0x1268
-_BLKZEROOUT = 0x127F
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_BLOCK = bytes(BLOCK)
@@ -76,7 +73,6 @@ def copy_chunks(
     zero: Callable[[int, int], bool] | None = None,
     progress: Progress | None = None,
     sync_every: int = SYNC_EVERY,
-    on_durable: Callable[[int], None] | None = None,
     direct_fd: int | None = None,
 ) -> WriteStats:
     """Write exactly `size` bytes from `chunks` to `out` from offset 0.
@@ -84,9 +80,9 @@ def copy_chunks(
     The caller's thread gathers the chunks (reading and hashing the image) and takes their
     checksum, while a writer thread writes the gathered ones. With `zero(offset, length)`,
     which makes a range of the target read zeros (True) or cannot (False), runs of all-zero
-    4 KiB blocks of at least ZERO_MIN bytes are zeroed instead of written. `on_durable(end)`
-    is called (from the writer thread) each time [0, end) has reached the device. More or
-    fewer bytes than `size` is ImageRejected. `direct_fd`, the same target opened with
+    4 KiB blocks of at least ZERO_MIN bytes are zeroed instead of written. Every
+    `sync_every` bytes the writes are flushed. More or fewer bytes than `size` is
+    ImageRejected. `direct_fd`, the same target opened with
     O_DIRECT, takes the block-aligned writes past the page cache (an unaligned tail goes
     through `out`).
     """
@@ -96,7 +92,7 @@ def copy_chunks(
     pos = 0  # bytes handed to the writer so far
     progress.start("write", size)
     try:
-        behind = _WriteBehind(out, sync_every, on_durable, direct=direct_fd is not None)
+        behind = _WriteBehind(out, sync_every, direct=direct_fd is not None)
         with _WriterThread(out, size, zero, behind, direct_fd) as writer:
             buffer = writer.take_buffer()
             fill = 0
@@ -193,9 +189,7 @@ class _WriterThread:
                     self._write(buffer, offset, length)
                     if offset + length == self.size:
                         self._settle_zeros(self.size)
-                    # [0, zeros_from) holds its bytes; a pending zero run does not yet
-                    self.behind.reached(offset + length if self.zeros_from is None
-                                        else self.zeros_from)
+                    self.behind.reached(offset + length)
             except OSError as exc:  # EIO, ENOSPC from a failing or vanishing device
                 self.error = OperationalError(
                     f"the slot's storage failed while writing near byte {offset:,}: "
@@ -283,21 +277,18 @@ _SYNC_FILE_RANGE_WAIT_AFTER = 4
 
 
 class _WriteBehind:
-    """Flushes the writes window by window, so that dirty memory stays flat and the read-back
-    can follow; the final fsync still makes everything durable.
+    """Flushes the writes window by window, so that dirty memory stays flat; the final fsync
+    still makes everything durable.
 
     O_DIRECT writes (`direct`) sit in the device's own cache (for a loop device: its backing
     file's page cache), which only a flush empties: each full window is fsynced. Buffered
     writes sit in the page cache: each full window is handed to writeback at once
     (sync_file_range WRITE) and the window before it is waited for; where sync_file_range is
-    not available, a full window is fsynced. `on_durable(end)` hears when [0, end) has
-    reached the device.
+    not available, a full window is fsynced.
     """
 
-    def __init__(self, out: BinaryIO, window: int,
-                 on_durable: Callable[[int], None] | None = None, *, direct: bool = False) -> None:
+    def __init__(self, out: BinaryIO, window: int, *, direct: bool = False) -> None:
         self.window = window
-        self.on_durable = on_durable
         self.direct = direct
         self.start = 0  # the window being filled begins here
         self.previous: tuple[int, int] | None = None  # the window in writeback
@@ -311,17 +302,12 @@ class _WriteBehind:
         if self.fd is None or pos - self.start < self.window:
             return
         current = (self.start, pos - self.start)
-        durable = None
         if self.direct or not self._range(*current, _SYNC_FILE_RANGE_WRITE):
             _sync(self.out)
-            durable = pos
         elif self.previous is not None:
             self._range(*self.previous, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
                         | _SYNC_FILE_RANGE_WAIT_AFTER)
-            durable = self.start
         self.previous, self.start = current, pos
-        if durable is not None and self.on_durable is not None:
-            self.on_durable(durable)
 
     def _range(self, offset: int, length: int, flags: int) -> bool:
         call = _libc.sync_file_range
@@ -343,18 +329,6 @@ def _libc_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OperationalError(f"fallocate failed: {os.strerror(err)}")
-
-
-def _sysfs_queue(path: Path, name: str) -> int:
-    rdev = path.stat().st_rdev
-    sysdir = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
-    queue = sysdir / "queue"
-    if not queue.is_dir():
-        queue = sysdir / ".." / "queue"  # a partition: the queue is its disk's
-    try:
-        return int((queue / name).read_text())
-    except (OSError, ValueError):
-        return 0
 
 
 class SlotWriter:
@@ -400,8 +374,7 @@ class SlotWriter:
             raise OperationalError(f"cannot open {self.path}: {exc.strerror}") from None
         self._block_device = is_block
         if is_block:
-            buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
-            self.capacity = struct.unpack("=Q", buf)[0]
+            self.capacity = blockdev.fd_capacity(fd)
             self._direct = self._open_direct(fd)
         self._file = os.fdopen(fd, "wb", buffering=0)
         return self
@@ -409,7 +382,7 @@ class SlotWriter:
     def _open_direct(self, fd: int) -> int | None:
         """A second descriptor with O_DIRECT for aligned writes, where the device allows it
         (the exclusive claim is the first descriptor's)."""
-        sector = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+        sector = blockdev.sector_size(fd)
         if sector <= 0 or BLOCK % sector:
             return None
         try:
@@ -441,27 +414,17 @@ class SlotWriter:
         out = self._file
         if out is None:
             raise OperationalError("SlotWriter used outside its with block")
-        if self.capacity is not None and size > self.capacity:
-            raise ImageRejected(
-                f"payload larger than the slot: {size:,} bytes into {self.capacity:,} "
-                f"({self.path})", hint="build the image for this disk's slot size")
+        self._expected = None
+        if self.capacity is not None:
+            blockdev.require_fits(size, self.capacity, f"the slot {self.path}")
         if not self._block_device and os.fstat(out.fileno()).st_size < size:
             os.ftruncate(out.fileno(), size)  # a zeroed run at the end reads zeros too
         zero = self._zeroer(out.fileno())
-        self._expected = None
-        if not self.verify:
-            stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
-                                sync_every=self.sync_every, direct_fd=self._direct)
-            self._expected = (size, stats.checksum)
-            return stats
-        # The read-back follows the writer: each window is read from the device once it got
-        # there, while the next ones are written; the rest after the final fsync.
-        with _ReadBack(self.path, size) as readback:
-            stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
-                                sync_every=self.sync_every, on_durable=readback.allow,
-                                direct_fd=self._direct)
-            self._expected = (size, stats.checksum)
-            self._check(readback.finish(self.progress))
+        stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
+                            sync_every=self.sync_every, direct_fd=self._direct)
+        self._expected = (size, stats.checksum)
+        if self.verify:
+            self.verify_readback()
         return stats
 
     def _zeroer(self, fd: int) -> Callable[[int, int], bool] | None:
@@ -470,29 +433,25 @@ class SlotWriter:
         if not self._block_device:
             return lambda offset, length: _libc_fallocate(
                 fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-        if _sysfs_queue(self.path, "write_zeroes_max_bytes") <= 0:
+        if blockdev.queue_limit(self.path, "write_zeroes_max_bytes") <= 0:
             return None
-        sector = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+        sector = blockdev.sector_size(fd)
         capacity = self.capacity
 
         def zero_out(offset: int, length: int) -> bool:
             end = -(-(offset + length) // sector) * sector  # a partial last sector: all of it
             if capacity is not None:
                 end = min(end, capacity)
-            try:
-                fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, end - offset))
-            except OSError:
-                return False
-            return True
+            return blockdev.zero_out(fd, end - offset, offset=offset)
 
         return zero_out
 
     def verify_readback(self) -> None:
-        """Read the written range from the device itself again and compare its checksum."""
+        """Read [0, size) from the device itself, after the last write and the final flush,
+        and compare its checksum with the stream's."""
         if self._expected is None:
             raise OperationalError("nothing written to verify")
-        with _ReadBack(self.path, self._expected[0]) as readback:
-            self._check(readback.finish(self.progress))
+        self._check(_read_back(self.path, self._expected[0], self.progress))
 
     def _check(self, digest: str) -> None:
         assert self._expected is not None
@@ -504,99 +463,35 @@ class SlotWriter:
                 hint="the storage may be failing; the slot stays unbootable")
 
 
-class _ReadBack:
-    """The checksum of the first `size` bytes of a slot, read from the device (O_DIRECT, not
-    the page cache) in a thread, up to what `allow` says has reached the device."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        self.size = size
-        self.done = 0  # bytes read and hashed
-        self.limit = 0  # bytes that may be read
-        self.digest = checksum()
-        self.error: OperationalError | None = None
-        self.stop = False
-        self.changed = threading.Condition()
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            self.direct = True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends
-            self.direct = False
-        self.thread = threading.Thread(target=self._run, name="abupgrade-readback", daemon=True)
-
-    def __enter__(self) -> _ReadBack:
-        self.thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        with self.changed:
-            self.stop = True
-            self.changed.notify_all()
-        self.thread.join()
-        os.close(self.fd)
-
-    def allow(self, limit: int) -> None:
-        with self.changed:
-            limit = self.size if limit >= self.size else limit - limit % BLOCK  # O_DIRECT
-            self.limit = max(self.limit, limit)
-            self.changed.notify_all()
-
-    def finish(self, progress: Progress) -> str:
-        """Read the rest (the caller made it durable) and return the hex digest."""
-        progress.start("verify", self.size)
-        try:
-            self.allow(self.size)
-            reported = 0
-            while self.thread.is_alive() and self.done < self.size and self.error is None:
-                with self.changed:
-                    self.changed.wait(0.2)
-                progress.advance(self.done - reported)
-                reported = self.done
-            progress.advance(self.done - reported)
-        finally:
-            progress.finish()
-        if self.error is not None:
-            raise self.error
-        return self.digest.hexdigest()
-
-    def _run(self) -> None:
-        buf = mmap.mmap(-1, READ_CHUNK)  # page aligned, as O_DIRECT wants
-        try:
-            if not self.direct:
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            with memoryview(buf) as view:
-                while self.done < self.size:
-                    with self.changed:
-                        while not self.stop and self.limit <= self.done:
-                            self.changed.wait()
-                        if self.stop:
-                            return
-                        limit = self.limit
-                    self._read(view, limit)
-                    with self.changed:
-                        self.changed.notify_all()
-        except OperationalError as exc:
-            self.error = exc
-        finally:
-            with contextlib.suppress(BufferError):
-                buf.close()
-
-    def _read(self, view: memoryview, limit: int) -> None:
-        """Read and hash [done, limit): whole buffers, but never past `limit` before the end."""
-        while self.done < limit and not self.stop:
-            want = len(view) if limit == self.size else min(len(view), limit - self.done)
-            try:
-                n = os.preadv(self.fd, [view[:want]], self.done)
-            except OSError as exc:
-                raise OperationalError(f"read-back of {self.path} failed at byte "
-                                       f"{self.done:,}: {exc.strerror}") from None
-            if n <= 0:
-                raise OperationalError(f"read-back of {self.path} ended at byte "
-                                       f"{self.done:,} of {self.size:,}")
-            take = min(n, limit - self.done)
-            self.digest.update(view[:take])
-            self.done += take
+def _read_back(path: Path, size: int, progress: Progress) -> str:
+    """The checksum of the first `size` bytes of a slot, read from the device with O_DIRECT
+    (not from the page cache) in large aligned reads."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends: no O_DIRECT
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    digest = checksum()
+    done = 0
+    progress.start("verify", size)
+    try:
+        with mmap.mmap(-1, READ_CHUNK) as buffer, memoryview(buffer) as view:  # page aligned
+            while done < size:
+                try:
+                    n = os.preadv(fd, [view], done)
+                except OSError as exc:
+                    raise OperationalError(f"read-back of {path} failed at byte {done:,}: "
+                                           f"{exc.strerror}") from None
+                if n <= 0:
+                    raise OperationalError(f"read-back of {path} ended at byte {done:,} "
+                                           f"of {size:,}")
+                take = min(n, size - done)
+                digest.update(view[:take])
+                done += take
+                progress.advance(take)
+    finally:
+        progress.finish()
+        os.close(fd)
+    return digest.hexdigest()
