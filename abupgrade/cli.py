@@ -206,13 +206,16 @@ def image_build(
     kernel: Annotated[Path | None, typer.Option(help="Kernel, installed on the boot partition.")] = None,
     initrd: Annotated[Path | None, typer.Option(help="Initrd, installed beside the kernel.")] = None,
     compress: Annotated[str, typer.Option(help="none, gzip, xz or zstd.")] = "none",
+    security_floor: Annotated[str | None, typer.Option(
+        help="Once committed, machines accept no image older than this version.")] = None,
 ) -> None:
     """Make a signed image from a root filesystem image (and optional kernel and initrd)."""
     g = _globals(ctx)
     with progress_for(g) as progress:
         info = ops.image_build(rootfs=rootfs, version=version, compatible=compatible,
                                signing_keys=key, output=output, kernel=kernel, initrd=initrd,
-                               compression=compress, progress=progress)
+                               compression=compress, progress=progress,
+                               security_floor=security_floor)
     emit(g, info, f"wrote {output}: version {version} for {compatible}, "
          f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 
@@ -252,9 +255,14 @@ def image_inspect(
         emit(g, info)
     elif not g.quiet:
         stdout.print(table)
+        if manifest.security_floor is not None:
+            stdout.print(f"security floor: {manifest.security_floor} (once committed, nothing "
+                         "older is accepted)")
         for sig in info.signatures:
             trust = {True: "trusted", False: "NOT trusted", None: "trust unknown (no keyring)"}
-            stdout.print(f"signature by key {sig.key_id}: {trust[sig.trusted]}")
+            said = "REVOKED (the keyring's revocation list names it)" if sig.revoked else \
+                trust[sig.trusted]
+            stdout.print(f"signature by key {sig.key_id}: {said}")
 
 
 @image_app.command("push")
@@ -319,6 +327,8 @@ def status(ctx: typer.Context) -> None:
     stdout.print(table)
     for note in info.notes:
         stdout.print(note)
+    if info.security_floor is not None:
+        stdout.print(f"security floor: {info.security_floor} (no older image is accepted)")
 
 
 @app.command()

@@ -62,6 +62,7 @@ class Status:
     bootloader: str
     slots: Mapping[Slot, SlotStatus]
     notes: tuple[str, ...]
+    security_floor: str | None = None  # no image below it is accepted (ops.security_floor)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class Status:
             "bootloader": self.bootloader,
             "slots": {str(slot): self.slots[slot].to_json() for slot in Slot},
             "notes": list(self.notes),
+            "security_floor": self.security_floor,
         }
 
 
