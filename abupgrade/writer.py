@@ -38,7 +38,7 @@ from abupgrade.errors import ImageRejected, Interrupted, OperationalError, Polic
 from abupgrade.progress import NullProgress, Progress
 
 BLOCK = 4096  # zero detection granularity (the usual filesystem block)
-CHUNK = 1024 * 1024  # bytes gathered before a write
+CHUNK = 4 * 1024 * 1024  # bytes gathered before a write: one request in flight of several bios
 ZERO_MIN = 256 * 1024  # shorter zero runs are written: one write beats splitting extents
 SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
@@ -132,7 +132,7 @@ class _WriterThread:
     O_DIRECT writes go straight from them. An error in the thread is raised in the caller's
     at its next `put` or `drain`."""
 
-    BUFFERS = 4
+    BUFFERS = 2  # one being filled, one being written
 
     def __init__(self, out: BinaryIO, size: int, zero: Callable[[int, int], bool] | None,
                  behind: _WriteBehind, direct_fd: int | None = None) -> None:
