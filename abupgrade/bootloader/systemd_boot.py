@@ -1,0 +1,356 @@
+"""The systemd-boot backend (UEFI): Boot Loader Specification entries on the ESP, and
+systemd-boot's own boot counting.
+
+What is on the EFI system partition:
+- `EFI/BOOT/BOOTX64.EFI`: systemd-boot (package systemd-boot-efi), at the removable-media
+  path every UEFI firmware boots without a boot entry;
+- `loader/loader.conf`: no menu (`timeout 0`, `editor no`), no automatic entries, no
+  random-seed writes, and `default slot-*` (abupgrade's entries, never another OS's);
+- `abupgrade/<A|B>/vmlinuz`, `initrd.img`: each slot's kernel and initrd (the loader reads
+  nothing but the ESP);
+- `loader/entries/slot-<a|b>[+LEFT-DONE].conf`: one entry per slot, `sort-key abupgrade`,
+  `version G` where G is abupgrade's generation (not the image version: see below).
+
+The state is in the entry names (see bls.py for how the loader reads them):
+- `slot-b.conf`: slot B is good;
+- `slot-b+3-0.conf`: a trial of B with 3 boots left. The loader renames it `+2-1`, `+1-2`,
+  `+0-3` before each boot; with 0 left it sorts after every other entry, so the good slot
+  boots: the fallback needs nothing from the OS;
+- `slot-b+0-K.conf`: spent (a trial that ran out, or a good slot set aside by a rollback):
+  booted only when no other entry can be;
+- no name: the slot cannot boot.
+The loader boots the first entry of its order: non-spent before spent, then the highest
+`version`. A trial is armed with a generation above every entry's, so it boots first;
+committing renames it `slot-b.conf` and it keeps its place; a rollback renames the entry
+of the slot it leaves to `+0-K`. No entry is ever rewritten in place: every change is one
+file created under a name the loader ignores and renamed once, a rename, or a removal.
+Image versions do not order anything, so downgrades and rollbacks work like upgrades.
+
+Power cuts (the ESP is FAT: no journal; see abupgrade/fat.py for what each call writes):
+- a rename is one directory write; cut, the loader sees the old name, the new one, or
+  neither (LFN and 8.3 parts in different sectors: the 8.3 remnant `SLOT-B~1.CON` is no
+  `.conf` to the loader). Every step below is ordered so that each of these leaves an
+  entry for a complete, good slot first in the loader's order;
+- names that may share clusters after a cut (a slot's names, its `.abupgrade-new`
+  leftovers and 8.3 remnants) are only removed together, in one step with no file created
+  in between; leftovers of a slot are removed before anything is written for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from abupgrade.bootloader import bls
+from abupgrade.bootloader.base import BootState
+from abupgrade.errors import OperationalError, PolicyRefusal
+from abupgrade.model import Slot
+
+ENTRIES = bls.ENTRIES_DIR
+BOOT_DIR = "abupgrade"
+LOADER_EFI = "EFI/BOOT/BOOTX64.EFI"
+SORT_KEY = "abupgrade"
+NEW_SUFFIX = ".abupgrade-new"  # fat.py's temporary names
+BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
+
+LOADER_CONF = """\
+# Managed by abupgrade. systemd-boot boots the first entry of its order: entries with tries
+# left before spent ones (+0-N), then the highest version (abupgrade's generation).
+timeout 0
+editor no
+auto-entries no
+auto-firmware no
+random-seed-mode off
+default slot-*
+"""
+
+_NAME = re.compile(r"slot-([ab])(?:\+(\d+)(?:-(\d+))?)?\.conf", re.IGNORECASE)
+# The 8.3 name left when a cut separates a long name from its short entry (mtools and
+# Linux both make `SLOT-B~1.CON` of `slot-b...conf`).
+_REMNANT = re.compile(r"SLOT-([AB])~\d+\.CON", re.IGNORECASE)
+
+
+def entry_name(slot: Slot, left: int | None = None, done: int = 0) -> str:
+    base = f"slot-{slot.value.lower()}"
+    return f"{base}.conf" if left is None else f"{base}+{left}-{done}.conf"
+
+
+def boot_path(slot: Slot, name: str) -> str:
+    """A boot file's path on the ESP ("kernel" or "initrd")."""
+    try:
+        return f"{BOOT_DIR}/{slot.value}/{BOOT_FILES[name]}"
+    except KeyError:
+        raise ValueError(f"unknown boot file {name!r}; known: {', '.join(BOOT_FILES)}") from None
+
+
+@dataclass(frozen=True)
+class Name:
+    """An entry file name of abupgrade's."""
+
+    slot: Slot
+    counter: bls.Counter | None
+
+    @property
+    def left(self) -> int | None:
+        return self.counter.left if self.counter else None
+
+    @property
+    def spent(self) -> bool:
+        return self.counter is not None and self.counter.left == 0
+
+    @classmethod
+    def parse(cls, name: str) -> Name | None:
+        m = _NAME.fullmatch(name)
+        if m is None:
+            return None
+        counter = bls.parse_counter(name)
+        return cls(Slot(m[1].upper()), counter)
+
+
+def kin_of(name: str) -> Slot | None:
+    """The slot whose entry a file of loader/entries may share clusters with: its names,
+    their `.abupgrade-new` leftovers and 8.3 remnants."""
+    base = name[: -len(NEW_SUFFIX)] if name.lower().endswith(NEW_SUFFIX) else name
+    parsed = Name.parse(base)
+    if parsed is not None:
+        return parsed.slot
+    m = _REMNANT.fullmatch(name)
+    return Slot(m[1].upper()) if m else None
+
+
+def entry_text(slot: Slot, generation: int, *, options: str, initrd: bool) -> bytes:
+    lines = [f"title abupgrade slot {slot}", f"sort-key {SORT_KEY}", f"version {generation}",
+             f"linux /{boot_path(slot, 'kernel')}"]
+    if initrd:
+        lines.append(f"initrd /{boot_path(slot, 'initrd')}")
+    lines.append(f"options {options}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def kernel_options(slot: Slot, root: str, cmdline: str) -> str:
+    """`root=`, the configured command line with a `panic=` timeout (5 s unless it sets
+    one), and `abupgrade.slot=` last, so that nothing overrides it."""
+    words = [w for w in cmdline.split() if not w.startswith("abupgrade.slot=")]
+    if not any(w.startswith("panic=") for w in words):
+        words.append("panic=5")
+    return " ".join([f"root={root}", *words, f"abupgrade.slot={slot.value}"])
+
+
+# ---------------------------------------------------------------- what is on the ESP
+
+
+@dataclass(frozen=True)
+class Esp:
+    """What the loader reads: the files of loader/entries (name -> bytes, None where a file
+    could not be read), the paths of the files that exist (lower-case: FAT ignores case;
+    at least each slot's folder and every file an entry names), loader.conf, and the EFI
+    variables that steer the loader."""
+
+    entries: Mapping[str, bytes | None]
+    files: frozenset[str]
+    loader_conf: bytes | None = LOADER_CONF.encode()
+    efivars: bls.EfiVars = field(default_factory=bls.EfiVars)
+
+    def exists(self, path: str) -> bool:
+        return path.lower() in self.files
+
+    def slot_files(self, slot: Slot) -> list[str]:
+        """The names in the slot's folder."""
+        folder = f"{BOOT_DIR}/{slot.value}/".lower()
+        return sorted(f[len(folder):] for f in self.files
+                      if f.startswith(folder) and "/" not in f[len(folder):])
+
+    def has_file(self, slot: Slot, name: str) -> bool:
+        return self.exists(boot_path(slot, name))
+
+    def names(self, slot: Slot) -> dict[str, Name]:
+        return {n: p for n in self.entries if (p := Name.parse(n)) is not None and p.slot is slot}
+
+    def kin(self, slot: Slot) -> list[str]:
+        return sorted(n for n in self.entries if kin_of(n) is slot)
+
+    def loader_entries(self) -> list[bls.Entry]:
+        readable = {n: c for n, c in self.entries.items() if c is not None}
+        return bls.load_entries(readable, self.exists)
+
+    def ours(self) -> list[tuple[Name, bls.Entry]]:
+        return [(p, e) for e in self.loader_entries() if (p := Name.parse(e.name)) is not None]
+
+    def generation(self) -> int:
+        """The highest `version` among abupgrade's entries (0 when there is none)."""
+        found = [int(e.version) for _, e in self.ours() if e.version and e.version.isdigit()]
+        return max(found, default=0)
+
+    def choice(self, *, spend_trials: bool = False) -> bls.Entry | None:
+        """The entry the loader boots next; with `spend_trials`, once every trial of
+        abupgrade's has no boots left."""
+        entries = self.loader_entries()
+        if spend_trials:
+            entries = [_spent(e) for e in entries]
+        return bls.choose(entries, bls.LoaderConf.parse(self.loader_conf), self.efivars)
+
+    def state(self) -> BootState:
+        """The BootState the loader will act on (see base.BootState): the default is what
+        boots once any trial is spent; a slot is bootable while it has an entry the loader
+        keeps (spent ones too: the loader boots them when nothing else is left); a trial is
+        a slot without a good name whose counting entry boots next."""
+        chosen = self.choice()
+        if chosen is None:
+            raise OperationalError("systemd-boot finds no entry on the ESP to boot",
+                                   hint="`abupgrade disk init` writes them; restore the ESP")
+        first = _slot_of(chosen)
+        default = _slot_of(self.choice(spend_trials=True) or chosen)
+        ours = self.ours()
+        good = {p.slot for p, _ in ours if p.counter is None}
+        parsed = Name.parse(chosen.name)
+        if parsed is not None and parsed.left and first not in good:
+            return BootState(default=default, bootable=frozenset(p.slot for p, _ in ours),
+                             trial=first, tries_left=parsed.left)
+        return BootState(default=default, bootable=frozenset(p.slot for p, _ in ours))
+
+
+def _spent(entry: bls.Entry) -> bls.Entry:
+    if entry.counter is None or Name.parse(entry.name) is None:
+        return entry
+    return entry.with_name(bls.Counter(entry.counter.prefix, 0, entry.counter.done).name())
+
+
+def _slot_of(entry: bls.Entry) -> Slot:
+    parsed = Name.parse(entry.name)
+    if parsed is None:
+        raise OperationalError(f"systemd-boot would boot {entry.name}, which is not abupgrade's",
+                               hint=f"remove it from {ENTRIES} or set `default` in loader.conf")
+    return parsed.slot
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+
+@dataclass(frozen=True)
+class Remove:
+    path: str
+
+
+@dataclass(frozen=True)
+class Create:
+    """A new file: written under a name the loader ignores, then renamed (fat.write)."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Rename:
+    source: str
+    target: str
+
+
+Step = Remove | Create | Rename
+
+
+def _entries(name: str) -> str:
+    return f"{ENTRIES}/{name}"
+
+
+def plan_tidy(esp: Esp) -> list[Step]:
+    """Leftovers of interrupted writes, removed before anything is created: every kin of
+    a slot that has no entry (its leftovers, remnants), and `.abupgrade-new` files of the
+    slots' folders when the slot has no entry. A slot with an entry keeps its remnants:
+    they may share clusters with it."""
+    steps: list[Step] = []
+    for slot in Slot:
+        if esp.names(slot):
+            continue
+        steps += [Remove(_entries(n)) for n in sorted(esp.kin(slot))]
+    return steps
+
+
+def plan_disable(esp: Esp, slot: Slot) -> list[Step]:
+    """Remove every name of `slot` (spent and counting ones first, the good name last) and
+    its kin. Refused when the other slot could then not boot."""
+    other_ok = any(p.slot is slot.other and not p.spent for p, _ in esp.ours())
+    if esp.names(slot) and not other_ok:
+        raise PolicyRefusal(f"cannot disable slot {slot}: slot {slot.other} cannot boot",
+                            hint="the machine would be left without a bootable slot")
+    names = esp.names(slot)
+    order = sorted(esp.kin(slot), key=lambda n: (n in names and names[n].counter is None, n))
+    return [Remove(_entries(n)) for n in order]
+
+
+def plan_drop_files(esp: Esp, slot: Slot) -> list[Step]:
+    """Every file of the slot's folder (boot files, leftovers, remnants: they may share
+    clusters), for a slot that has no entry left."""
+    if esp.names(slot):
+        raise OperationalError(f"slot {slot} still has an entry; its files stay",
+                               hint=f"abupgrade mark-bad {slot} first")
+    return [Remove(f"{BOOT_DIR}/{slot.value}/{f}") for f in esp.slot_files(slot)]
+
+
+def plan_arm_trial(esp: Esp, slot: Slot, tries: int, *, options: str) -> list[Step]:
+    """A new entry `slot-x+N-0.conf` above every other one. The slot must have no entry
+    (`disable` ran before its files were written) and its files must be in place."""
+    if tries < 1:
+        raise ValueError("a trial needs at least one boot")
+    if esp.names(slot):
+        raise OperationalError(f"slot {slot} still has an entry; it must be disabled first",
+                               hint=f"abupgrade mark-bad {slot}")
+    _require_files(esp, slot, "try")
+    text = entry_text(slot, esp.generation() + 1, options=options,
+                      initrd=esp.has_file(slot, "initrd"))
+    return [*plan_tidy(esp), Create(_entries(entry_name(slot, tries)), text)]
+
+
+def plan_commit(esp: Esp, slot: Slot) -> list[Step]:
+    """`slot` good and first: its counting or spent name renamed `slot-x.conf` (nothing when
+    it has a good name already), then every good entry ranked above it spent (`+0-K`)."""
+    _require_files(esp, slot, "commit")
+    names = esp.names(slot)
+    if not names:
+        raise OperationalError(f"slot {slot} has no entry on the ESP",
+                               hint="install an image into the slot first")
+    steps: list[Step] = []
+    taken = set(esp.entries)
+    if not any(p.counter is None for p in names.values()):
+        source = _best(esp, slot)
+        steps.append(Rename(_entries(source), _entries(entry_name(slot))))
+        taken.add(entry_name(slot))
+    for rival in _outranking(esp, slot):
+        target = _spent_name(slot.other, taken)
+        taken.add(target)
+        steps.append(Rename(_entries(rival), _entries(target)))
+    return steps
+
+
+def _best(esp: Esp, slot: Slot) -> str:
+    """Which of the slot's names the loader would pick (the first of its order)."""
+    mine = [e for p, e in esp.ours() if p.slot is slot]
+    if not mine:
+        raise OperationalError(f"the entry of slot {slot} cannot be read or names no kernel",
+                               hint=f"abupgrade mark-bad {slot}, then install it again")
+    return bls.sort_entries(mine)[0].name
+
+
+def _outranking(esp: Esp, slot: Slot) -> list[str]:
+    """Good names of the other slot that the loader would put before `slot`'s entry."""
+    mine = [e for p, e in esp.ours() if p.slot is slot]
+    if not mine:
+        return []
+    own = bls.sort_entries(mine)[0]
+    own = own.with_name(entry_name(slot))  # as it will be named
+    return sorted(e.name for p, e in esp.ours()
+                  if p.slot is slot.other and p.counter is None and bls.compare(e, own) < 0)
+
+
+def _spent_name(slot: Slot, taken: Iterable[str]) -> str:
+    used = {n.lower() for n in taken}
+    done = 0
+    while entry_name(slot, 0, done).lower() in used:
+        done += 1
+    return entry_name(slot, 0, done)
+
+
+def _require_files(esp: Esp, slot: Slot, action: str) -> None:
+    if not esp.has_file(slot, "kernel"):
+        raise OperationalError(f"cannot {action} slot {slot}: its kernel is not on the ESP",
+                               hint="install an image into the slot first")
