@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from abupgrade.bootloader import bls
 from abupgrade.bootloader.base import BootState
 from abupgrade.errors import OperationalError, PolicyRefusal
+from abupgrade.fat import Fat
 from abupgrade.model import Slot
 
 ENTRIES = bls.ENTRIES_DIR
@@ -67,8 +68,8 @@ default slot-*
 
 _NAME = re.compile(r"slot-([ab])(?:\+(\d+)(?:-(\d+))?)?\.conf", re.IGNORECASE)
 # The 8.3 name left when a cut separates a long name from its short entry (mtools and
-# Linux both make `SLOT-B~1.CON` of `slot-b...conf`).
-_REMNANT = re.compile(r"SLOT-([AB])~\d+\.CON", re.IGNORECASE)
+# Linux both make `SLOT-B~1.CON` of `slot-b...conf`, `SLOT-B~1.ABU` of its leftover).
+_REMNANT = re.compile(r"SLOT-([AB])~\d+\.(CON|ABU)", re.IGNORECASE)
 
 
 def entry_name(slot: Slot, left: int | None = None, done: int = 0) -> str:
@@ -298,7 +299,7 @@ def plan_arm_trial(esp: Esp, slot: Slot, tries: int, *, options: str) -> list[St
     _require_files(esp, slot, "try")
     text = entry_text(slot, esp.generation() + 1, options=options,
                       initrd=esp.has_file(slot, "initrd"))
-    return [*plan_tidy(esp), Create(_entries(entry_name(slot, tries)), text)]
+    return [Create(_entries(entry_name(slot, tries)), text)]
 
 
 def plan_commit(esp: Esp, slot: Slot) -> list[Step]:
@@ -354,3 +355,54 @@ def _require_files(esp: Esp, slot: Slot, action: str) -> None:
     if not esp.has_file(slot, "kernel"):
         raise OperationalError(f"cannot {action} slot {slot}: its kernel is not on the ESP",
                                hint="install an image into the slot first")
+
+
+# ---------------------------------------------------------------- on a FAT filesystem
+
+
+def read_esp(fat: Fat, efivars: bls.EfiVars | None = None) -> Esp:
+    """The ESP as the loader reads it (through fat.py: mtools or the kernel)."""
+    entries: dict[str, bytes | None] = {}
+    try:
+        listed = fat.list(ENTRIES)
+    except FileNotFoundError:
+        listed = []
+    for found in listed:
+        if found.is_dir:
+            continue
+        content: bytes | None = None
+        if found.name.lower().endswith(bls.SUFFIX):
+            try:
+                content = fat.read(f"{ENTRIES}/{found.name}")
+            except (OperationalError, FileNotFoundError):
+                content = None  # unreadable here; its kin say what it is
+        entries[found.name] = content
+    files: set[str] = set()
+    for slot in Slot:
+        folder = f"{BOOT_DIR}/{slot.value}"
+        try:
+            files |= {f"{folder}/{e.name}".lower() for e in fat.list(folder) if not e.is_dir}
+        except FileNotFoundError:
+            pass
+    for name, content in entries.items():
+        entry = bls.Entry.parse(name, content) if content is not None else None
+        for path in (entry.linux, *entry.initrds) if entry and entry.linux else ():
+            if path.lower() not in files and fat.exists(path):
+                files.add(path.lower())
+    try:
+        conf: bytes | None = fat.read(bls.LOADER_CONF)
+    except FileNotFoundError:
+        conf = None
+    return Esp(entries=entries, files=frozenset(files), loader_conf=conf,
+               efivars=efivars or bls.EfiVars())
+
+
+def execute(fat: Fat, steps: Iterable[Step]) -> None:
+    """Carry out planned steps in order, each on the disk before the next."""
+    for step in steps:
+        if isinstance(step, Remove):
+            fat.remove(step.path)
+        elif isinstance(step, Create):
+            fat.write(step.path, step.data)
+        else:
+            fat.rename(step.source, step.target)
