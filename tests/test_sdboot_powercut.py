@@ -240,10 +240,11 @@ def check_boot(image: Path, scratch: Path,
     return name.slot, version, files
 
 
-def go_on(image: Path, scratch: Path, booted: Slot, version: str,
-          complete: dict[Slot, set[str]]) -> None:
-    """The machine after the cut: it boots, the hook commits a trial, the next update goes
-    into the other slot, its trial runs out, and `booted` boots again, intact."""
+def go_on(image: Path, scratch: Path, booted: Slot, version: str, *, full: bool) -> None:
+    """The machine after the cut: it boots, the hook commits a trial and tidies; then the
+    FAT must be consistent but for kin sharing clusters (so no later allocation can land on
+    a file in use). With `full`, also: an update goes into the other slot, its trial runs
+    out, and `booted` boots again, its files intact."""
     work = scratch / "go-on.img"
     shutil.copyfile(image, work)
     read = fast(scratch)
@@ -251,26 +252,30 @@ def go_on(image: Path, scratch: Path, booted: Slot, version: str,
         assert loader_boot(fat, read) is booted
         if not any(p.counter is None for p in read(fat).names(booted).values()):
             commit(fat, booted, read)  # the hook: healthy trial
-        install(fat, booted.other, "9", scratch, tries=1, read=read)
-        assert loader_boot(fat, read) is booted.other
-        assert loader_boot(fat, read) is booted  # the trial ran out
-    slot, again, _ = check_boot(work, scratch, {booted: {version}, booted.other: set()})
-    assert (slot, again) == (booted, version)
+        tidy(fat, read)
+        if full:
+            install(fat, booted.other, "9", scratch, tries=1, read=read)
+            assert loader_boot(fat, read) is booted.other
+            assert loader_boot(fat, read) is booted  # the trial ran out
+    if full:
+        slot, again, _ = check_boot(work, scratch, {booted: {version}, booted.other: set()})
+        assert (slot, again) == (booted, version)
     problems = fsck_problems(work)
     assert not problems, problems
 
 
 def structure(image: Path, files: dict[str, bytes]) -> str:
-    """What the continuation depends on: the boot sector and FATs, every directory's
-    clusters and the entries' contents - not what the other files hold (states that differ
-    only in how much of a kernel reached the disk go on alike)."""
+    """What the continuation depends on: the reserved sectors (FSInfo's next-free hint
+    steers allocation), the first FAT (what mtools and firmware read; the second is only
+    fsck's), every directory's clusters and the entries' contents - not what other files
+    hold (states that differ only in how much of a kernel reached the disk go on alike)."""
     with open(image, "rb") as f:
         boot = f.read(512)
         sector, per_cluster = int.from_bytes(boot[11:13], "little"), boot[13]
         reserved, fats = int.from_bytes(boot[14:16], "little"), boot[16]
         fat_sectors = int.from_bytes(boot[36:40], "little")
         data = (reserved + fats * fat_sectors) * sector
-        h = hashlib.sha256(boot + f.read(data - 512))
+        h = hashlib.sha256(boot + f.read((reserved + fat_sectors) * sector - 512))
         env = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
         dirs = ["::/", *sorted({"::/" + str(Path(p).parent) for p in files if "/" in p})]
         chains = subprocess.run(["mshowfat", "-i", str(image), *dirs], capture_output=True,
@@ -300,7 +305,8 @@ def sweep(tmp: Path, *, fillers: int, setup: Callable[[Fat, Path], None], op: Op
     with RecordingFat(image) as rec:
         op(rec, tmp, lambda slot, versions: marks.append((len(rec.writes), slot, versions)))
     outcome = Outcome()
-    gone_on: set[tuple[Slot, str, str]] = set()
+    checked: set[tuple[Slot, str, str]] = set()
+    carried_on: set[tuple[Slot, str, tuple[str, ...]]] = set()
     for what, state in cut_states(before, rec.writes, tmp):
         m = re.match(r"after (?:all )?(\d+)", what)
         assert m is not None, what
@@ -314,10 +320,13 @@ def sweep(tmp: Path, *, fillers: int, setup: Callable[[Fat, Path], None], op: Op
             slot, version, files = check_boot(state, tmp, now)
             outcome.boots[f"{slot}{version}"] += 1
             key = (slot, version, structure(state, files))
-            if key not in gone_on:
-                gone_on.add(key)
-                outcome.continued += 1
-                go_on(state, tmp, slot, version, now)
+            names = (slot, version, tuple(sorted(p.lower() for p in files)))
+            if key not in checked:
+                checked.add(key)
+                full = names not in carried_on
+                carried_on.add(names)
+                outcome.continued += full
+                go_on(state, tmp, slot, version, full=full)
         except AssertionError as exc:
             outcome.bad.append(f"{what}: {exc}")
     return outcome
