@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import typer
 from rich.console import Console
@@ -23,8 +25,9 @@ from rich.progress import Progress as RichBar
 from rich.table import Table
 
 from abupgrade import ops
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.errors import AbupgradeError, UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.progress import NullProgress, Progress
 
 app = typer.Typer(
@@ -88,9 +91,14 @@ def main(
 # ------------------------------------------------------------------ output helpers
 
 
-def emit(g: Globals, data: Any, text: str | None = None) -> None:
-    """Print a result: JSON on stdout with --json, else `text` unless quiet."""
+class Result(Protocol):
+    def to_json(self) -> Any: ...
+
+
+def emit(g: Globals, result: Result | Sequence[Result], text: str | None = None) -> None:
+    """Print a result: its JSON on stdout with --json, else `text` unless quiet."""
     if g.json:
+        data = [r.to_json() for r in result] if isinstance(result, Sequence) else result.to_json()
         print(json.dumps(data, indent=2, sort_keys=False))
     elif text is not None and not g.quiet:
         stdout.print(text)
@@ -157,18 +165,21 @@ class JsonProgress:
         pass
 
 
-def progress_for(g: Globals) -> Progress:
+@contextlib.contextmanager
+def progress_for(g: Globals) -> Iterator[Progress]:
+    """The progress sink for these options, closed when the command's work ends."""
+    sink: RichProgress | JsonProgress | NullProgress
     if g.json:
-        return JsonProgress()
-    if g.quiet or not sys.stderr.isatty():
-        return NullProgress()
-    return RichProgress()
-
-
-def _close(progress: Progress) -> None:
-    close = getattr(progress, "close", None)
-    if close is not None:
-        close()
+        sink = JsonProgress()
+    elif g.quiet or not sys.stderr.isatty():
+        sink = NullProgress()
+    else:
+        sink = RichProgress()
+    try:
+        yield sink
+    finally:
+        if not isinstance(sink, NullProgress):
+            sink.close()
 
 
 # ------------------------------------------------------------------ keys and images
@@ -179,9 +190,9 @@ def keygen(ctx: typer.Context, prefix: Annotated[Path, typer.Argument(
         help="Writes PREFIX.key (private, mode 0600) and PREFIX.pub.")]) -> None:
     """Make an Ed25519 signing key pair; never overwrites."""
     g = _globals(ctx)
-    key, pub, key_id = ops.keygen(prefix)
-    emit(g, {"private": str(key), "public": str(pub), "key_id": key_id},
-         f"wrote {key} (private) and {pub} (public), key id {key_id}")
+    made = ops.keygen(prefix)
+    emit(g, made, f"wrote {made.private} (private) and {made.public} (public), "
+         f"key id {made.key_id}")
 
 
 @image_app.command("build")
@@ -198,15 +209,12 @@ def image_build(
 ) -> None:
     """Make a signed image from a root filesystem image (and optional kernel and initrd)."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
-        summary = ops.image_build(rootfs=rootfs, version=version, compatible=compatible, signing_keys=key,
-                                  output=output, kernel=kernel, initrd=initrd,
-                                  compression=compress, progress=progress)
-    finally:
-        _close(progress)
-    emit(g, summary, f"wrote {output}: version {version} for {compatible}, "
-         f"{len(summary['payloads'])} payload(s), {len(summary['signatures'])} signature(s)")
+    with progress_for(g) as progress:
+        info = ops.image_build(rootfs=rootfs, version=version, compatible=compatible,
+                               signing_keys=key, output=output, kernel=kernel, initrd=initrd,
+                               compression=compress, progress=progress)
+    emit(g, info, f"wrote {output}: version {version} for {compatible}, "
+         f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 
 
 @image_app.command("verify")
@@ -218,13 +226,11 @@ def image_verify(
 ) -> None:
     """Check the signature and every payload hash; writes nothing."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
-        summary = ops.image_verify(g.options(), image, pubkey or [], progress)
-    finally:
-        _close(progress)
-    emit(g, summary, f"OK: {image} version {summary['version']} for {summary['compatible']}, "
-         f"signed by {', '.join(s['key_id'] for s in summary['signatures'] if s['trusted'])}")
+    with progress_for(g) as progress:
+        verified = ops.image_verify(g.options(), image, pubkey or [], progress)
+    signers = ", ".join(s.key_id for s in verified.signatures if s.trusted)
+    emit(g, verified, f"OK: {image} version {verified.manifest.version} for "
+         f"{verified.manifest.compatible}, signed by {signers}")
 
 
 @image_app.command("inspect")
@@ -236,18 +242,19 @@ def image_inspect(
     """Show the manifest and the signature status."""
     g = _globals(ctx)
     info = ops.image_inspect(g.options(), image, pubkey or [])
-    table = Table(title=f"{image}: version {info['version']}, compatible {info['compatible']}")
+    manifest = info.manifest
+    table = Table(title=f"{image}: version {manifest.version}, compatible {manifest.compatible}")
     for column in ("payload", "size", "compression", "sha256"):
         table.add_column(column)
-    for p in info["payloads"]:
-        table.add_row(p["name"], f"{p['size']:,}", p["compression"], p["sha256"])
+    for p in manifest.payloads:
+        table.add_row(p.name, f"{p.size:,}", str(p.compression), p.sha256)
     if g.json:
         emit(g, info)
     elif not g.quiet:
         stdout.print(table)
-        for sig in info["signatures"]:
+        for sig in info.signatures:
             trust = {True: "trusted", False: "NOT trusted", None: "trust unknown (no keyring)"}
-            stdout.print(f"signature by key {sig['key_id']}: {trust[sig['trusted']]}")
+            stdout.print(f"signature by key {sig.key_id}: {trust[sig.trusted]}")
 
 
 @image_app.command("push")
@@ -265,13 +272,10 @@ def image_push(
 ) -> None:
     """Publish a signed image to an OCI registry; payloads already there are not uploaded again."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         result = ops.image_push(image, target, pubkeys=pubkey or [], ca_file=ca_file,
                                 auth_file=auth_file, insecure=insecure, progress=progress)
-    finally:
-        _close(progress)
-    emit(g, result, f"pushed {result['reference']}")
+    emit(g, result, f"pushed {result.reference}")
 
 
 @app.command()
@@ -283,7 +287,7 @@ def check(
     version; exit 6 when it does not."""
     g = _globals(ctx)
     result = ops.check(g.options(), reference)
-    emit(g, result, result["version"])
+    emit(g, result, result.version)
 
 
 # ------------------------------------------------------------------ the running system
@@ -299,20 +303,21 @@ def status(ctx: typer.Context) -> None:
         return
     if g.quiet:
         return
-    table = Table(title=f"abupgrade on {info['bootloader']}")
+    table = Table(title=f"abupgrade on {info.bootloader}")
     for column in ("slot", "state", "version", "device", ""):
         table.add_column(column)
-    for name, slot in info["slots"].items():
+    for name, slot in info.slots.items():
         marks = []
-        if name == info["booted"]:
+        if name == info.booted:
             marks.append("booted")
-        if name == info["next_boot"]:
+        if name == info.next_boot:
             marks.append("boots next")
-        if name == info["trial"]:
-            marks.append(f"trial, {info['trial_boots_left']} boot(s) left")
-        table.add_row(name, slot["state"], slot["version"] or "-", slot["device"], ", ".join(marks))
+        if name == info.trial:
+            marks.append(f"trial, {info.trial_boots_left} boot(s) left")
+        table.add_row(str(name), str(slot.state), slot.version or "-", slot.device,
+                      ", ".join(marks))
     stdout.print(table)
-    for note in info.get("notes", []):
+    for note in info.notes:
         stdout.print(note)
 
 
@@ -328,19 +333,16 @@ def apply(
 ) -> None:
     """Verify an image, write it to the inactive slot and arm a trial boot of it."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         result = ops.apply(g.options(), image, allow_downgrade=allow_downgrade, dry_run=dry_run,
                            reboot=reboot, progress=progress)
-    finally:
-        _close(progress)
     if dry_run:
-        text = (f"dry run: {image} (version {result['version']}) verified; it would go to "
-                f"slot {result['slot']}; nothing was written")
+        text = (f"dry run: {image} (version {result.version}) verified; it would go to "
+                f"slot {result.slot}; nothing was written")
     else:
-        text = (f"slot {result['slot']} now holds version {result['version']} "
-                f"({result['written']:,} bytes written, {result['seconds']:.1f} s); "
-                f"the next boot tries it ({result['tries']} boot(s) before falling back)")
+        text = (f"slot {result.slot} now holds version {result.version} "
+                f"({result.written:,} bytes written, {result.seconds or 0:.1f} s); "
+                f"the next boot tries it ({result.tries} boot(s) before falling back)")
     emit(g, result, text)
 
 
@@ -352,7 +354,7 @@ def rollback(
     """Make the next boot go to the other slot, which must hold a good image."""
     g = _globals(ctx)
     result = ops.rollback(g.options(), reboot=reboot)
-    emit(g, result, f"the next boot goes to slot {result['slot']} (version {result['version']})")
+    emit(g, result, f"the next boot goes to slot {result.slot} (version {result.version})")
 
 
 @app.command("mark-good")
@@ -360,7 +362,7 @@ def mark_good(ctx: typer.Context) -> None:
     """Commit the booted slot."""
     g = _globals(ctx)
     result = ops.mark_good(g.options())
-    emit(g, result, f"slot {result['slot']} committed (version {result['version']})")
+    emit(g, result, f"slot {result.slot} committed (version {result.version})")
 
 
 @app.command("mark-bad")
@@ -371,8 +373,7 @@ def mark_bad(
     """Declare a slot unusable; it is never booted again until a new image is applied."""
     g = _globals(ctx)
     result = ops.mark_bad(g.options(), Slot.parse(slot) if slot else None)
-    emit(g, result, f"slot {result['slot']} marked bad; the next boot goes to slot "
-         f"{result['next_boot']}")
+    emit(g, result, f"slot {result.slot} marked bad; the next boot goes to slot {result.next_boot}")
 
 
 @app.command()
@@ -392,7 +393,7 @@ def history(
     for column in ("time", "event", "slot", "version", "detail"):
         table.add_column(column)
     for e in events:
-        table.add_row(e["time"], e["event"], e["slot"] or "-", e["version"] or "-", e["detail"])
+        table.add_row(e.time, str(e.event), str(e.slot or "-"), e.version or "-", e.detail)
     stdout.print(table)
 
 
@@ -405,7 +406,7 @@ def boot_hook(
     """Run by init at every boot: trial -> health checks -> commit, or roll back and reboot."""
     g = _globals(ctx)
     result = ops.boot_hook(g.options(), reboot=not no_reboot)
-    emit(g, result, f"abupgrade boot-hook: {result['summary']}")
+    emit(g, result, f"abupgrade boot-hook: {result.summary}")
 
 
 @app.command("install-hook")
@@ -419,7 +420,8 @@ def install_hook(
     """Make this system's init run `abupgrade boot-hook` once per boot."""
     g = _globals(ctx)
     result = ops.install_hook(init, root, force=force)
-    emit(g, result, f"{result['init']}: " + (", ".join(result["written"]) or "already installed"))
+    emit(g, result, f"{result.init}: "
+         + (", ".join(map(str, result.written)) or "already installed"))
 
 
 @app.command()
@@ -433,20 +435,21 @@ def health(ctx: typer.Context) -> None:
         table = Table()
         for column in ("check", "kind", "result", "seconds", "output"):
             table.add_column(column)
-        for c in report["checks"]:
-            table.add_row(c["name"], c["kind"], c["result"], f"{c['seconds']:.1f}", c["output"])
+        for c in report.results:
+            table.add_row(c.name, str(c.kind), c.verdict, f"{c.seconds:.1f}", c.output)
         stdout.print(table)
-    if not report["healthy"]:
+    if not report.healthy:
         from abupgrade.errors import HealthFailed
 
-        raise HealthFailed(report["summary"])
+        raise HealthFailed(report.summary())
 
 
 @disk_app.command("init")
 def disk_init(
     ctx: typer.Context,
     target: Annotated[Path, typer.Argument(help="Disk image file (created) or unmounted device.")],
-    bootloader: Annotated[BootloaderKind, typer.Option(help="grub or syslinux.")],
+    bootloader: Annotated[BootloaderKind, typer.Option(
+        help=" or ".join(BootloaderKind) + ".")],
     size: Annotated[str | None, typer.Option(help="Size of a new image file, e.g. 2G.")] = None,
     slot_size: Annotated[str, typer.Option(help="Size of each root slot.")] = "512M",
     image: Annotated[str | None, typer.Option(help="Install this image in slot A and commit it.")] = None,
@@ -457,16 +460,13 @@ def disk_init(
 ) -> None:
     """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
     g = _globals(ctx)
-    progress = progress_for(g)
-    try:
+    with progress_for(g) as progress:
         result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
                                slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
                                compatible=compatible, force=force, progress=progress)
-    finally:
-        _close(progress)
-    text = f"{target}: A/B disk with {bootloader}, slots of {result['slot_size']:,} bytes"
-    if result.get("version"):
-        text += f"; slot A holds version {result['version']} (committed)"
+    text = f"{target}: A/B disk with {bootloader}, slots of {result.slot_size:,} bytes"
+    if result.version:
+        text += f"; slot A holds version {result.version} (committed)"
     emit(g, result, text)
 
 

@@ -1,4 +1,8 @@
-"""The TOML configuration, parsed once into frozen dataclasses."""
+"""The TOML configuration, parsed once into frozen dataclasses.
+
+Each bootloader backend owns its `[<bootloader>]` table (its settings, see bootloader/);
+the configuration holds the tables given and always the configured bootloader's.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,16 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from abupgrade import mounts
+from abupgrade.bootloader import BootloaderKind, backend_class
 from abupgrade.errors import UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
+from abupgrade.mounts import MOUNTINFO
+from abupgrade.schema import Table, absolute, error, refuse_unknown, section, toml_value, value
+
+T = TypeVar("T", bound=Table)
 
 DEFAULT_PATH = Path("/etc/abupgrade/system.toml")
 # Where `disk init` puts the configuration, relative to the boot partition's root.
@@ -18,45 +28,48 @@ ON_DISK_PATH = Path("abupgrade/system.toml")
 
 
 @dataclass(frozen=True)
-class GrubConfig:
-    env: Path = Path("/boot/grub/grubenv")
-    tries: int = 3
-
-
-@dataclass(frozen=True)
-class SyslinuxConfig:
-    dir: Path = Path("/boot/extlinux")
-
-
-@dataclass(frozen=True)
-class HealthConfig:
+class HealthConfig(Table):
     dir: Path = Path("/etc/abupgrade/health.d")
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds per check
     # The whole boot hook must finish within this many seconds, or the machine reboots.
     deadline: float = 600.0
     watchdog: Path = Path("/dev/watchdog")
 
+    def check(self, where: str) -> None:
+        if self.timeout <= 0 or self.deadline <= 0:
+            raise error(where, "timeout and deadline must be positive")
+
 
 @dataclass(frozen=True)
-class SystemConfig:
+class SystemConfig(Table):
     """What abupgrade reads from the running system; configurable for tests and offline use."""
 
     cmdline: Path = Path("/proc/cmdline")
-    mountinfo: Path = Path("/proc/self/mountinfo")
+    mountinfo: Path = MOUNTINFO
     boot_id: Path = Path("/proc/sys/kernel/random/boot_id")
-    reboot: tuple[str, ...] = ("reboot",)
+    reboot: tuple[str, ...] = field(default=("reboot",), metadata={
+        "what": "a command as a list of strings", "single": True})
+
+    def check(self, where: str) -> None:
+        if not self.reboot:
+            raise self.invalid("reboot", where)
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
+class RegistryConfig(Table):
     """How `oci://` references reach their registry."""
 
     # host[:port] that may be reached over plain HTTP (loopback always may)
-    insecure: tuple[str, ...] = ()
+    insecure: tuple[str, ...] = field(default=(), metadata={
+        "what": 'a list of "host[:port]" strings'})
     # CA certificate(s), PEM, trusted for registries besides the system's
     ca_file: Path | None = None
     # docker-style config.json with an "auths" table; credentials never go on the command line
     auth_file: Path | None = None
+
+    def check(self, where: str) -> None:
+        if not all(self.insecure):
+            raise self.invalid("insecure", where)
 
 
 @dataclass(frozen=True)
@@ -66,8 +79,9 @@ class Config:
     slots: Mapping[Slot, str]
     keyring: Path = Path("/etc/abupgrade/keys")
     state_dir: Path = Path("/var/lib/abupgrade")
-    grub: GrubConfig = field(default_factory=GrubConfig)
-    syslinux: SyslinuxConfig = field(default_factory=SyslinuxConfig)
+    # The `[<bootloader>]` tables given, each parsed by its backend; the configured
+    # bootloader's is always there once parsed (see `settings`).
+    bootloaders: Mapping[BootloaderKind, Table] = field(default_factory=dict)
     health: HealthConfig = field(default_factory=HealthConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     # Mount point -> device spec of the partitions abupgrade needs besides the slots
@@ -77,26 +91,31 @@ class Config:
     source: Path | None = None
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
+    @property
+    def settings(self) -> Table:
+        """The configured bootloader's table (its defaults where none was given)."""
+        found = self.bootloaders.get(self.bootloader)
+        return found if found is not None else backend_class(self.bootloader).settings_type()
+
+    def section(self, kind: type[T]) -> T:
+        """The bootloader table of type `kind` (GrubConfig, ...); KeyError when absent."""
+        for table in (self.settings, *self.bootloaders.values()):
+            if isinstance(table, kind):
+                return table
+        raise KeyError(kind.__name__)
+
     def rebased(self, mounted: Mapping[Path, Path]) -> Config:
         """The same configuration with paths under a mount point moved to where it is mounted."""
 
         def move(path: Path) -> Path:
-            best: Path | None = None
-            for point in mounted:
-                if path == point or point in path.parents:
-                    if best is None or len(point.parts) > len(best.parts):
-                        best = point
-            if best is None:
-                return path
-            return mounted[best] / path.relative_to(best)
+            return mounts.rebase(path, mounted)
 
         return replace(
             self,
             keyring=move(self.keyring),
             state_dir=move(self.state_dir),
-            grub=replace(self.grub, env=move(self.grub.env)),
-            syslinux=replace(self.syslinux, dir=move(self.syslinux.dir)),
-            health=replace(self.health, dir=move(self.health.dir)),
+            bootloaders={kind: table.rebased(move) for kind, table in self.bootloaders.items()},
+            health=self.health.rebased(move),
             hooks_dir=move(self.hooks_dir) if self.hooks_dir else None,
         )
 
@@ -123,149 +142,73 @@ def load(path: Path) -> Config:
     return parse(raw, source=path)
 
 
-def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = raw.get(name, {})
-    if not isinstance(value, Mapping):
-        raise UsageError(f"configuration: [{name}] must be a table")
-    return value
-
-
-def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
-    value = table.get(key, default)
-    if value is None:
-        raise UsageError(f"configuration: {where}{key} is required")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise UsageError(f"configuration: {where}{key} must be a {kind.__name__}")
-    return value
-
-
-_KNOWN = {
-    "": {"compatible", "bootloader", "keyring", "state_dir", "slots", "grub", "syslinux",
-         "health", "system", "mounts", "hooks_dir", "registry"},
-    "grub": {"env", "tries"},
-    "syslinux": {"dir"},
-    "health": {"dir", "timeout", "deadline", "watchdog"},
-    "system": {"cmdline", "mountinfo", "boot_id", "reboot"},
-    "registry": {"insecure", "ca_file", "auth_file"},
-}
+_TOP = {"compatible", "bootloader", "keyring", "state_dir", "slots", "health", "system",
+        "mounts", "hooks_dir", "registry"}
 
 
 def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
-    for section, known in _KNOWN.items():
-        table: Mapping[str, Any] = raw if not section else _section(raw, section)
-        unknown = sorted(set(table) - known)
-        if unknown:
-            where = f"[{section}] " if section else ""
-            raise UsageError(f"configuration: unknown key {where}{unknown[0]!r}",
-                             hint=f"known keys: {', '.join(sorted(known))}")
-
-    kind_text = _get(raw, "bootloader", str, "")
+    refuse_unknown(raw, _TOP | set(BootloaderKind), "")
+    kind_text = value(raw, "bootloader", str, "")
     try:
         kind = BootloaderKind(kind_text)
     except ValueError:
         raise UsageError(f"configuration: bootloader {kind_text!r} is not supported",
-                         hint="use \"grub\" or \"syslinux\"") from None
+                         hint="use " + " or ".join(f'"{k}"' for k in BootloaderKind)) from None
 
-    slots_raw = _section(raw, "slots")
+    slots_raw = section(raw, "slots")
     slots: dict[Slot, str] = {}
     for slot in Slot:
         slot_table = slots_raw.get(slot.value)
         if not isinstance(slot_table, Mapping):
             raise UsageError(f"configuration: [slots.{slot}] is required")
-        slots[slot] = _get(slot_table, "device", str, f"[slots.{slot}] ")
+        slots[slot] = value(slot_table, "device", str, f"[slots.{slot}] ")
     extra = sorted(set(slots_raw) - {s.value for s in Slot})
     if extra:
         raise UsageError(f"configuration: unknown slot {extra[0]!r}", hint="slots are A and B")
 
-    grub_raw = _section(raw, "grub")
-    tries = _get(grub_raw, "tries", int, "[grub] ", 3)
-    if not 1 <= tries <= 9:
-        raise UsageError("configuration: [grub] tries must be between 1 and 9")
-    health_raw = _section(raw, "health")
-    system_raw = _section(raw, "system")
-    reboot = system_raw.get("reboot", ["reboot"])
-    if isinstance(reboot, str):
-        reboot = [reboot]
-    if not isinstance(reboot, list) or not reboot or not all(isinstance(a, str) for a in reboot):
-        raise UsageError("configuration: [system] reboot must be a command as a list of strings")
-    mounts_raw = _section(raw, "mounts")
-    mounts = {Path(_absolute(point, "[mounts]")): _get(mounts_raw, point, str, "[mounts] ")
-              for point in mounts_raw}
-
-    def path(table: Mapping[str, Any], key: str, where: str, default: Path) -> Path:
-        return Path(_absolute(_get(table, key, str, where, str(default)), where + key))
-
-    timeout = _get(health_raw, "timeout", float, "[health] ", 60.0)
-    deadline = _get(health_raw, "deadline", float, "[health] ", 600.0)
-    if timeout <= 0 or deadline <= 0:
-        raise UsageError("configuration: [health] timeout and deadline must be positive")
+    bootloaders = {
+        each: backend_class(each).settings_type.from_toml(section(raw, each), f"[{each}] ")
+        for each in BootloaderKind if each is kind or each in raw
+    }
+    mounts_raw = section(raw, "mounts")
     hooks = raw.get("hooks_dir")
     return Config(
-        compatible=_get(raw, "compatible", str, ""),
+        compatible=value(raw, "compatible", str, ""),
         bootloader=kind,
         slots=slots,
-        keyring=path(raw, "keyring", "", Config.keyring),
-        state_dir=path(raw, "state_dir", "", Config.state_dir),
-        grub=GrubConfig(env=path(grub_raw, "env", "[grub] ", GrubConfig.env), tries=tries),
-        syslinux=SyslinuxConfig(dir=path(_section(raw, "syslinux"), "dir", "[syslinux] ",
-                                         SyslinuxConfig.dir)),
-        health=HealthConfig(
-            dir=path(health_raw, "dir", "[health] ", HealthConfig.dir),
-            timeout=timeout,
-            deadline=deadline,
-            watchdog=path(health_raw, "watchdog", "[health] ", HealthConfig.watchdog),
-        ),
-        system=SystemConfig(
-            cmdline=path(system_raw, "cmdline", "[system] ", SystemConfig.cmdline),
-            mountinfo=path(system_raw, "mountinfo", "[system] ", SystemConfig.mountinfo),
-            boot_id=path(system_raw, "boot_id", "[system] ", SystemConfig.boot_id),
-            reboot=tuple(reboot),
-        ),
-        mounts=mounts,
-        hooks_dir=Path(_absolute(hooks, "hooks_dir")) if isinstance(hooks, str) else None,
+        keyring=_path(raw, "keyring", Config.keyring),
+        state_dir=_path(raw, "state_dir", Config.state_dir),
+        bootloaders=bootloaders,
+        health=HealthConfig.from_toml(section(raw, "health"), "[health] "),
+        system=SystemConfig.from_toml(section(raw, "system"), "[system] "),
+        mounts={absolute(point, "[mounts]"): value(mounts_raw, point, str, "[mounts] ")
+                for point in mounts_raw},
+        hooks_dir=absolute(hooks, "hooks_dir") if isinstance(hooks, str) else None,
         source=source,
-        registry=_registry(_section(raw, "registry")),
+        registry=RegistryConfig.from_toml(section(raw, "registry"), "[registry] "),
     )
 
 
-def _registry(table: Mapping[str, Any]) -> RegistryConfig:
-    insecure = table.get("insecure", [])
-    if not isinstance(insecure, list) or not all(isinstance(h, str) and h for h in insecure):
-        raise UsageError('configuration: [registry] insecure must be a list of "host[:port]" strings')
-    files = {key: Path(_absolute(_get(table, key, str, "[registry] "), f"[registry] {key}"))
-             for key in ("ca_file", "auth_file") if key in table}
-    return RegistryConfig(insecure=tuple(insecure), **files)
-
-
-def _absolute(text: str, where: str) -> str:
-    if not text.startswith("/"):
-        raise UsageError(f"configuration: {where} must be an absolute path, not {text!r}")
-    return text
+def _path(raw: Mapping[str, Any], key: str, default: Path) -> Path:
+    return absolute(value(raw, key, str, "", str(default)), key)
 
 
 def render(config: Config) -> str:
-    """TOML text for a configuration (used by `disk init`)."""
-    lines = [
-        f'compatible = "{config.compatible}"',
-        f'bootloader = "{config.bootloader}"',
-        f'keyring = "{config.keyring}"',
-        f'state_dir = "{config.state_dir}"',
-    ]
+    """TOML for a configuration: everything `parse` read, escaped (`disk init` writes it)."""
+    top: list[tuple[str, object]] = [
+        ("compatible", config.compatible), ("bootloader", config.bootloader),
+        ("keyring", config.keyring), ("state_dir", config.state_dir)]
     if config.hooks_dir:
-        lines.append(f'hooks_dir = "{config.hooks_dir}"')
+        top.append(("hooks_dir", config.hooks_dir))
+    lines = [f"{key} = {toml_value(item)}" for key, item in top]
     for slot, device in config.slots.items():
-        lines += ["", f"[slots.{slot}]", f'device = "{device}"']
-    lines += ["", "[mounts]"] + [f'"{point}" = "{dev}"' for point, dev in config.mounts.items()]
-    lines += ["", "[grub]", f'env = "{config.grub.env}"', f"tries = {config.grub.tries}"]
-    lines += ["", "[syslinux]", f'dir = "{config.syslinux.dir}"']
-    lines += ["", "[health]", f'dir = "{config.health.dir}"', f"timeout = {config.health.timeout:g}",
-              f"deadline = {config.health.deadline:g}"]
-    reboot = ", ".join(f'"{arg}"' for arg in config.system.reboot)
-    lines += ["", "[system]", f"reboot = [{reboot}]"]
-    for key in ("cmdline", "mountinfo", "boot_id"):
-        value = getattr(config.system, key)
-        if value != getattr(SystemConfig, key):
-            lines.append(f'{key} = "{value}"')
+        lines += ["", f"[slots.{slot}]", f"device = {toml_value(device)}"]
+    lines += ["", "[mounts]"]
+    lines += [f"{toml_value(point)} = {toml_value(dev)}" for point, dev in config.mounts.items()]
+    tables: dict[str, Table] = {str(kind): table for kind, table in config.bootloaders.items()}
+    tables.setdefault(str(config.bootloader), config.settings)
+    tables |= {"health": config.health, "system": config.system, "registry": config.registry}
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {toml_value(item)}" for key, item in table.to_toml()]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from abupgrade import blockdev
 from abupgrade import config as configuration
 from abupgrade.config import Config
 from abupgrade.errors import OperationalError, UsageError
@@ -38,21 +39,10 @@ class Disk:
     image: Path | None = None  # the image file behind the loop device, if any
 
 
-def _sysfs_partitions(device: Path) -> dict[int, Path]:
-    sysdir = Path("/sys/class/block") / device.name
-    found = {}
-    if sysdir.is_dir():
-        for child in sysdir.iterdir():
-            number = child / "partition"
-            if number.exists():
-                found[int(number.read_text())] = Path("/dev") / child.name
-    return found
-
-
 def _wait_for_nodes(device: Path, numbers: list[int]) -> dict[int, Path]:
     deadline = time.monotonic() + NODE_TIMEOUT
     while True:
-        present = _sysfs_partitions(device)
+        present = blockdev.partitions(device)
         if all(n in present and present[n].is_block_device() for n in numbers):
             return present
         if time.monotonic() > deadline:
@@ -82,7 +72,7 @@ def attached(target: Path) -> Iterator[Disk]:
             _drop_stale_partitions(device)
         table = read_table(device)
         numbers = [p.number for p in table.partitions] if table else []
-        present = _sysfs_partitions(device)
+        present = blockdev.partitions(device)
         missing = [n for n in numbers if n not in present]
         if missing:
             stack.enter_context(_partx_added(device, missing))
@@ -93,12 +83,12 @@ def attached(target: Path) -> Iterator[Disk]:
 def _drop_stale_partitions(device: Path) -> None:
     """Partitions a loop device kept from its previous user (partx-made partitions outlive
     a detach) point at that user's layout, and their page cache holds that user's bytes."""
-    stale = _sysfs_partitions(device)
+    stale = blockdev.partitions(device)
     if stale:
         partx = require_tool("partx", package="util-linux")
         log.debug("dropping stale partitions %s of %s", sorted(stale), device)
         run([partx, "--delete", device], check=False)
-        if _sysfs_partitions(device):
+        if blockdev.partitions(device):
             raise OperationalError(f"{device} carries partitions of its previous user that "
                                    "cannot be removed", hint="is one of them mounted?")
 

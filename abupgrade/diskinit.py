@@ -1,10 +1,10 @@
 """`disk init`: lay out an A/B disk on an image file or an unmounted block device.
 
-GRUB (GPT):     bios_grub 1 MiB | boot | rootfs_a | rootfs_b | data (the rest)
-syslinux (MBR): boot (bootable) | rootfs_a | rootfs_b | data (the rest)
-
-The boot filesystem gets the configuration (config.ON_DISK_PATH) and the keyring; the
-bootloader backend installs itself with slot A as the default and nothing bootable yet.
+The backend plans the partition table (`Bootloader.plan`: table kind, partitions and what
+each is for, e.g. GRUB's GPT with a bios_grub partition, syslinux's MBR with the boot
+partition flagged bootable). The boot and data partitions get ext4; the boot filesystem gets
+the configuration (config.ON_DISK_PATH) and the keyring; the backend installs itself with
+slot A as the default and nothing bootable yet.
 """
 
 from __future__ import annotations
@@ -16,34 +16,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from abupgrade import bootloader
-from abupgrade.bootloader.base import DiskLayout
-from abupgrade.config import ON_DISK_PATH, Config, GrubConfig, SyslinuxConfig, render
+from abupgrade import blockdev, bootloader
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.base import DiskLayout, Platform, Role
+from abupgrade.config import ON_DISK_PATH, Config, render
 from abupgrade.disk import attached, mkfs_ext4, mounted
 from abupgrade.errors import PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write
-from abupgrade.model import BootloaderKind, Slot
-from abupgrade.partitions import (
-    BIOS_GRUB,
-    LINUX_FS,
-    MBR_LINUX,
-    PartitionSpec,
-    PartitionTable,
-    TableKind,
-    create_table,
-    read_table,
-)
+from abupgrade.model import Slot
+from abupgrade.partitions import PartitionTable, create_table, read_table
 from abupgrade.run import run
 from abupgrade.slots import mounts_of
 
 MiB = 1024 * 1024
 BOOT_SIZE = 256 * MiB
 MIN_DATA_SIZE = 32 * MiB
-BOOT_POINT = Path("/boot")
-DATA_POINT = Path("/data")
-KEYRING = BOOT_POINT / "abupgrade" / "keys"
-STATE_DIR = DATA_POINT / "abupgrade"
-SLOT_NAMES = {Slot.A: "rootfs_a", Slot.B: "rootfs_b"}
+KEYRING = Path("abupgrade/keys")  # on the boot filesystem
+STATE_DIR = Path("abupgrade")  # on the data partition
 
 
 @dataclass(frozen=True)
@@ -61,35 +50,6 @@ def _round_mib(size: int) -> int:
     return -(-size // MiB) * MiB
 
 
-def _layout(kind: BootloaderKind, slot_size: int, boot_size: int) -> list[PartitionSpec]:
-    if kind is BootloaderKind.GRUB:
-        return [
-            PartitionSpec(MiB, BIOS_GRUB, "bios"),
-            PartitionSpec(boot_size, LINUX_FS, "boot"),
-            PartitionSpec(slot_size, LINUX_FS, SLOT_NAMES[Slot.A]),
-            PartitionSpec(slot_size, LINUX_FS, SLOT_NAMES[Slot.B]),
-            PartitionSpec(None, LINUX_FS, "data"),
-        ]
-    return [
-        PartitionSpec(boot_size, MBR_LINUX, bootable=True),
-        PartitionSpec(slot_size, MBR_LINUX),
-        PartitionSpec(slot_size, MBR_LINUX),
-        PartitionSpec(None, MBR_LINUX),
-    ]
-
-
-def _loops_backed_by(image: Path) -> list[str]:
-    real = os.path.realpath(image)
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            if backing.read_text().strip() == real:
-                found.append("/dev/" + backing.parent.parent.name)
-        except OSError:
-            continue
-    return found
-
-
 def _check_target(target: Path, size: int | None, needed: int, force: bool) -> int:
     """Refuse what must not be touched; the size the disk will have."""
     try:
@@ -103,13 +63,12 @@ def _check_target(target: Path, size: int | None, needed: int, force: bool) -> i
             raise UsageError("--size applies to image files, not to devices")
         busy = mounts_of(target)
         if busy:
-            raise PolicyRefusal(f"{target} is mounted on {', '.join(busy)}",
+            raise PolicyRefusal(f"{target} is mounted on {', '.join(map(str, busy))}",
                                 hint="unmount it first; disk init never touches a mounted disk")
-        name = Path(os.path.realpath(target)).name
-        final = int(Path(f"/sys/class/block/{name}/size").read_text()) * 512
+        final = blockdev.capacity(target)
     elif mode is None or stat.S_ISREG(mode):
         if mode is not None:
-            users = _loops_backed_by(target)
+            users = blockdev.loops_backed_by(target)
             if users:
                 raise PolicyRefusal(f"{target} is attached as {', '.join(users)}",
                                     hint="detach it first (losetup -d)")
@@ -136,6 +95,7 @@ def init_disk(
     pubkeys: Sequence[Path],
     compatible: str,
     boot_size: int = BOOT_SIZE,
+    platform: Platform | None = None,
 ) -> InitResult:
     """Partition `target`, make the boot and data filesystems, write config and keyring,
     and install the bootloader. Slots stay empty; slot A is the default."""
@@ -150,58 +110,53 @@ def init_disk(
             raise UsageError(f"public key {key} must be named *.pub",
                              hint="pass the .pub file `abupgrade keygen` wrote")
     slot_size, boot_size = _round_mib(slot_size), _round_mib(boot_size)
-    specs = _layout(kind, slot_size, boot_size)
-    needed = 2 * MiB + sum(s.size or 0 for s in specs) + MIN_DATA_SIZE
+    backend = bootloader.backend_class(kind)
+    platform = platform or Platform()
+    plan = backend.plan(platform, slot_size=slot_size, boot_size=boot_size)
+    needed = 2 * MiB + sum(p.spec.size or 0 for p in plan.partitions) + MIN_DATA_SIZE
     final = _check_target(target, size, needed, force)
     is_file = not target.exists() or stat.S_ISREG(target.stat().st_mode)
     if is_file:
         with open(target, "ab") as f:
             f.truncate(final)
-    table_kind = TableKind.GPT if kind is BootloaderKind.GRUB else TableKind.MBR
-    table = create_table(target, table_kind, specs)
+    table = create_table(target, plan.table, [p.spec for p in plan.partitions])
     if not is_file:
         run(["partx", "--update", target])  # the kernel's view of the new table
 
-    first = 2 if table_kind is TableKind.GPT else 1
-    boot_nr, data_nr = first, first + 3
-    slot_nrs = {Slot.A: first + 1, Slot.B: first + 2}
-    if table_kind is TableKind.GPT:
-        slots = {slot: f"PARTLABEL={SLOT_NAMES[slot]}" for slot in Slot}
-        mounts = {BOOT_POINT: "PARTLABEL=boot", DATA_POINT: "PARTLABEL=data"}
-    else:
-        slots = {slot: f"PARTUUID={table.get(nr).partuuid}" for slot, nr in slot_nrs.items()}
-        mounts = {BOOT_POINT: f"PARTUUID={table.get(boot_nr).partuuid}",
-                  DATA_POINT: f"PARTUUID={table.get(data_nr).partuuid}"}
+    boot_nr, data_nr = plan.number(Role.BOOT), plan.number(Role.DATA)
+    slot_nrs = {slot: plan.number(Role.of(slot)) for slot in Slot}
+    boot_point, data_point = plan.mount(Role.BOOT), plan.mount(Role.DATA)
+    slots = {slot: plan.device_spec(Role.of(slot), table) for slot in Slot}
     config = Config(
         compatible=compatible,
         bootloader=kind,
         slots=slots,
-        keyring=KEYRING,
-        state_dir=STATE_DIR,
-        grub=GrubConfig(env=BOOT_POINT / "grub" / "grubenv"),
-        syslinux=SyslinuxConfig(dir=BOOT_POINT / "extlinux"),
-        mounts=mounts,
+        keyring=boot_point / KEYRING,
+        state_dir=data_point / STATE_DIR,
+        bootloaders={kind: backend.new_settings(plan)},
+        mounts={boot_point: plan.device_spec(Role.BOOT, table),
+                data_point: plan.device_spec(Role.DATA, table)},
     )
 
     with attached(target) as disk:
         mkfs_ext4(disk.partitions[boot_nr], "boot", block_size=4096)
         mkfs_ext4(disk.partitions[data_nr], "data", block_size=4096)
         with mounted(disk.partitions[boot_nr]) as boot, mounted(disk.partitions[data_nr]) as data:
-            keyring = boot / KEYRING.relative_to(BOOT_POINT)
+            keyring = boot / KEYRING
             keyring.mkdir(parents=True)
             for key in pubkeys:
                 shutil.copyfile(key, keyring / key.name)
                 (keyring / key.name).chmod(0o644)
             atomic_write(boot / ON_DISK_PATH, render(config).encode())
-            (data / STATE_DIR.relative_to(DATA_POINT)).mkdir(parents=True)
-            backend = bootloader.backend_class(kind)(
-                config.rebased({BOOT_POINT: boot, DATA_POINT: data}))
-            backend.install(DiskLayout(
+            (data / STATE_DIR).mkdir(parents=True)
+            on_disk = config.rebased({boot_point: boot, data_point: data})
+            backend(on_disk.settings).install(DiskLayout(
                 disk=disk.device,
                 boot_root=boot,
                 boot_partition=boot_nr,
                 slot_partitions=slot_nrs,
                 slot_roots=slots,
+                platform=platform,
             ))
             os.sync()
     return InitResult(target, config, table, boot_nr, slot_nrs, data_nr, slot_size)

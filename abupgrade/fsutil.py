@@ -1,13 +1,32 @@
-"""Durable file updates: temp file in the same folder, write, fsync, rename, fsync the folder."""
+"""Files: durable updates (temp file in the same folder, write, fsync, rename, fsync the
+folder) and inputs opened with one-line errors."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from abupgrade.errors import OperationalError, UsageError
+
+
+def open_input(path: Path, what: str = "") -> io.BufferedReader:
+    """`path` opened for reading. A missing file or a folder is a UsageError (exit 2) that
+    names `what` the path should have been ("image", "public key"); other failures are
+    operational (exit 1)."""
+    named = f"{what} {path}" if what else str(path)
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"{named} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{named} is a directory") from None
+    except OSError as e:
+        raise OperationalError(f"cannot read {named}: {e.strerror}") from None
 
 
 def fsync_dir(path: Path) -> None:

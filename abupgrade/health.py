@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import enum
 import os
-import signal
 import stat
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from abupgrade import run
+from abupgrade.errors import OperationalError
 
 OUTPUT_TAIL = 600  # characters of a check's output kept for history and reports
 
@@ -38,9 +38,12 @@ class Result:
         """A failure that makes the boot unhealthy."""
         return not self.ok and self.kind is not Kind.WANTED
 
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.ok else ("timeout" if self.timed_out else "fail")
+
     def to_json(self) -> dict[str, Any]:
-        result = "pass" if self.ok else ("timeout" if self.timed_out else "fail")
-        return {"name": self.name, "kind": str(self.kind), "result": result,
+        return {"name": self.name, "kind": str(self.kind), "result": self.verdict,
                 "seconds": round(self.seconds, 3), "output": self.output}
 
 
@@ -88,48 +91,26 @@ def executables(directory: Path) -> Iterator[Path]:
 
 
 def run_check(path: Path, *, kind: Kind, timeout: float, env: Mapping[str, str]) -> Result:
-    """Run one check in a new session; kill the whole group at the timeout and at its end."""
-    started = time.monotonic()
-    with tempfile.TemporaryFile() as output:
-        try:
-            proc = subprocess.Popen(
-                [str(path)], stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                env={**os.environ, **env}, start_new_session=True, close_fds=True,
-            )
-        except OSError as exc:
-            return Result(path.name, kind, False, 0.0, f"cannot run {path}: {exc.strerror}")
-        timed_out = False
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            code = -1
-        _kill_group(proc.pid)
-        if timed_out:
-            proc.wait()
-        output.seek(0)
-        text = output.read()[-4 * OUTPUT_TAIL:].decode(errors="replace")
-    tail = text[-OUTPUT_TAIL:]
-    if timed_out:
-        tail = (tail + f"\n(killed after {timeout:g} s)").lstrip()
-    elif code != 0:
-        tail = (tail + f"\n(exit status {code})").lstrip()
-    return Result(path.name, kind, code == 0 and not timed_out, time.monotonic() - started,
-                  tail, timed_out)
-
-
-def _kill_group(pgid: int) -> None:
+    """Run one check in a session of its own; its whole group is killed at the timeout and
+    at its end."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        done = run.supervise([path], timeout=timeout, env={**os.environ, **env},
+                             tail=4 * OUTPUT_TAIL)
+    except OperationalError as exc:
+        return Result(path.name, kind, False, 0.0, exc.message)
+    tail = done.output.decode(errors="replace")[-OUTPUT_TAIL:]
+    if done.returncode is None:
+        tail = (tail + f"\n(killed after {timeout:g} s)").lstrip()
+    elif done.returncode != 0:
+        tail = (tail + f"\n(exit status {done.returncode})").lstrip()
+    return Result(path.name, kind, done.ok, done.seconds, tail, done.returncode is None)
 
 
 Builtin = Callable[[], str | None]  # returns None when fine, else what is wrong
 
 
 def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
-            builtins: Mapping[str, Builtin], keepalive: Callable[[], None] = lambda: None) -> Report:
+            builtins: Mapping[str, Builtin]) -> Report:
     results: list[Result] = []
     for name, check in builtins.items():
         started = time.monotonic()
@@ -139,9 +120,7 @@ def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
             problem = str(exc)
         results.append(Result(name, Kind.BUILTIN, problem is None, time.monotonic() - started,
                               problem or ""))
-        keepalive()
     for kind in (Kind.REQUIRED, Kind.WANTED):
         for path in executables(directory / f"{kind}.d"):
             results.append(run_check(path, kind=kind, timeout=timeout, env=env))
-            keepalive()
     return Report(tuple(results))

@@ -7,53 +7,61 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
+import subprocess
+import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-from abupgrade import health, notify, run, slots
-from abupgrade.bootloader import BootState
+from abupgrade import health, mounts, notify, run
+from abupgrade.bootloader import Bootloader, BootState
 from abupgrade.errors import HealthFailed, OperationalError, UsageError
-from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
-from abupgrade.state import SlotRecord, State, Trial
+from abupgrade.results import HookResult, Outcome
+from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase
 from abupgrade.system import System
 
 log = logging.getLogger(__name__)
 
-LAST_BOOT_FILE = "last-boot"  # boot id of the last boot the hook finished, in state_dir
+# The deadline timer: a program of its own that sleeps, says why, and runs the reboot command.
+_TIMER = ("import os, sys, time\n"
+          "time.sleep(float(sys.argv[1]))\n"
+          "os.write(2, sys.argv[2].encode())\n"
+          "os.execvp(sys.argv[3], sys.argv[3:])\n")
 
 
 class Deadline:
     """Reboot the machine if the block does not end within `seconds`; keep /dev/watchdog
-    fed meanwhile, so a hang of the whole machine also ends in a reboot."""
+    fed meanwhile, so a hang of the whole machine also ends in a reboot.
+
+    The timer is a process in a session of its own, so a hung hook cannot stop it. It keeps
+    nothing of the hook open: not the lock (a hook that died would keep it), not the state
+    folder's files (a mount would stay busy), not its output pipes (whoever reads the hook's
+    output would wait for the timer). What it has to say goes to the console."""
 
     def __init__(self, seconds: float, reboot: tuple[str, ...], watchdog: Path) -> None:
         self.seconds = seconds
         self.reboot = reboot
         self.watchdog_path = watchdog
-        self.pid: int | None = None
+        self.timer: subprocess.Popen[bytes] | None = None
         self._watchdog: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Deadline:
-        pid = os.fork()
-        if pid == 0:  # the timer: a process of its own, so a hung hook cannot stop it
-            try:
-                os.setsid()
-                _detach()
-                time.sleep(self.seconds)
-                os.write(2, f"abupgrade: boot hook deadline of {self.seconds:g} s passed; "
-                            "rebooting\n".encode())
-                os.execvp(self.reboot[0], list(self.reboot))
-            finally:
-                os._exit(1)
-        self.pid = pid
+        message = f"abupgrade: boot hook deadline of {self.seconds:g} s passed; rebooting\n"
+        try:
+            console: int = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            console = subprocess.DEVNULL
+        try:
+            self.timer = run.spawn([sys.executable, "-I", "-c", _TIMER, str(self.seconds),
+                                    message, *self.reboot],
+                                   stdout=console, stderr=console, new_session=True)
+        finally:
+            if console != subprocess.DEVNULL:
+                os.close(console)
         try:
             self._watchdog = os.open(self.watchdog_path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
@@ -78,26 +86,9 @@ class Deadline:
             with contextlib.suppress(OSError):
                 os.write(self._watchdog, b"V")  # magic close: disarm what we armed
             os.close(self._watchdog)
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-
-
-def _detach() -> None:
-    """The timer keeps nothing of its parent open: not the lock (a hook that died would keep
-    it), not the state folder's files (a mount would stay busy), not its output pipes (whoever
-    reads the hook's output would wait for the timer). What it has to say goes to the console."""
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        out = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY)
-    except OSError:
-        out = null
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+        if self.timer is not None:
+            self.timer.kill()
+            self.timer.wait()
 
 
 def _boot_id(system: System) -> str:
@@ -112,10 +103,7 @@ def _load_or_rebuild(system: System, boot: BootState) -> State:
     try:
         return system.store.load()
     except OperationalError as exc:
-        broken = system.store.state_path
-        kept = broken.with_name(f"{broken.name}.corrupt-{int(time.time())}")
-        with contextlib.suppress(OSError):
-            os.replace(broken, kept)
+        kept = system.store.quarantine()
         installed = _installed_from_history(system)
         state = State(slots={
             slot: SlotRecord(state=SlotState.GOOD, version=installed[slot][0],
@@ -124,7 +112,7 @@ def _load_or_rebuild(system: System, boot: BootState) -> State:
             for slot in Slot
         })
         system.store.save(state)
-        system.store.record("repaired", None, None,
+        system.store.record(EventName.REPAIRED, None, None,
                             f"{exc.message}; kept as {kept.name}, rebuilt from the bootloader "
                             "and the history")
         return state
@@ -137,31 +125,24 @@ def _installed_from_history(system: System) -> dict[Slot, tuple[str | None, str 
         for event in system.store.history():
             if event.slot is None:
                 continue
-            if event.event == "installed":
+            if event.event == EventName.INSTALLED:
                 found[event.slot] = (event.version, event.time)
-            elif event.event in ("install-failed", "interrupted"):
+            elif event.event in (EventName.INSTALL_FAILED, EventName.INTERRUPTED):
                 found[event.slot] = (None, None)
     return found
 
 
 def _builtins(system: System, slot: Slot) -> dict[str, health.Builtin]:
     def root_is_slot() -> str | None:
-        root = [m for m in slots.read_mountinfo(system.config.system.mountinfo) if m.point == "/"]
+        root = mounts.root(system.config.system.mountinfo)
         device = system.device(slot)
-        if root and root[-1].devno == device.stat().st_rdev:
+        if root is not None and root.devno == device.stat().st_rdev:
             return None
-        where = root[-1].source if root else "unknown"
+        where = root.source if root is not None else "unknown"
         return f"the root filesystem ({where}) is not slot {slot} ({device})"
 
     def state_writable() -> str | None:
-        probe = system.store.dir / ".health-probe"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, b"ok\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
+        system.store.probe()
         return None
 
     return {"root-is-slot": root_is_slot, "state-writable": state_writable}
@@ -176,7 +157,7 @@ def _check_env(slot: Slot, state: State, trial: Trial | None) -> dict[str, str]:
     }
 
 
-def check_now(system: System) -> dict[str, Any]:
+def check_now(system: System) -> health.Report:
     """`abupgrade health`: the checks, run now, for the booted slot; nothing changes."""
     slot = system.booted
     if slot is None:
@@ -184,24 +165,21 @@ def check_now(system: System) -> dict[str, Any]:
                          hint="the kernel command line needs abupgrade.slot=A or B")
     state = system.store.load()
     trial = state.trial if state.trial and state.trial.slot == slot else None
-    report = health.run_all(system.config.health.dir, timeout=system.config.health.timeout,
-                            env=_check_env(slot, state, trial), builtins=_builtins(system, slot))
-    return report.to_json()
+    return health.run_all(system.config.health.dir, timeout=system.config.health.timeout,
+                          env=_check_env(slot, state, trial), builtins=_builtins(system, slot))
 
 
-def boot(system: System, *, reboot: bool) -> dict[str, Any]:
+def boot(system: System, *, reboot: bool) -> HookResult:
     booted = system.booted
     if booted is None:
         raise UsageError("cannot tell which slot is booted",
                          hint="the kernel command line needs abupgrade.slot=A or B")
     system.store.ensure()
     boot_id = _boot_id(system)
-    last = system.store.dir / LAST_BOOT_FILE
-    with contextlib.suppress(OSError):
-        done = last.read_text().split("\n", 1)
-        if boot_id and done[0] == boot_id:
-            return {"slot": str(booted), "outcome": "already-done",
-                    "summary": f"the boot hook already ran in this boot ({done[1].strip()})"}
+    last = system.store.last_boot()
+    if boot_id and last is not None and last[0] == boot_id:
+        return HookResult(booted, Outcome.ALREADY_DONE,
+                          f"the boot hook already ran in this boot ({last[1]})")
     loader = system.bootloader.read()
     state = _load_or_rebuild(system, loader)
     trial = state.trial
@@ -212,106 +190,102 @@ def boot(system: System, *, reboot: bool) -> dict[str, Any]:
         state = replace(state, trial=trial)
 
     if trial is not None and trial.slot == booted:
-        result = _trial_boot(system, state, trial, boot_id, reboot=reboot)
+        result = _trial_boot(system, state, trial, reboot=reboot)
     elif trial is not None:
-        result = _fallback(system, state, trial, booted, loader)
+        result = _fallback(system, trial, booted, loader)
     else:
         result = _committed_boot(system, state, booted, loader)
-    _remember(system, boot_id, result["outcome"])
-    if result["outcome"] in ("committed", "rolled-back", "fallback"):
-        _notify(system, result["outcome"], state, trial)
-    if result["outcome"] == "rolled-back":
+    if boot_id:
+        system.store.remember_boot(boot_id, result.outcome)
+    if result.outcome.notifies:
+        _notify(system, result.outcome, state, trial)
+    if result.outcome is Outcome.ROLLED_BACK:
         if reboot:
             run.run(system.config.system.reboot, timeout=60)
-        raise HealthFailed(result["summary"], hint="see `abupgrade history` for the check's output")
+        raise HealthFailed(result.summary, hint="see `abupgrade history` for the check's output")
     return result
 
 
-def _notify(system: System, event: str, state: State, trial: Trial | None) -> None:
+def _notify(system: System, outcome: Outcome, state: State, trial: Trial | None) -> None:
     """Tell the fleet agent's hooks; a failing hook is recorded, never fatal."""
     if system.config.hooks_dir is None or trial is None:
         return
-    problems = notify.run_hooks(system.config.hooks_dir, event,
+    problems = notify.run_hooks(system.config.hooks_dir, outcome,
                                 _check_env(trial.slot, state, trial))
     for problem in problems:
-        system.store.record("hook-failed", trial.slot, trial.version, problem)
+        system.store.record(EventName.HOOK_FAILED, trial.slot, trial.version, problem)
 
 
-def _remember(system: System, boot_id: str, outcome: str) -> None:
-    from abupgrade.fsutil import atomic_write
-
-    if boot_id:
-        atomic_write(system.store.dir / LAST_BOOT_FILE, f"{boot_id}\n{outcome}\n".encode())
-
-
-def _trial_boot(system: System, state: State, trial: Trial, boot_id: str, *,
-                reboot: bool) -> dict[str, Any]:
+def _trial_boot(system: System, state: State, trial: Trial, *, reboot: bool) -> HookResult:
     slot = trial.slot
     earlier = trial.phase
-    trial = replace(trial, phase="checking", boots=trial.boots + 1)
+    trial = replace(trial, phase=TrialPhase.CHECKING, boots=trial.boots + 1)
     system.store.save(replace(state, trial=trial))  # progress first: a hang is told apart
-    system.store.record("trial-boot", slot, trial.version,
+    system.store.record(EventName.TRIAL_BOOT, slot, trial.version,
                         f"boot {trial.boots} of the trial; running health checks"
-                        + (" again (the last boot died during them)" if earlier == "checking"
-                           else ""))
+                        + (" again (the last boot died during them)"
+                           if earlier is TrialPhase.CHECKING else ""))
     cfg = system.config
     with Deadline(cfg.health.deadline, cfg.system.reboot, cfg.health.watchdog):
         report = health.run_all(cfg.health.dir, timeout=cfg.health.timeout,
                                 env=_check_env(slot, state, trial),
                                 builtins=_builtins(system, slot))
-    state = system.store.load()
     if report.healthy:
-        with critical():
-            system.bootloader.commit(slot)
-            system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=None))
-            system.store.record("committed", slot, trial.version, report.summary())
-        return {"slot": str(slot), "outcome": "committed", "summary":
-                f"slot {slot} (version {trial.version}) is healthy and committed",
-                "health": report.to_json()}
+        system.transition(
+            EventName.COMMITTED, slot, trial.version, report.summary(),
+            bootloader=lambda loader: loader.commit(slot),
+            state=lambda now: replace(now.with_slot(slot, state=SlotState.GOOD), trial=None))
+        return HookResult(slot, Outcome.COMMITTED,
+                          f"slot {slot} (version {trial.version}) is healthy and committed",
+                          health=report)
     failed = report.first_failure
     assert failed is not None
     detail = f"{report.summary()}; back to slot {slot.other}"
     if failed.output.strip():
         detail += f"; output: {' | '.join(failed.output.strip().splitlines()[-5:])}"
-    with critical():
-        system.bootloader.disable(slot)
-        system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=None))
-        system.store.record("rolled-back", slot, trial.version, detail)
-    return {"slot": str(slot), "outcome": "rolled-back",
-            "summary": f"slot {slot} failed its health checks ({report.summary()}); "
-                       f"rolled back to slot {slot.other}" + ("" if reboot else ", reboot to finish"),
-            "health": report.to_json()}
+    system.transition(
+        EventName.ROLLED_BACK, slot, trial.version, detail,
+        bootloader=lambda loader: loader.disable(slot),
+        state=lambda now: replace(now.with_slot(slot, state=SlotState.BAD), trial=None))
+    return HookResult(slot, Outcome.ROLLED_BACK,
+                      f"slot {slot} failed its health checks ({report.summary()}); "
+                      f"rolled back to slot {slot.other}" + ("" if reboot else ", reboot to finish"),
+                      health=report)
 
 
-def _fallback(system: System, state: State, trial: Trial, booted: Slot,
-              boot: BootState) -> dict[str, Any]:
+def _fallback(system: System, trial: Trial, booted: Slot, boot: BootState) -> HookResult:
     """We run on the other slot although a trial was armed: the trial never made it."""
     if boot.trial == trial.slot and boot.tries_left > 0:
         # The trial is still armed: we are on the old slot before the trial boot (a second
         # hook run after apply, or apply from this very boot). Nothing happened yet.
-        return {"slot": str(booted), "outcome": "trial-pending",
-                "summary": f"slot {trial.slot} is armed for a trial on the next boot"}
-    if trial.phase == "checking":
+        return HookResult(booted, Outcome.TRIAL_PENDING,
+                          f"slot {trial.slot} is armed for a trial on the next boot")
+    if trial.phase is TrialPhase.CHECKING:
         why = (f"the trial slot booted {trial.boots} time(s) and died or hung during its "
                "health checks")
     else:
         why = "the trial slot never reached the boot hook (kernel or init failed)"
-    with critical():
-        system.bootloader.disable(trial.slot)
+
+    def back(loader: Bootloader) -> None:
+        loader.disable(trial.slot)
         if boot.default != booted and booted in boot.bootable:
-            system.bootloader.commit(booted)
-        state = replace(state.with_slot(trial.slot, state=SlotState.BAD), trial=None)
-        if state.slots[booted].state is not SlotState.GOOD:
-            state = state.with_slot(booted, state=SlotState.GOOD)
-        system.store.save(state)
-        system.store.record("fallback", trial.slot, trial.version,
-                            f"{why}; the bootloader went back to slot {booted}")
-    return {"slot": str(booted), "outcome": "fallback",
-            "summary": f"the trial of slot {trial.slot} (version {trial.version}) failed: {why}; "
-                       f"running on slot {booted}"}
+            loader.commit(booted)
+
+    def update(now: State) -> State:
+        now = replace(now.with_slot(trial.slot, state=SlotState.BAD), trial=None)
+        if now.slots[booted].state is not SlotState.GOOD:
+            now = now.with_slot(booted, state=SlotState.GOOD)
+        return now
+
+    system.transition(EventName.FALLBACK, trial.slot, trial.version,
+                      f"{why}; the bootloader went back to slot {booted}",
+                      bootloader=back, state=update)
+    return HookResult(booted, Outcome.FALLBACK,
+                      f"the trial of slot {trial.slot} (version {trial.version}) failed: {why}; "
+                      f"running on slot {booted}")
 
 
-def _committed_boot(system: System, state: State, booted: Slot, boot: BootState) -> dict[str, Any]:
+def _committed_boot(system: System, state: State, booted: Slot, boot: BootState) -> HookResult:
     """A normal boot: compare the bootloader with state.json, repair what is safe."""
     repaired: list[str] = []
     problems: list[str] = []
@@ -330,10 +304,10 @@ def _committed_boot(system: System, state: State, booted: Slot, boot: BootState)
         problems.append(f"slot {other} is good in the state file but the bootloader will not boot it")
     if repaired:
         system.store.save(state)
-        system.store.record("repaired", booted, state.slots[booted].version, "; ".join(repaired))
+        system.store.record(EventName.REPAIRED, booted, state.slots[booted].version,
+                            "; ".join(repaired))
     summary = f"slot {booted} is committed; nothing to do"
     if repaired or problems:
         summary = f"slot {booted}: " + "; ".join(repaired + problems)
-    return {"slot": str(booted), "outcome": "committed-boot", "summary": summary,
-            "repaired": repaired, "problems": problems}
-
+    return HookResult(booted, Outcome.COMMITTED_BOOT, summary,
+                      repaired=tuple(repaired), problems=tuple(problems))

@@ -28,8 +28,3 @@ class SlotState(enum.StrEnum):
     BAD = "bad"
     TRIAL = "trial"
     EMPTY = "empty"
-
-
-class BootloaderKind(enum.StrEnum):
-    GRUB = "grub"
-    SYSLINUX = "syslinux"

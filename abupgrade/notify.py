@@ -7,13 +7,15 @@ and whatever goes wrong comes back as a line for the caller to record, never as 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from abupgrade.health import Kind, executables, run_check
+from abupgrade import run
+from abupgrade.errors import OperationalError
+from abupgrade.health import executables
 
-EVENTS = ("committed", "rolled-back", "fallback")
 TIMEOUT = 30.0  # seconds per hook
 
 _EVENT_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
@@ -31,16 +33,19 @@ def run_hooks(directory: Path | None, event: str, env: Mapping[str, str], *,
     if not _EVENT_RE.fullmatch(event):
         return [f"not running hooks for {event!r}: not an event name"]
     problems: list[str] = []
-    hook_env = {**env, "ABUPGRADE_EVENT": event}
+    hook_env = {**os.environ, **env, "ABUPGRADE_EVENT": event}
     for path in executables(directory / f"{event}.d"):
-        result = run_check(path, kind=Kind.WANTED, timeout=timeout, env=hook_env)
-        if result.ok:
+        what = f"{event} hook {path.name}"
+        try:
+            done = run.supervise([path], timeout=timeout, env=hook_env)
+        except OperationalError as exc:
+            problems.append(f"{what} failed: {exc.message}")
             continue
-        if result.timed_out:
-            problems.append(f"{event} hook {path.name} timed out after {timeout:g} s")
-            continue
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        status = lines.pop().strip("()") if lines and lines[-1].startswith("(exit status") else ""
-        said = f": {lines[-1].strip()}" if lines else ""
-        problems.append(f"{event} hook {path.name} failed" + (f" ({status})" if status else "") + said)
+        if done.returncode is None:
+            problems.append(f"{what} timed out after {timeout:g} s")
+        elif not done.ok:
+            said = [line.strip() for line in done.output.decode(errors="replace").splitlines()
+                    if line.strip()]
+            problems.append(f"{what} failed (exit status {done.returncode})"
+                            + (f": {said[-1]}" if said else ""))
     return problems

@@ -3,55 +3,61 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from abupgrade import diskinit, run
-from abupgrade.bootloader import BootState
+from abupgrade import blockdev, diskinit, run
+from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
+from abupgrade.bootloader.base import Platform
 from abupgrade.config import RegistryConfig, config_path
-from abupgrade.errors import (
-    ImageRejected,
-    Interrupted,
-    OperationalError,
-    PolicyRefusal,
-    UsageError,
-)
+from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
+from abupgrade.health import Report
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
-from abupgrade.image.manifest import PayloadKind, compare_versions
-from abupgrade.image.reader import ImageReader, inspect, verify
+from abupgrade.image.manifest import BOOT_NAMES, Manifest, PayloadKind, compare_versions
+from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage, inspect, verify
 from abupgrade.interrupt import critical
-from abupgrade.model import BootloaderKind, Slot, SlotState
+from abupgrade.model import Slot, SlotState
 from abupgrade.progress import Progress
+from abupgrade.results import (
+    CheckResult,
+    DiskMade,
+    HookInstalled,
+    HookResult,
+    Installed,
+    KeyPair,
+    MarkedBad,
+    SlotStatus,
+    SlotVersion,
+    Status,
+)
 from abupgrade.source import open_source
-from abupgrade.state import SlotRecord, State, Trial, now
+from abupgrade.state import Event, EventName, SlotRecord, State, Trial, now
 from abupgrade.system import Options, System, open_system
 from abupgrade.writer import SlotWriter
 
-__all__ = ["Options"]
+if TYPE_CHECKING:
+    from abupgrade.oci.push import PushResult
 
-_BLKGETSIZE64 = 0x80081272
+__all__ = ["Options"]
 
 
 # ------------------------------------------------------------------ keys and images
 
 
-def keygen(prefix: Path) -> tuple[Path, Path, str]:
+def keygen(prefix: Path) -> KeyPair:
     private, public = keys.generate(prefix)
-    return private, public, keys.key_id(keys.load_public(public))
+    return KeyPair(private, public, keys.key_id(keys.load_public(public)))
 
 
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
-                progress: Progress) -> dict[str, Any]:
+                progress: Progress) -> ImageInfo:
     for key in signing_keys:
         warning = keys.permission_warning(key)
         if warning:
@@ -59,7 +65,7 @@ def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Se
     image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
                         initrd=initrd, compression=compression, progress=progress)
     with open_source(str(output)) as stream:
-        return inspect(stream, None).to_json()
+        return inspect(stream, None)
 
 
 def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
@@ -69,8 +75,11 @@ def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
         return system.keyring()
 
 
-def _registry(options: Options) -> RegistryConfig:
-    """The configured registry settings, or the defaults where no configuration is at hand."""
+def _registry(options: Options, spec: str) -> RegistryConfig | None:
+    """For an `oci://` spec, the configured registry settings (the defaults where no
+    configuration is at hand); None for anything else."""
+    if not spec.startswith("oci://"):
+        return None
     if options.config is None and options.disk is None and not config_path(None).exists():
         return RegistryConfig()
     with open_system(options, readonly=True) as system:
@@ -78,31 +87,24 @@ def _registry(options: Options) -> RegistryConfig:
 
 
 def image_verify(options: Options, spec: str, pubkeys: Sequence[Path],
-                 progress: Progress) -> dict[str, Any]:
+                 progress: Progress) -> VerifiedImage:
     keyring = _keyring(options, pubkeys)
-    with open_source(spec, registry=_registry(options) if spec.startswith("oci://") else None) as stream:
-        verified = verify(stream, keyring, progress)
-    return {
-        "version": verified.manifest.version,
-        "compatible": verified.manifest.compatible,
-        "payloads": [p.to_json() for p in verified.manifest.payloads],
-        "signatures": [s.to_json() for s in verified.signatures],
-    }
+    with open_source(spec, registry=_registry(options, spec)) as stream:
+        return verify(stream, keyring, progress)
 
 
-def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> dict[str, Any]:
+def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> ImageInfo:
     keyring: keys.Keyring | None = None
     if pubkeys:
         keyring = keys.Keyring.from_files(pubkeys)
     elif options.config is not None or options.disk is not None:
         keyring = _keyring(options, [])
-    registry = _registry(options) if spec.startswith("oci://") else None
-    with open_source(spec, registry=registry) as stream:
-        return inspect(stream, keyring).to_json()
+    with open_source(spec, registry=_registry(options, spec)) as stream:
+        return inspect(stream, keyring)
 
 
 def image_push(image: Path, target: str, *, pubkeys: Sequence[Path], ca_file: Path | None,
-               auth_file: Path | None, insecure: bool, progress: Progress) -> dict[str, Any]:
+               auth_file: Path | None, insecure: bool, progress: Progress) -> PushResult:
     from abupgrade import oci
     from abupgrade.oci.reference import parse_reference
 
@@ -110,10 +112,10 @@ def image_push(image: Path, target: str, *, pubkeys: Sequence[Path], ca_file: Pa
     settings = RegistryConfig(insecure=(host,) if insecure else (), ca_file=ca_file,
                               auth_file=auth_file)
     keyring = keys.Keyring.from_files(pubkeys) if pubkeys else None
-    return oci.push(image, target, settings=settings, keyring=keyring, progress=progress).to_json()
+    return oci.push(image, target, settings=settings, keyring=keyring, progress=progress)
 
 
-def check(options: Options, reference: str) -> dict[str, Any]:
+def check(options: Options, reference: str) -> CheckResult:
     """Whether `reference` holds a version newer than the committed one (NothingNewer if not)."""
     from abupgrade import oci
 
@@ -122,7 +124,7 @@ def check(options: Options, reference: str) -> dict[str, Any]:
         committed = system.store.load().slots[boot.default].version
         version = oci.check(reference, committed, compatible=system.config.compatible,
                             settings=system.config.registry)
-    return {"reference": reference, "version": version, "committed": committed}
+    return CheckResult(reference, version, committed)
 
 
 # ------------------------------------------------------------------ state of the machine
@@ -143,54 +145,35 @@ def _active(system: System, boot: BootState) -> Slot:
     return system.booted if system.booted is not None else boot.default
 
 
-def status(options: Options) -> dict[str, Any]:
+def status(options: Options) -> Status:
     with open_system(options, readonly=True) as system:
         boot = system.bootloader.read()
         state = system.store.load()
-        notes = []
-        if system.bootloader.max_tries is not None:
-            notes.append(f"{system.bootloader.name} gives a trial exactly "
-                         f"{system.bootloader.max_tries} boot(s) before it falls back")
         trial = boot.trial if boot.trial is not None and boot.tries_left > 0 else None
-        return {
-            "booted": str(system.booted) if system.booted else None,
-            "next_boot": str(boot.next_boot),
-            "trial": str(trial) if trial else None,
-            "trial_boots_left": boot.tries_left if trial else 0,
-            "committed": str(boot.default),
-            "bootloader": system.bootloader.name,
-            "slots": {
-                str(slot): {
-                    "device": system.device_text(slot),
-                    "state": str(_slot_state(slot, state.slots[slot], boot)),
-                    "version": state.slots[slot].version,
-                    "installed": state.slots[slot].installed,
-                }
-                for slot in Slot
-            },
-            "notes": notes,
-        }
+        return Status(
+            booted=system.booted,
+            next_boot=boot.next_boot,
+            trial=trial,
+            trial_boots_left=boot.tries_left if trial else 0,
+            committed=boot.default,
+            bootloader=system.bootloader.name,
+            slots={slot: SlotStatus(device=system.device_text(slot),
+                                    state=_slot_state(slot, state.slots[slot], boot),
+                                    version=state.slots[slot].version,
+                                    installed=state.slots[slot].installed)
+                   for slot in Slot},
+            notes=system.bootloader.notes(),
+        )
 
 
-def history(options: Options, limit: int | None) -> list[dict[str, Any]]:
+def history(options: Options, limit: int | None) -> list[Event]:
     if limit is not None and limit < 1:
         raise UsageError("-n must be at least 1")
     with open_system(options, readonly=True) as system:
-        return [e.to_json() for e in system.store.history(limit)]
+        return system.store.history(limit)
 
 
 # ------------------------------------------------------------------ apply
-
-
-def _capacity(device: Path) -> int:
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size: int = struct.unpack("=Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
-        return size
-    except OSError:
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 def _reboot(system: System) -> None:
@@ -200,7 +183,7 @@ def _reboot(system: System) -> None:
 
 
 def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, reboot: bool,
-          progress: Progress) -> dict[str, Any]:
+          progress: Progress) -> Installed:
     with open_system(options) as system, system.store.lock():
         system.bootloader.preflight()
         boot = system.bootloader.read()
@@ -215,27 +198,42 @@ def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, 
                           allow_downgrade=allow_downgrade, committed=state.slots[active].version)
         if dry_run:
             return result
-        tries = system.config.grub.tries
-        if system.bootloader.max_tries is not None:
-            tries = min(tries, system.bootloader.max_tries)
-        with critical():
-            system.bootloader.arm_trial(target, tries)
-            state = system.store.load()
-            system.store.save(replace(
-                state.with_slot(target, state=SlotState.TRIAL),
-                trial=Trial(slot=target, version=result["version"],
-                            previous=state.slots[active].version, armed=now()),
-            ))
-            system.store.record("trial-armed", target, result["version"],
-                                f"{tries} boot(s) before falling back to slot {active}")
-        result["tries"] = tries
+        tries = system.bootloader.trial_boots()
+        system.transition(
+            EventName.TRIAL_ARMED, target, result.version,
+            f"{tries} boot(s) before falling back to slot {active}",
+            bootloader=lambda loader: loader.arm_trial(target, tries),
+            state=lambda now_: replace(
+                now_.with_slot(target, state=SlotState.TRIAL),
+                trial=Trial(slot=target, version=result.version,
+                            previous=now_.slots[active].version, armed=now())))
         if reboot:
             _reboot(system)
-        return result
+        return replace(result, tries=tries)
+
+
+def check_policy(manifest: Manifest, target: Slot, *, compatible: str, committed: str | None,
+                 allow_downgrade: bool, room: int, bootloader: type[Bootloader]) -> None:
+    """Refuse (PolicyRefusal, exit 4) an image this machine must not install into `target`
+    (a slot of `room` bytes): another machine's, older than the `committed` version unless
+    allowed, too large, or without the boot files the bootloader boots. Reads nothing."""
+    if manifest.compatible != compatible:
+        raise PolicyRefusal(f"image is for {manifest.compatible!r}, this machine is {compatible!r}",
+                            hint="use an image built for this machine")
+    if (committed is not None and not allow_downgrade
+            and compare_versions(manifest.version, committed) < 0):
+        raise PolicyRefusal(f"image version {manifest.version} is older than the committed "
+                            f"{committed}", hint="pass --allow-downgrade if you mean it")
+    blockdev.require_fits(manifest.slot.size, room, f"slot {target}")
+    for name in bootloader.requires_boot_files:
+        if manifest.boot(name) is None:
+            raise PolicyRefusal(
+                f"{bootloader.name} boots only what is on the boot partition, and "
+                f"this image has no {name}", hint=f"build the image with --{name}")
 
 
 def _install(system: System, state: State, spec: str, target: Slot, *, progress: Progress,
-             dry_run: bool, allow_downgrade: bool, committed: str | None) -> dict[str, Any]:
+             dry_run: bool, allow_downgrade: bool, committed: str | None) -> Installed:
     """Verify the image and write it into `target`, which is left unbootable until armed."""
     device = system.device(target)
     if not system.offline and system.booted == target:
@@ -245,89 +243,77 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                             hint=f"unmount {device} first")
     started = time.monotonic()
     with open_source(spec, registry=system.config.registry) as stream:
-        reader = ImageReader(stream, system.keyring())  # the signature is checked here
+        # The signature is checked here; a dry run reports the reading as its progress.
+        reader = ImageReader(stream, system.keyring(), progress=progress if dry_run else None)
         manifest = reader.manifest
-        if manifest.compatible != system.config.compatible:
-            raise PolicyRefusal(
-                f"image is for {manifest.compatible!r}, this machine is "
-                f"{system.config.compatible!r}", hint="use an image built for this machine")
-        if (committed is not None and not allow_downgrade
-                and compare_versions(manifest.version, committed) < 0):
-            raise PolicyRefusal(f"image version {manifest.version} is older than the committed "
-                                f"{committed}", hint="pass --allow-downgrade if you mean it")
-        capacity = _capacity(device)
-        if manifest.slot.size > capacity:
-            raise PolicyRefusal(
-                f"image's root filesystem ({manifest.slot.size:,} bytes) is larger than slot "
-                f"{target} ({capacity:,} bytes)", hint="build the image for this disk's slot size")
-        for name in system.bootloader.requires_boot_files:
-            if manifest.boot(name) is None:
-                raise PolicyRefusal(
-                    f"{system.bootloader.name} boots only what is on the boot partition, and "
-                    f"this image has no {name}", hint=f"build the image with --{name}")
-        result: dict[str, Any] = {"slot": str(target), "version": manifest.version,
-                                  "compatible": manifest.compatible, "written": 0,
-                                  "dry_run": dry_run}
+        check_policy(manifest, target, compatible=system.config.compatible, committed=committed,
+                     allow_downgrade=allow_downgrade, room=blockdev.capacity(device),
+                     bootloader=type(system.bootloader))
         if dry_run:
-            verify_progress = progress
-            verify_progress.start("verify", sum(p.size for p in manifest.payloads))
-            try:
-                for _payload, chunks in reader.payloads():
-                    for chunk in chunks:
-                        verify_progress.advance(len(chunk))
-            finally:
-                verify_progress.finish()
-            return result
-
-        # The point of no return for the target: unbootable before its first byte changes.
-        bootable = system.bootloader.read().bootable
-        if target in bootable and target.other not in bootable:
-            if state.slots[target].state is not SlotState.EMPTY:
-                raise PolicyRefusal(f"slot {target} is the only bootable slot",
-                                    hint="writing it would leave nothing to boot")
-            # a fresh disk: nothing is installed anywhere, there is nothing to protect
-        with critical():
-            if target in bootable and target.other in bootable:
-                system.bootloader.disable(target)
-            system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
-                                                      installed=None, sha256=None),
-                                      trial=None))
-            _drop_boot_files(system, target)
-        try:
-            for payload, chunks in reader.payloads():
-                if payload.kind is PayloadKind.SLOT:
-                    with SlotWriter(device, progress) as writer:
-                        stats = writer.write_payload(payload.size, payload.sha256, chunks)
-                    result["written"] += stats.written
-                else:
-                    _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
-                                     chunks, payload.size, progress)
-                    result["written"] += payload.size
-        except (Interrupted, KeyboardInterrupt) as exc:
-            _drop_boot_files(system, target)
-            system.store.record("interrupted", target, manifest.version,
-                                f"writing slot {target} stopped: {exc or 'interrupted'}; "
-                                "the slot stays unbootable")
-            raise
-        except (ImageRejected, OperationalError, PolicyRefusal) as exc:
-            _drop_boot_files(system, target)
-            system.store.record("install-failed", target, manifest.version,
-                                f"{exc.message}; the slot stays unbootable")
-            raise
-        with critical():
-            state = system.store.load()
-            system.store.save(state.with_slot(target, state=SlotState.BAD,
+            reader.verify()
+            return Installed(target, manifest.version, manifest.compatible, 0, dry_run=True)
+        _make_unbootable(system, state, target)
+        written = _write_payloads(system, reader, target, device, progress)
+        system.transition(
+            EventName.INSTALLED, target, manifest.version,
+            f"{manifest.slot.size:,} bytes to {device}, read back and verified",
+            state=lambda now_: now_.with_slot(target, state=SlotState.BAD,
                                               version=manifest.version, installed=now(),
                                               sha256=manifest.slot.sha256))
-            system.store.record("installed", target, manifest.version,
-                                f"{manifest.slot.size:,} bytes to {device}, read back and verified")
-    result["seconds"] = round(time.monotonic() - started, 3)
-    return result
+    return Installed(target, manifest.version, manifest.compatible, written, dry_run=False,
+                     seconds=round(time.monotonic() - started, 3))
+
+
+def _make_unbootable(system: System, state: State, target: Slot) -> None:
+    """The point of no return for `target`: unbootable, empty in state.json and without boot
+    files before its first byte changes."""
+    bootable = system.bootloader.read().bootable
+    if target in bootable and target.other not in bootable:
+        if state.slots[target].state is not SlotState.EMPTY:
+            raise PolicyRefusal(f"slot {target} is the only bootable slot",
+                                hint="writing it would leave nothing to boot")
+        # a fresh disk: nothing is installed anywhere, there is nothing to protect
+    with critical():
+        if target in bootable and target.other in bootable:
+            system.bootloader.disable(target)
+        system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
+                                                  installed=None, sha256=None),
+                                  trial=None))
+        _drop_boot_files(system, target)
+
+
+def _write_payloads(system: System, reader: ImageReader, target: Slot, device: Path,
+                    progress: Progress) -> int:
+    """Every payload to its place (the rootfs to the slot, boot files to the bootloader's
+    place); the bytes written. A failure leaves no boot file behind and is in the history."""
+    written = 0
+    version = reader.manifest.version
+    try:
+        for payload, chunks in reader.payloads():
+            if payload.kind is PayloadKind.SLOT:
+                with SlotWriter(device, progress) as writer:
+                    written += writer.write_payload(payload.size, payload.sha256, chunks).written
+            else:
+                _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
+                                 chunks, payload.size, progress)
+                written += payload.size
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _drop_boot_files(system, target)
+        system.store.record(EventName.INTERRUPTED, target, version,
+                            f"writing slot {target} stopped: {exc or 'interrupted'}; "
+                            "the slot stays unbootable")
+        raise
+    except (ImageRejected, OperationalError, PolicyRefusal) as exc:
+        _drop_boot_files(system, target)
+        system.store.record(EventName.INSTALL_FAILED, target, version,
+                            f"{exc.message}; the slot stays unbootable")
+        raise
+    return written
 
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in ("kernel", "initrd"):
+    for name in BOOT_NAMES:
         with contextlib.suppress(FileNotFoundError):
             system.bootloader.boot_file_path(target, name).unlink()
 
@@ -347,27 +333,31 @@ def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Pro
 # ------------------------------------------------------------------ commit, rollback, mark
 
 
-def mark_good(options: Options) -> dict[str, Any]:
+def mark_good(options: Options) -> SlotVersion:
     with open_system(options) as system, system.store.lock():
         slot = system.booted
         if slot is None:
             raise UsageError("there is no booted slot to commit",
                              hint="with --disk nothing is booted; boot the slot to commit it")
-        return _commit(system, slot, "committed", "marked good by hand")
+        return _commit(system, slot, "marked good by hand")
 
 
-def _commit(system: System, slot: Slot, event: str, detail: str) -> dict[str, Any]:
-    with critical():
-        system.bootloader.commit(slot)
-        state = system.store.load()
-        trial = state.trial if state.trial is not None and state.trial.slot != slot else None
-        version = state.slots[slot].version
-        system.store.save(replace(state.with_slot(slot, state=SlotState.GOOD), trial=trial))
-        system.store.record(event, slot, version, detail)
-    return {"slot": str(slot), "version": version}
+def _commit(system: System, slot: Slot, detail: str) -> SlotVersion:
+    version = system.store.load().slots[slot].version
+    system.transition(
+        EventName.COMMITTED, slot, version, detail,
+        bootloader=lambda loader: loader.commit(slot),
+        state=lambda now_: replace(now_.with_slot(slot, state=SlotState.GOOD),
+                                   trial=_trial_without(now_, slot)))
+    return SlotVersion(slot, version)
 
 
-def mark_bad(options: Options, slot: Slot | None) -> dict[str, Any]:
+def _trial_without(state: State, slot: Slot) -> Trial | None:
+    """The state's trial, unless it is one of `slot`."""
+    return state.trial if state.trial is not None and state.trial.slot != slot else None
+
+
+def mark_bad(options: Options, slot: Slot | None) -> MarkedBad:
     with open_system(options) as system, system.store.lock():
         boot = system.bootloader.read()
         slot = slot or system.booted
@@ -379,15 +369,16 @@ def mark_bad(options: Options, slot: Slot | None) -> dict[str, Any]:
         if slot == boot.default and not other_ok:
             raise PolicyRefusal(f"slot {slot} is the only good slot",
                                 hint="marking it bad would leave nothing to boot")
-        with critical():
-            system.bootloader.disable(slot)
-            trial = state.trial if state.trial is not None and state.trial.slot != slot else None
-            system.store.save(replace(state.with_slot(slot, state=SlotState.BAD), trial=trial))
-            system.store.record("marked-bad", slot, state.slots[slot].version, "marked bad by hand")
-        return {"slot": str(slot), "next_boot": str(system.bootloader.read().next_boot)}
+        bad = slot
+        system.transition(
+            EventName.MARKED_BAD, bad, state.slots[bad].version, "marked bad by hand",
+            bootloader=lambda loader: loader.disable(bad),
+            state=lambda now_: replace(now_.with_slot(bad, state=SlotState.BAD),
+                                       trial=_trial_without(now_, bad)))
+        return MarkedBad(bad, system.bootloader.read().next_boot)
 
 
-def rollback(options: Options, *, reboot: bool) -> dict[str, Any]:
+def rollback(options: Options, *, reboot: bool) -> SlotVersion:
     with open_system(options) as system, system.store.lock():
         boot = system.bootloader.read()
         state = system.store.load()
@@ -398,18 +389,25 @@ def rollback(options: Options, *, reboot: bool) -> dict[str, Any]:
                 f"slot {target} holds no good image "
                 f"({_slot_state(target, state.slots[target], boot)})",
                 hint="rollback goes only to a slot that booted healthy before")
-        with critical():
-            if state.trial is not None and state.trial.slot == active:
-                system.bootloader.disable(active)
-                state = state.with_slot(active, state=SlotState.BAD)
-            system.bootloader.commit(target)
-            system.store.save(replace(state, trial=None))
-            system.store.record("manual-rollback", target, state.slots[target].version,
-                                f"by hand, from slot {active}")
-        result = {"slot": str(target), "version": state.slots[target].version}
+        # A trial running on the active slot ends with it: it is not going to be committed.
+        abandoned = state.trial is not None and state.trial.slot == active
+
+        def switch(loader: Bootloader) -> None:
+            if abandoned:
+                loader.disable(active)
+            loader.commit(target)
+
+        def update(now_: State) -> State:
+            if abandoned:
+                now_ = now_.with_slot(active, state=SlotState.BAD)
+            return replace(now_, trial=None)
+
+        version = state.slots[target].version
+        system.transition(EventName.MANUAL_ROLLBACK, target, version,
+                          f"by hand, from slot {active}", bootloader=switch, state=update)
         if reboot:
             _reboot(system)
-        return result
+        return SlotVersion(target, version)
 
 
 # ------------------------------------------------------------------ disks
@@ -417,7 +415,7 @@ def rollback(options: Options, *, reboot: bool) -> dict[str, Any]:
 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,
               image: str | None, pubkeys: Sequence[Path], compatible: str | None, force: bool,
-              progress: Progress) -> dict[str, Any]:
+              progress: Progress, platform: Platform | None = None) -> DiskMade:
     if compatible is None:
         if image is None:
             raise UsageError("disk init needs --compatible or an --image to take it from")
@@ -426,40 +424,37 @@ def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size
     if image is not None and not pubkeys:
         raise UsageError("--image needs --pubkey: the disk's keyring must trust its signer")
     made = diskinit.init_disk(target, kind, size=size, slot_size=slot_size, force=force,
-                              pubkeys=pubkeys, compatible=compatible)
-    result: dict[str, Any] = {"target": str(target), "bootloader": str(kind),
-                              "slot_size": made.slot_size, "compatible": compatible,
-                              "version": None}
+                              pubkeys=pubkeys, compatible=compatible, platform=platform)
+    version = None
     if image is not None:
         with open_system(Options(disk=target)) as system, system.store.lock():
             installed = _install(system, system.store.load(), image, Slot.A, progress=progress,
                                  dry_run=False, allow_downgrade=True, committed=None)
-            _commit(system, Slot.A, "committed", "first image, installed by disk init")
-        result["version"] = installed["version"]
-    return result
+            _commit(system, Slot.A, "first image, installed by disk init")
+        version = installed.version
+    return DiskMade(target, str(kind), made.slot_size, compatible, version)
 
 
 # ------------------------------------------------------------------ boot hook and health
 
 
-def install_hook(init: str | None, root: Path, *, force: bool) -> dict[str, Any]:
+def install_hook(init: str | None, root: Path, *, force: bool) -> HookInstalled:
     from abupgrade import integrations
 
     kind = init or integrations.detect(root)
     written = integrations.install(kind, root, force=force)
-    return {"init": kind, "root": str(root), "written": [str(p) for p in written]}
+    return HookInstalled(kind, root, tuple(written))
 
 
-def boot_hook(options: Options, *, reboot: bool) -> dict[str, Any]:
+def boot_hook(options: Options, *, reboot: bool) -> HookResult:
     from abupgrade import hook
 
     with open_system(options) as system, system.store.lock():
         return hook.boot(system, reboot=reboot)
 
 
-def health(options: Options) -> dict[str, Any]:
+def health(options: Options) -> Report:
     from abupgrade import hook
 
     with open_system(options, readonly=True) as system:
         return hook.check_now(system)
-

@@ -7,9 +7,7 @@ from the first sectors of an image file or a block device. Offsets and sizes are
 from __future__ import annotations
 
 import enum
-import fcntl
 import os
-import stat
 import struct
 import uuid
 import zlib
@@ -17,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from abupgrade import blockdev
 from abupgrade.errors import OperationalError, UsageError
 from abupgrade.run import require_tool, run
 
@@ -24,7 +23,6 @@ BIOS_GRUB = "21686148-6449-6E6F-744E-656564454649"
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 MBR_LINUX = "83"
 
-_BLKSSZGET = 0x1268
 _GPT_SIGNATURE = b"EFI PART"
 _MBR_EXTENDED = {0x05, 0x0F, 0x85}
 
@@ -76,14 +74,6 @@ def _guid(raw: bytes) -> str:
     return str(uuid.UUID(bytes_le=raw))
 
 
-def _sector_size(fd: int) -> int:
-    if stat.S_ISBLK(os.fstat(fd).st_mode):
-        buf = fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4)
-        size: int = struct.unpack("=i", buf)[0]
-        return size
-    return 512
-
-
 def _pread(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
@@ -98,7 +88,7 @@ def read_table(path: Path) -> PartitionTable | None:
     except OSError as exc:
         raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
     try:
-        sector = _sector_size(fd)
+        sector = blockdev.sector_size(fd)
         mbr = os.pread(fd, 512, 0)
         if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
             return None

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from abupgrade.errors import CommandFailed, OperationalError
 
@@ -48,6 +54,65 @@ def run(
     if check and proc.returncode != 0:
         raise CommandFailed(args, proc.returncode, proc.stderr, hint=hint)
     return proc
+
+
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start argv (never through a shell) and return at once. Its stdin is /dev/null and it
+    inherits no descriptor but 0-2; with `new_session` it leads a session and process group
+    of its own, so signals to ours do not reach it and it can be killed with all it started.
+    A program that cannot start is an OperationalError ("cannot run ARGV0: why")."""
+    args = [str(a) for a in argv]
+    log.debug("spawn: %s", shlex.join(args))
+    try:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                env=dict(env) if env is not None else None,
+                                start_new_session=new_session, close_fds=True)
+    except OSError as exc:
+        raise OperationalError(f"cannot run {args[0]}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a supervised program ended."""
+
+    returncode: int | None  # None when it was killed at its timeout
+    output: bytes  # the tail of its stdout and stderr, interleaved
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def supervise(argv: Sequence[str | Path], *, timeout: float, env: Mapping[str, str] | None = None,
+              tail: int = 4096) -> Finished:
+    """Run argv in a session of its own with stdout and stderr to a file; kill its whole
+    process group when it overruns `timeout` and when it ends (nothing it started outlives
+    it). Keeps the last `tail` bytes of its output."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as output:
+        proc = spawn(argv, env=env, stdout=output, stderr=subprocess.STDOUT, new_session=True)
+        code: int | None
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if code is None:
+            proc.wait()
+        size = output.seek(0, os.SEEK_END)
+        output.seek(max(0, size - tail))
+        return Finished(code, output.read(), time.monotonic() - started)
 
 
 def require_tool(name: str, *, package: str) -> str:

@@ -9,14 +9,14 @@ A spec that matches no device or more than one is an error: we never guess.
 from __future__ import annotations
 
 import os
-import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyudev
 
+from abupgrade import blockdev, mounts
 from abupgrade.config import Config
 from abupgrade.errors import OperationalError, UsageError
 from abupgrade.model import Slot
@@ -24,7 +24,6 @@ from abupgrade.partitions import PartitionTable, read_table
 from abupgrade.run import run
 
 SPEC_KEYS = ("PARTLABEL", "PARTUUID", "LABEL", "UUID")
-SYS_BLOCK = Path("/sys/dev/block")
 
 
 @dataclass(frozen=True)
@@ -166,10 +165,6 @@ def resolve(spec: str, *, within: Path | None = None) -> Path:
                      hint="make the spec unique (for example PARTUUID= or a /dev path)")
 
 
-def resolve_slots(config: Config, *, within: Path | None = None) -> dict[Slot, Path]:
-    return {slot: resolve(spec, within=within) for slot, spec in config.slots.items()}
-
-
 def cmdline_slot(cmdline: Path) -> Slot | None:
     """The `abupgrade.slot=` the bootloader put on the kernel command line, if any."""
     try:
@@ -180,35 +175,6 @@ def cmdline_slot(cmdline: Path) -> Slot | None:
         if word.startswith("abupgrade.slot="):
             return Slot.parse(word.removeprefix("abupgrade.slot="))
     return None
-
-
-@dataclass(frozen=True)
-class Mount:
-    devno: int
-    point: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def read_mountinfo(mountinfo: Path) -> list[Mount]:
-    mounts = []
-    try:
-        text = mountinfo.read_text()
-    except OSError as exc:
-        raise OperationalError(f"cannot read {mountinfo}: {exc.strerror}") from None
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 10 or "-" not in fields:
-            continue
-        major, minor = fields[2].split(":")
-        after = fields[fields.index("-") + 1 :]
-        mounts.append(Mount(os.makedev(int(major), int(minor)), _unescape(fields[4]),
-                            _unescape(after[1]) if len(after) > 1 else ""))
-    return mounts
 
 
 def _source_devno(source: str) -> int | None:
@@ -226,10 +192,9 @@ def booted_slot(config: Config) -> Slot | None:
     slot = cmdline_slot(config.system.cmdline)
     if slot is not None:
         return slot
-    roots = [m for m in read_mountinfo(config.system.mountinfo) if m.point == "/"]
-    if not roots:
+    root = mounts.root(config.system.mountinfo)
+    if root is None:
         return None
-    root = roots[-1]
     devnos = {root.devno, _source_devno(root.source)}
     for slot, spec in config.slots.items():
         try:
@@ -241,41 +206,15 @@ def booted_slot(config: Config) -> Slot | None:
     return None
 
 
-def _related(devno: int) -> Iterator[int]:
-    """devno, its partitions and everything stacked on top (holders), recursively."""
-    todo, done = [devno], set()
-    while todo:
-        current = todo.pop()
-        if current in done:
-            continue
-        done.add(current)
-        yield current
-        sysdir = SYS_BLOCK / f"{os.major(current)}:{os.minor(current)}"
-        if not sysdir.exists():
-            continue
-        sysdir = sysdir.resolve()
-        for child in sysdir.iterdir():
-            if (child / "partition").exists():
-                todo.append(_read_devno(child))
-        holders = sysdir / "holders"
-        if holders.is_dir():
-            todo.extend(_read_devno(h.resolve()) for h in holders.iterdir())
-
-
-def _read_devno(sysdir: Path) -> int:
-    major, minor = (sysdir / "dev").read_text().strip().split(":")
-    return os.makedev(int(major), int(minor))
-
-
-def mounts_of(device: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
+def mounts_of(device: Path, mountinfo: Path = mounts.MOUNTINFO) -> list[Path]:
     """Mount points of `device`, of its partitions and of whatever is stacked on it."""
     st = device.stat()
     if not stat.S_ISBLK(st.st_mode):
         raise UsageError(f"{device} is not a block device")
-    related = set(_related(st.st_rdev))
-    return [m.point for m in read_mountinfo(mountinfo)
+    related = set(blockdev.related(st.st_rdev))
+    return [m.point for m in mounts.read(mountinfo)
             if m.devno in related or _source_devno(m.source) in related]
 
 
-def is_mounted(device: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+def is_mounted(device: Path, mountinfo: Path = mounts.MOUNTINFO) -> bool:
     return bool(mounts_of(device, mountinfo))

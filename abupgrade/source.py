@@ -15,6 +15,7 @@ from typing import BinaryIO, cast
 
 from abupgrade.config import RegistryConfig
 from abupgrade.errors import OperationalError, UsageError
+from abupgrade.fsutil import open_input
 
 TIMEOUT = 30.0  # seconds without progress before a download is given up
 
@@ -43,19 +44,8 @@ def open_source(spec: str, *, timeout: float = TIMEOUT,
     if "://" in spec:
         raise UsageError(f"unsupported image source {spec!r}",
                          hint="use a path, -, an http(s) URL or an oci:// reference")
-    with _open_path(Path(spec)) as handle:
+    with open_input(Path(spec), "image") as handle:
         yield handle
-
-
-def _open_path(path: Path) -> BinaryIO:
-    try:
-        return path.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"image {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"image {path} is a directory") from None
-    except OSError as e:
-        raise OperationalError(f"cannot read image {path}: {e.strerror}") from None
 
 
 def _open_url(url: str, timeout: float) -> BinaryIO:

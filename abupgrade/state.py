@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +26,31 @@ from abupgrade.model import Slot, SlotState
 STATE_FILE = "state.json"
 HISTORY_FILE = "history.jsonl"
 LOCK_FILE = "lock"
+LAST_BOOT_FILE = "last-boot"  # boot id and outcome of the last boot the hook finished
+PROBE_FILE = ".health-probe"
 FORMAT = 1
+
+
+class EventName(enum.StrEnum):
+    """The events of the history (`history --json` "event")."""
+
+    INSTALLED = "installed"  # an image was written and read back; the slot is not armed yet
+    INSTALL_FAILED = "install-failed"
+    INTERRUPTED = "interrupted"
+    TRIAL_ARMED = "trial-armed"
+    TRIAL_BOOT = "trial-boot"  # the boot hook runs the checks of a trial boot
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled-back"  # a trial failed its checks
+    FALLBACK = "fallback"  # a trial never reached the hook, or died in it
+    MANUAL_ROLLBACK = "manual-rollback"
+    MARKED_BAD = "marked-bad"
+    REPAIRED = "repaired"  # the hook put state.json and the bootloader in agreement
+    HOOK_FAILED = "hook-failed"  # a notification hook failed
+
+
+class TrialPhase(enum.StrEnum):
+    ARMED = "armed"  # by apply
+    CHECKING = "checking"  # the boot hook ran on the trial slot and started its checks
 
 
 def now() -> str:
@@ -47,7 +73,7 @@ class Trial:
     version: str | None
     previous: str | None
     armed: str
-    phase: str = "armed"  # armed -> checking (the hook ran on the trial slot)
+    phase: TrialPhase = TrialPhase.ARMED
     boots: int = 0  # boots of the trial slot the hook has seen
 
 
@@ -69,7 +95,7 @@ class State:
             trial = {
                 "slot": str(self.trial.slot), "version": self.trial.version,
                 "previous": self.trial.previous, "armed": self.trial.armed,
-                "phase": self.trial.phase, "boots": self.trial.boots,
+                "phase": str(self.trial.phase), "boots": self.trial.boots,
             }
         return {
             "format": FORMAT,
@@ -98,7 +124,7 @@ class State:
             trial = Trial(
                 slot=Slot(t["slot"]), version=_opt_str(t.get("version")),
                 previous=_opt_str(t.get("previous")), armed=str(t["armed"]),
-                phase=str(t.get("phase", "armed")), boots=int(t.get("boots", 0)),
+                phase=TrialPhase(t.get("phase", TrialPhase.ARMED)), boots=int(t.get("boots", 0)),
             )
         return cls(slots=slots, trial=trial)
 
@@ -114,13 +140,13 @@ def _opt_str(value: Any) -> str | None:
 @dataclass(frozen=True)
 class Event:
     time: str
-    event: str
+    event: EventName | str  # a str: a name this version does not know (kept, not dropped)
     slot: Slot | None
     version: str | None
     detail: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"time": self.time, "event": self.event,
+        return {"time": self.time, "event": str(self.event),
                 "slot": str(self.slot) if self.slot else None,
                 "version": self.version, "detail": self.detail}
 
@@ -176,7 +202,7 @@ class Store:
                 hint="the state folder must be on writable storage with free space",
             ) from None
 
-    def record(self, event: str, slot: Slot | None = None, version: str | None = None,
+    def record(self, event: EventName, slot: Slot | None = None, version: str | None = None,
                detail: str = "") -> Event:
         """Append one event to the history, durably."""
         self.ensure()
@@ -210,13 +236,43 @@ class Store:
             try:
                 item = json.loads(raw)
                 events.append(Event(
-                    time=str(item["time"]), event=str(item["event"]),
+                    time=str(item["time"]), event=_event_name(str(item["event"])),
                     slot=Slot(item["slot"]) if item.get("slot") else None,
                     version=_opt_str(item.get("version")), detail=str(item.get("detail", "")),
                 ))
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by a power cut, or the empty tail
         return events[-limit:] if limit else events
+
+    def quarantine(self) -> Path:
+        """Move a corrupt state file aside (kept for a look, never read again); its new path.
+        A file that cannot be moved stays, to be replaced by the next save."""
+        kept = self.state_path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            os.replace(self.state_path, kept)
+        return kept
+
+    def last_boot(self) -> tuple[str, str] | None:
+        """(boot id, outcome) the boot hook remembered of the last boot it finished."""
+        try:
+            boot_id, _, outcome = (self.dir / LAST_BOOT_FILE).read_text().partition("\n")
+        except OSError:
+            return None
+        return boot_id, outcome.strip()
+
+    def remember_boot(self, boot_id: str, outcome: str) -> None:
+        atomic_write(self.dir / LAST_BOOT_FILE, f"{boot_id}\n{outcome}\n".encode())
+
+    def probe(self) -> None:
+        """Write, fsync and remove a small file; OSError when the folder takes no writes."""
+        probe = self.dir / PROBE_FILE
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"ok\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -246,6 +302,13 @@ class Store:
             yield
         finally:
             os.close(fd)
+
+
+def _event_name(text: str) -> EventName | str:
+    try:
+        return EventName(text)
+    except ValueError:
+        return text
 
 
 def _drop_torn_tail(fd: int) -> None:

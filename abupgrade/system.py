@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +13,9 @@ from abupgrade import slots
 from abupgrade.bootloader import Bootloader, backend
 from abupgrade.config import Config
 from abupgrade.image.keys import Keyring
+from abupgrade.interrupt import critical
 from abupgrade.model import Slot
-from abupgrade.state import Store
+from abupgrade.state import EventName, State, Store
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,26 @@ class System:
     def keyring(self) -> Keyring:
         return Keyring.from_dir(self.config.keyring)
 
+    def transition(self, event: EventName, slot: Slot | None, version: str | None, detail: str,
+                   *, bootloader: Callable[[Bootloader], object] | None = None,
+                   state: Callable[[State], State]) -> State:
+        """One change of the machine's state, as a critical section (a signal waits for its
+        end): the `bootloader` step first (what the next boot does), then `state` applied to
+        state.json, then the event in the history. The bootloader is the truth at boot: a
+        power cut after its step leaves a state.json the boot hook reconciles with it."""
+        with critical():
+            if bootloader is not None:
+                bootloader(self.bootloader)
+            changed = state(self.store.load())
+            self.store.save(changed)
+            self.store.record(event, slot, version, detail)
+        return changed
+
+
+def bootloader_of(config: Config) -> Bootloader:
+    """The configured bootloader backend with its settings."""
+    return backend(config.bootloader, config.settings, mountinfo=config.system.mountinfo)
+
 
 @contextlib.contextmanager
 def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]:
@@ -68,7 +89,7 @@ def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]
             numbers = {node: n for n, node in session.disk.partitions.items()}
             names = {slot: f"{options.disk} partition {numbers[dev]}"
                      for slot, dev in devices.items() if dev in numbers}
-            yield System(cfg, None, True, backend(cfg), Store(cfg.state_dir), devices, names)
+            yield System(cfg, None, True, bootloader_of(cfg), Store(cfg.state_dir), devices, names)
         return
     cfg = configuration.load(configuration.config_path(options.config))
-    yield System(cfg, slots.booted_slot(cfg), False, backend(cfg), Store(cfg.state_dir))
+    yield System(cfg, slots.booted_slot(cfg), False, bootloader_of(cfg), Store(cfg.state_dir))

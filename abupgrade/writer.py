@@ -13,14 +13,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import hashlib
 import io
 import mmap
 import os
 import queue
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from abupgrade import blockdev
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal
 from abupgrade.progress import NullProgress, Progress
 
@@ -37,9 +36,6 @@ CHUNK = 1024 * 1024  # bytes gathered before a write
 SYNC_EVERY = 64 * 1024 * 1024  # writeback window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
 
-_BLKGETSIZE64 = 0x80081272
-_BLKSSZGET = 0x1268
-_BLKZEROOUT = 0x127F
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZEROS = bytes(CHUNK)
@@ -308,18 +304,6 @@ def _libc_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     raise OperationalError(f"fallocate failed: {os.strerror(err)}")
 
 
-def _sysfs_queue(path: Path, name: str) -> int:
-    rdev = path.stat().st_rdev
-    sysdir = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
-    queue = sysdir / "queue"
-    if not queue.is_dir():
-        queue = sysdir / ".." / "queue"  # a partition: the queue is its disk's
-    try:
-        return int((queue / name).read_text())
-    except (OSError, ValueError):
-        return 0
-
-
 class SlotWriter:
     """Writes one payload into a slot (block device or plain file).
 
@@ -363,8 +347,7 @@ class SlotWriter:
             raise OperationalError(f"cannot open {self.path}: {exc.strerror}") from None
         self._block_device = is_block
         if is_block:
-            buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
-            self.capacity = struct.unpack("=Q", buf)[0]
+            self.capacity = blockdev.fd_capacity(fd)
             self._direct = self._open_direct(fd)
         self._file = os.fdopen(fd, "wb", buffering=0)
         return self
@@ -372,7 +355,7 @@ class SlotWriter:
     def _open_direct(self, fd: int) -> int | None:
         """A second descriptor with O_DIRECT for aligned writes, where the device allows it
         (the exclusive claim is the first descriptor's)."""
-        sector = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+        sector = blockdev.sector_size(fd)
         if sector <= 0 or BLOCK % sector:
             return None
         try:
@@ -399,10 +382,8 @@ class SlotWriter:
         out = self._file
         if out is None:
             raise OperationalError("SlotWriter used outside its with block")
-        if self.capacity is not None and size > self.capacity:
-            raise ImageRejected(
-                f"payload larger than the slot: {size:,} bytes into {self.capacity:,} "
-                f"({self.path})", hint="build the image for this disk's slot size")
+        if self.capacity is not None:
+            blockdev.require_fits(size, self.capacity, f"the slot {self.path}")
         skip = self._make_zeros(out.fileno(), size)
         if not self._block_device and os.fstat(out.fileno()).st_size < size:
             os.ftruncate(out.fileno(), size)  # skipped zeros at the end read as zeros too
@@ -425,17 +406,13 @@ class SlotWriter:
         if size == 0:
             return False
         if self._block_device:
-            if _sysfs_queue(self.path, "write_zeroes_max_bytes") <= 0:
+            if blockdev.queue_limit(self.path, "write_zeroes_max_bytes") <= 0:
                 return False
-            sector = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+            sector = blockdev.sector_size(fd)
             length = -(-size // sector) * sector
             if self.capacity is not None:
                 length = min(length, self.capacity)
-            try:
-                fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", 0, length))
-            except OSError:
-                return False
-            return True
+            return blockdev.zero_out(fd, length)
         end = os.fstat(fd).st_size
         if end == 0:
             return True  # a new or empty file reads zeros everywhere

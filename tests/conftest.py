@@ -7,18 +7,17 @@ a tier silently.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Generator
 from pathlib import Path
 
 import pytest
 
-from abupgrade.model import BootloaderKind
+from abupgrade.bootloader import BootloaderKind
 from fixtures.images import KeyPair, keypair, rootfs_image, signed_image
 from fixtures.machine import run_cli
+from fixtures.tiers import EVERY_TIER, needs
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -27,7 +26,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()  # type: ignore[attr-defined]
     if (
         report.skipped
-        and os.environ.get("ABUPGRADE_REQUIRE_ALL_TIERS") == "1"
+        and os.environ.get(EVERY_TIER) == "1"
         and (item.get_closest_marker("loop") or item.get_closest_marker("boot"))
     ):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
@@ -40,26 +39,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 COMPATIBLE = "test-box"
-LOOP_TOOLS = ("losetup", "partx", "sfdisk", "mkfs.ext4", "mount", "grub-editenv", "extlinux")
-
-
-def require_loop() -> None:
-    """Skip (with the reason) where loop devices cannot be used."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for loop devices and mounts")
-    missing = [t for t in LOOP_TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
-
-
-abupgrade = run_cli
-
-
-def status_json(*args: str) -> dict[str, object]:
-    proc = abupgrade(*args, "status", "--json")
-    assert proc.returncode == 0, proc.stderr
-    data: dict[str, object] = json.loads(proc.stdout)
-    return data
 
 
 @pytest.fixture(scope="session")
@@ -99,10 +78,10 @@ def disk_template(tmp_path_factory: pytest.TempPathFactory, signer: KeyPair,
     made: dict[BootloaderKind, Path] = {}
 
     def template(kind: BootloaderKind) -> Path:
-        require_loop()
+        needs(loop=True)
         if kind not in made:
             disk = tmp_path_factory.mktemp(f"template-{kind}") / "disk.img"
-            proc = abupgrade("disk", "init", str(disk), "--bootloader", str(kind),
+            proc = run_cli("disk", "init", str(disk), "--bootloader", str(kind),
                              "--size", "768M", "--slot-size", "64M",
                              "--image", str(make_image("1.0")), "--pubkey", str(signer.public))
             assert proc.returncode == 0, proc.stderr
@@ -110,10 +89,6 @@ def disk_template(tmp_path_factory: pytest.TempPathFactory, signer: KeyPair,
         return made[kind]
 
     return template
-
-
-# For a test whose subject does not depend on the bootloader: one disk (GRUB) is enough.
-any_bootloader = pytest.mark.parametrize("ab_disk", [BootloaderKind.GRUB], indirect=True, ids=str)
 
 
 @pytest.fixture(params=list(BootloaderKind), ids=str)

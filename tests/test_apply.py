@@ -20,8 +20,7 @@ from abupgrade.model import Slot
 from abupgrade.partitions import read_table
 from abupgrade.state import Store
 from fixtures.images import keypair
-from fixtures.machine import running_machine
-from tests.conftest import abupgrade, status_json
+from fixtures.machine import run_cli, running_machine, status_json
 
 pytestmark = pytest.mark.loop
 
@@ -67,7 +66,7 @@ def boot_state(disk: Path) -> dict[str, str]:
 def test_apply_through_disk_writes_the_slot_and_arms_a_trial(
         ab_disk: Path, make_image: Callable[..., Path]) -> None:
     image = make_image("2.0")
-    proc = abupgrade("--disk", str(ab_disk), "apply", str(image), "--json")
+    proc = run_cli("--disk", str(ab_disk), "apply", str(image), "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["slot"] == "B" and result["version"] == "2.0"
@@ -80,7 +79,7 @@ def test_apply_through_disk_writes_the_slot_and_arms_a_trial(
     assert isinstance(slots, dict)
     assert slots["A"]["state"] == "good" and slots["A"]["version"] == "1.0"
     assert slots["B"]["state"] == "trial" and slots["B"]["version"] == "2.0"
-    history = json.loads(abupgrade("--disk", str(ab_disk), "history", "--json").stdout)
+    history = json.loads(run_cli("--disk", str(ab_disk), "history", "--json").stdout)
     assert [e["event"] for e in history][-2:] == ["installed", "trial-armed"]
     assert os.popen("losetup -l -n -O BACK-FILE").read().count(str(ab_disk)) == 0
 
@@ -98,7 +97,7 @@ def test_apply_on_a_running_machine_finds_slots_by_their_names(
 
 
 def test_apply_from_stdin(ab_disk: Path, make_image: Callable[..., Path]) -> None:
-    proc = abupgrade("--disk", str(ab_disk), "apply", "-", stdin=make_image("2.0").read_bytes())
+    proc = run_cli("--disk", str(ab_disk), "apply", "-", stdin=make_image("2.0").read_bytes())
     assert proc.returncode == 0, proc.stderr
     assert status_json("--disk", str(ab_disk))["trial"] == "B"
 
@@ -106,7 +105,7 @@ def test_apply_from_stdin(ab_disk: Path, make_image: Callable[..., Path]) -> Non
 def test_dry_run_writes_nothing(ab_disk: Path, make_image: Callable[..., Path]) -> None:
     before_slot = slot_bytes(ab_disk, "B", 1 << 20)
     before_boot = boot_state(ab_disk)
-    proc = abupgrade("--disk", str(ab_disk), "apply", "--dry-run", str(make_image("2.0")))
+    proc = run_cli("--disk", str(ab_disk), "apply", "--dry-run", str(make_image("2.0")))
     assert proc.returncode == 0, proc.stderr
     assert "nothing was written" in proc.stdout
     assert slot_bytes(ab_disk, "B", 1 << 20) == before_slot
@@ -116,7 +115,7 @@ def test_dry_run_writes_nothing(ab_disk: Path, make_image: Callable[..., Path]) 
 def _refused(disk: Path, *args: str) -> subprocess.CompletedProcess[str]:
     before_slot = hashlib.sha256(slot_bytes(disk, "B", 64 << 20)).hexdigest()
     before_boot = boot_state(disk)
-    proc = abupgrade("--disk", str(disk), "apply", *args)
+    proc = run_cli("--disk", str(disk), "apply", *args)
     assert hashlib.sha256(slot_bytes(disk, "B", 64 << 20)).hexdigest() == before_slot
     assert boot_state(disk) == before_boot, "a refused apply changed the bootloader state"
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -140,7 +139,7 @@ def test_refusals_leave_slot_and_bootloader_untouched(
     data[len(data) // 2] ^= 0x01  # one bit in the middle of the rootfs payload
     tampered.write_bytes(data)
     before_boot = boot_state(ab_disk)
-    proc = abupgrade("--disk", str(ab_disk), "apply", str(tampered))
+    proc = run_cli("--disk", str(ab_disk), "apply", str(tampered))
     assert proc.returncode == 3 and "sha256" in proc.stderr, proc.stderr
     # the hash mismatch shows only at the end of the payload: the slot was written, but the
     # bootloader was never pointed at it and still boots A
@@ -150,7 +149,7 @@ def test_refusals_leave_slot_and_bootloader_untouched(
     assert before_boot.keys() == boot_state(ab_disk).keys()
 
     # a downgrade goes through when asked for
-    proc = abupgrade("--disk", str(ab_disk), "apply", "--allow-downgrade", str(make_image("0.9")))
+    proc = run_cli("--disk", str(ab_disk), "apply", "--allow-downgrade", str(make_image("0.9")))
     assert proc.returncode == 0, proc.stderr
 
 
@@ -210,7 +209,7 @@ def test_killed_apply_never_boots_the_half_written_slot(
     assert status["next_boot"] == "A" and status["trial"] is None
     assert status["slots"]["B"]["state"] != "good"  # type: ignore[index]
     _leftover_loops_detached(ab_disk)
-    again = abupgrade("--disk", str(ab_disk), "apply", str(big_image))
+    again = run_cli("--disk", str(ab_disk), "apply", str(big_image))
     assert again.returncode == 0, again.stderr
     assert status_json("--disk", str(ab_disk))["trial"] == "B"
 
@@ -230,12 +229,12 @@ def test_sigterm_stops_cleanly_and_the_next_apply_works(ab_disk: Path, big_image
     assert proc.stderr is not None
     err = proc.stderr.read().decode()
     assert "SIGTERM" in err and len(err.strip().splitlines()) == 1, err
-    history = json.loads(abupgrade("--disk", str(ab_disk), "history", "--json").stdout)
+    history = json.loads(run_cli("--disk", str(ab_disk), "history", "--json").stdout)
     assert history[-1]["event"] == "interrupted" and history[-1]["slot"] == "B"
     status = status_json("--disk", str(ab_disk))
     assert status["next_boot"] == "A" and status["trial"] is None
     assert os.popen("losetup -l -n -O BACK-FILE").read().count(str(ab_disk)) == 0
-    again = abupgrade("--disk", str(ab_disk), "apply", str(big_image))
+    again = run_cli("--disk", str(ab_disk), "apply", str(big_image))
     assert again.returncode == 0, again.stderr
 
 

@@ -9,8 +9,11 @@ from typing import Any
 import pytest
 
 from abupgrade import config
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
+from abupgrade.bootloader.syslinux import SyslinuxConfig
 from abupgrade.errors import UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 
 GOOD: dict[str, Any] = {
     "compatible": "acme-box",
@@ -27,7 +30,8 @@ def test_parse_defaults_and_values() -> None:
     cfg = config.parse(GOOD)
     assert cfg.bootloader is BootloaderKind.GRUB
     assert cfg.slots[Slot.B] == "PARTLABEL=rootfs_b"
-    assert cfg.grub.tries == 5 and cfg.grub.env == Path("/boot/grub/grubenv")
+    grub = cfg.section(GrubConfig)
+    assert grub.tries == 5 and grub.env == Path("/boot/grub/grubenv")
     assert cfg.health.timeout == 7.0 and cfg.system.reboot == ("reboot", "-f")
     assert cfg.state_dir == Path("/var/lib/abupgrade")
 
@@ -37,10 +41,48 @@ def test_render_round_trips() -> None:
     assert config.parse(tomllib.loads(config.render(cfg))) == cfg
 
 
+def test_render_escapes_and_keeps_every_table() -> None:
+    odd = 'box "7" \\ tab\t newline\n del\x7f ünï'
+    raw: dict[str, Any] = {
+        **GOOD,
+        "compatible": odd,
+        "hooks_dir": "/etc/abupgrade/hooks",
+        "mounts": {"/boot": 'LABEL=my "boot"', "/mnt/with space": "PARTUUID=x"},
+        "syslinux": {"dir": "/boot/ext linux"},
+        "health": {"timeout": 0.25, "deadline": 300, "watchdog": "/dev/watchdog1"},
+        "system": {"reboot": ["systemctl", "reboot", "--message=\"abupgrade\""],
+                   "cmdline": "/tmp/cmdline"},
+        "registry": {"insecure": ["localhost:5000"], "ca_file": "/etc/ssl/registry.pem",
+                     "auth_file": "/root/.docker/config.json"},
+    }
+    cfg = config.parse(raw)
+    text = config.render(cfg)
+    assert config.parse(tomllib.loads(text)) == cfg
+    again = tomllib.loads(text)
+    assert again["compatible"] == odd and again["health"]["watchdog"] == "/dev/watchdog1"
+    assert again["registry"]["insecure"] == ["localhost:5000"]
+    assert again["syslinux"] == {"dir": "/boot/ext linux"}  # a table given is kept
+
+
+def test_bootloader_tables_belong_to_their_backend() -> None:
+    cfg = config.parse(GOOD)
+    assert list(cfg.bootloaders) == [BootloaderKind.GRUB]  # only what was given
+    assert cfg.settings == GrubConfig(tries=5)
+    syslinux = config.parse({**GOOD, "bootloader": "syslinux"})
+    assert syslinux.settings == SyslinuxConfig() and syslinux.section(GrubConfig).tries == 5
+    with pytest.raises(UsageError, match=r"unknown key \[syslinux\] 'tries'"):
+        config.parse({**GOOD, "syslinux": {"tries": 3}})
+    with pytest.raises(UsageError, match="unknown key 'uboot'"):
+        config.parse({**GOOD, "uboot": {"env": []}})
+    with pytest.raises(UsageError) as caught:
+        config.parse({**GOOD, "bootloader": "lilo"})
+    assert caught.value.hint == "use " + " or ".join(f'"{k}"' for k in BootloaderKind)
+
+
 def test_rebased_moves_paths_under_mounts_only() -> None:
     cfg = config.parse(GOOD)
     moved = cfg.rebased({Path("/boot"): Path("/tmp/m/boot")})
-    assert moved.grub.env == Path("/tmp/m/boot/grub/grubenv")
+    assert moved.section(GrubConfig).env == Path("/tmp/m/boot/grub/grubenv")
     assert moved.state_dir == cfg.state_dir  # not under /boot
 
 
@@ -55,6 +97,10 @@ def test_rebased_moves_paths_under_mounts_only() -> None:
     ({"colour": "blue"}, "unknown key"),
     ({"health": {"timeout": -1}}, "positive"),
     ({"system": {"reboot": []}}, "reboot must be a command"),
+    ({"system": {"reboot": [1]}}, "reboot must be a command"),
+    ({"registry": {"insecure": [""]}}, 'insecure must be a list of "host[:port]"'),
+    ({"health": {"watchdog": "dev/watchdog"}}, "[health] watchdog must be an absolute path"),
+    ({"grub": {"env": 3}}, "[grub] env must be a str"),
 ])
 def test_bad_values_are_usage_errors(change: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError) as caught:

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from abupgrade import bootloader
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.config import ON_DISK_PATH
 from abupgrade.disk import attached, mounted, open_disk
 from abupgrade.diskinit import init_disk
 from abupgrade.errors import PolicyRefusal, UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.partitions import BIOS_GRUB, TableKind, read_table
+from abupgrade.system import bootloader_of
+from fixtures.tiers import needs
 
 MiB = 1024 * 1024
 SLOT = 48 * MiB
@@ -26,22 +26,10 @@ BOOT = 32 * MiB
 
 pytestmark = pytest.mark.loop
 
-BACKENDS = {BootloaderKind.GRUB: "abupgrade.bootloader.grub",
-            BootloaderKind.SYSLINUX: "abupgrade.bootloader.syslinux"}
 
 
 def prerequisites(kind: BootloaderKind) -> None:
-    if os.geteuid() != 0 or not Path("/dev/loop-control").exists():
-        pytest.skip("needs root and loop devices")
-    tools = ["losetup", "partx", "sfdisk", "mkfs.ext4", "blkid"]
-    tools.append("grub-mkimage" if kind is BootloaderKind.GRUB else "extlinux")
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    try:
-        importlib.import_module(BACKENDS[kind])
-    except ModuleNotFoundError:
-        pytest.skip(f"the {kind} backend ({BACKENDS[kind]}) is not written yet")
+    needs(loop=True, tools=["grub-mkimage"] if kind is BootloaderKind.GRUB else [])
 
 
 def sfdisk_json(path: Path) -> dict[str, Any]:
@@ -97,7 +85,7 @@ def test_init_image_file(kind: BootloaderKind, tmp_path: Path) -> None:
         assert cfg.state_dir.is_dir()
         assert (session.boot / ON_DISK_PATH).is_file()
         assert os.statvfs(session.boot).f_bsize == 4096
-        state = bootloader.backend(cfg).read()
+        state = bootloader_of(cfg).read()
         assert state.default is Slot.A and state.trial is None
         boot_dev = session.disk.partitions[result.boot_partition]
         probed = subprocess.run(["blkid", "-p", "-o", "export", str(boot_dev)],

@@ -19,14 +19,16 @@ from typing import Any
 import pytest
 
 from abupgrade import config as configuration
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.disk import open_disk
 from abupgrade.fsutil import atomic_write
-from abupgrade.model import BootloaderKind
 from fixtures import pyguest
-from fixtures.guest import QEMU, GuestUnavailable, missing_tools, qemu_boot, require_root
+from fixtures.guest import QEMU, qemu_boot
 from fixtures.images import KeyPair, keypair
 from fixtures.machine import run_cli
 from fixtures.pyguest import BootReport, reports
+from fixtures.tiers import guest_skips, needs
 
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
 
@@ -49,15 +51,9 @@ class Images:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     """The signed guest images, built once (the base tree is cached across sessions)."""
-    try:
-        require_root()
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
-    missing = missing_tools(*TOOLS)
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
+    needs(root=True, tools=TOOLS)
     work = tmp_path_factory.mktemp("guest-images")
-    try:
+    with guest_skips():
         key = keypair(work / "keys")
         boot = pyguest.boot_files(work / "boot-files")
         wheel = pyguest.build_wheel(work / "wheel")
@@ -69,8 +65,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
 
         return Images(key, image("1.0", "healthy"), image("2.0", "healthy"),
                       image("3.0", "failing-check"), image("4.0", "panic"))
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def cli(*args: str) -> Any:
@@ -86,8 +80,9 @@ def set_test_config(disk: Path) -> None:
     with open_disk(disk) as session:
         path = session.boot / configuration.ON_DISK_PATH
         cfg = configuration.parse(tomllib.loads(path.read_text()))
-        cfg = replace(cfg, grub=replace(cfg.grub, tries=TRIES),
-                      system=replace(cfg.system, reboot=pyguest.REBOOT))
+        tables = {kind: replace(table, tries=TRIES) if isinstance(table, GrubConfig) else table
+                  for kind, table in cfg.bootloaders.items()}
+        cfg = replace(cfg, bootloaders=tables, system=replace(cfg.system, reboot=pyguest.REBOOT))
         atomic_write(path, configuration.render(cfg).encode())
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from abupgrade.bootloader.grub import GrubConfig
+from abupgrade.bootloader.syslinux import SyslinuxConfig
 from abupgrade.model import Slot
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
 from fixtures.reliability import record
-from tests.conftest import any_bootloader
+from fixtures.tiers import any_bootloader
 
 pytestmark = pytest.mark.loop
 
@@ -42,10 +44,10 @@ def digest(path: Path) -> str:
 def boot_files(m: Machine) -> dict[str, str]:
     """Every file the bootloader reads its state or kernels from."""
     if m.config.bootloader == "grub":
-        env = m.config.grub.env
+        env = m.config.section(GrubConfig).env
         paths = [env, env.with_name(env.name + ".1"), *(env.parent / "slots").rglob("*")]
     else:
-        d = m.config.syslinux.dir
+        d = m.config.section(SyslinuxConfig).dir
         paths = [d / "extlinux.conf", d / "ldlinux.sys", *(d / "slots").rglob("*")]
     return {str(p): digest(p) for p in sorted(paths) if p.is_file()}
 
@@ -203,8 +205,8 @@ def mount_point(path: Path) -> Path:
 
 @case
 def test_read_only_boot_partition(machine: Machine, make_image: Callable[..., Path]) -> None:
-    state_dir = machine.config.grub.env if machine.config.bootloader == "grub" \
-        else machine.config.syslinux.dir
+    state_dir = machine.config.section(GrubConfig).env if machine.config.bootloader == "grub" \
+        else machine.config.section(SyslinuxConfig).dir
     boot = mount_point(state_dir)
     subprocess.run(["mount", "-o", "remount,ro", str(boot)], check=True)
     try:

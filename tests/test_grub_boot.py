@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from abupgrade.bootloader.base import DiskLayout
-from abupgrade.bootloader.grub import BIOS_SETUP, EnvState, Grub
-from abupgrade.config import Config, GrubConfig
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.bootloader.grub import BIOS_SETUP, EnvState, Grub, GrubConfig
+from abupgrade.model import Slot
 from fixtures.guest import (
     QEMU,
     GuestUnavailable,
@@ -29,9 +28,8 @@ from fixtures.guest import (
     partition_disk,
     partition_extent,
     qemu_boot,
-    require_root,
-    require_tools,
 )
+from fixtures.tiers import guest_skips, needs
 
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
 
@@ -55,9 +53,8 @@ class GrubDisk:
     initrd: Path
     tries: int
 
-    def config(self, mountpoint: Path) -> Config:
-        return Config(compatible="test", bootloader=BootloaderKind.GRUB, slots=ROOTS,
-                      grub=GrubConfig(env=mountpoint / "grub" / "grubenv", tries=self.tries))
+    def config(self, mountpoint: Path) -> GrubConfig:
+        return GrubConfig(env=mountpoint / "grub" / "grubenv", tries=self.tries)
 
     @contextlib.contextmanager
     def boot_fs(self) -> Iterator[Grub]:
@@ -81,21 +78,18 @@ class GrubDisk:
 
 @pytest.fixture
 def grub_disk(tmp_path: Path) -> GrubDisk:
-    try:
-        require_root()
-        require_tools(QEMU, "grub-mkimage", "sfdisk", "mkfs.ext4")
+    needs(loop=True, tools=(QEMU, "grub-mkimage"))
+    with guest_skips():
         if not BIOS_SETUP.is_file():
             raise GuestUnavailable(f"{BIOS_SETUP} is missing (grub-pc-bin)")
         kernel = guest_kernel()
         initrd = build_initramfs(tmp_path / "initrd.img", kernel=kernel)
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
     disk = partition_disk(tmp_path / "disk.img", 128 << 20, LAYOUT)
     start, size = partition_extent(disk, BOOT)
     make_ext4_image(disk, None, size, "boot", offset=start)
     gd = GrubDisk(tmp_path, disk, kernel, initrd, tries=2)
     with gd.boot_fs() as grub:
-        grub.install(DiskLayout(disk=disk, boot_root=grub.config.grub.env.parent.parent,
+        grub.install(DiskLayout(disk=disk, boot_root=grub.settings.env.parent.parent,
                                 boot_partition=BOOT, slot_partitions=PARTS, slot_roots=ROOTS,
                                 kernel_cmdline=CMDLINE))
         grub.preflight()
@@ -113,7 +107,7 @@ def test_failing_trial_gets_exactly_n_boots_then_the_default(grub_disk: GrubDisk
     grub_disk.slot(Slot.B, broken=True)
     with grub_disk.boot_fs() as grub:
         grub.disable(Slot.B)
-        grub.arm_trial(Slot.B, grub.config.grub.tries)
+        grub.arm_trial(Slot.B, grub.trial_boots())
         armed = grub.current()
     log = grub_disk.boot("trial", timeout=240, no_reboot=False)
     lines = grub_lines(log)

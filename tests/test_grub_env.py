@@ -15,15 +15,16 @@ from abupgrade.bootloader.grub import (
     ENV_SIZE,
     EnvState,
     Grub,
+    GrubConfig,
     block_generation,
     create_blocks,
     format_envblk,
     parse_envblk,
 )
-from abupgrade.config import Config, GrubConfig
 from abupgrade.errors import UsageError
-from abupgrade.model import BootloaderKind, Slot
-from fixtures.guest import GuestUnavailable, loop_device, make_ext4_image, mounted
+from abupgrade.model import Slot
+from fixtures.guest import loop_device, make_ext4_image, mounted
+from fixtures.tiers import guest_skips, needs
 
 pytestmark = pytest.mark.loop
 
@@ -32,8 +33,7 @@ EDITENV = shutil.which("grub-editenv")
 
 @pytest.fixture(autouse=True)
 def _need_editenv() -> None:
-    if EDITENV is None:
-        pytest.skip("grub-editenv is not installed (apt-get install grub-common)")
+    needs(tools=("grub-editenv",))
 
 
 def editenv(path: Path, *args: str) -> str:
@@ -42,11 +42,8 @@ def editenv(path: Path, *args: str) -> str:
                           text=True).stdout
 
 
-def grub(env: Path, mountinfo: Path | None = None) -> Grub:
-    config = Config(compatible="test", bootloader=BootloaderKind.GRUB,
-                    slots={Slot.A: "PARTLABEL=a", Slot.B: "PARTLABEL=b"},
-                    grub=GrubConfig(env=env))
-    return Grub(config)
+def grub(env: Path) -> Grub:
+    return Grub(GrubConfig(env=env))
 
 
 ODD_VALUES = [("plain", "x"), ("spaces", "a b  c"), ("slash", "C:\\boot\\"),
@@ -138,15 +135,12 @@ def test_preflight_accepts_fresh_blocks_and_refuses_sparse_or_resized(tmp_path: 
 
 @pytest.fixture
 def ext4_mount(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a loop device and a mount")
+    needs(loop=True)
     image = tmp_path / "boot.ext4"
-    try:
+    with guest_skips():
         make_ext4_image(image, None, 16 << 20, "boot")
-        with loop_device(image) as dev, mounted(dev, tmp_path / "mnt") as point:
-            yield point
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
+    with loop_device(image) as dev, mounted(dev, tmp_path / "mnt") as point:
+        yield point
 
 
 def physical_offset(path: Path) -> int:
@@ -161,8 +155,7 @@ def physical_offset(path: Path) -> int:
 
 
 def test_blocks_on_ext4_are_written_in_place(ext4_mount: Path) -> None:
-    if shutil.which("filefrag") is None:
-        pytest.skip("filefrag is not installed (e2fsprogs)")
+    needs(tools=("filefrag",))
     env = ext4_mount / "grub" / "grubenv"
     env.parent.mkdir()
     create_blocks(env)

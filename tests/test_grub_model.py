@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from abupgrade.bootloader.grub import (
     ENV_SIZE,
     EnvState,
     Grub,
+    GrubConfig,
     block_generation,
     block_paths,
     create_blocks,
@@ -31,201 +32,18 @@ from abupgrade.bootloader.grub import (
     parse_envblk,
     render_cfg,
 )
-from abupgrade.config import Config, GrubConfig
 from abupgrade.errors import PolicyRefusal, UsageError
-from abupgrade.model import BootloaderKind, Slot
-
-SIG = b"# GRUB Environment Block\n"
-WHITELIST = ("ab_gen", "ab_default", "ab_A", "ab_B", "ab_trial", "ab_tries", "ab_end")
-DECREMENT = {str(n): str(n - 1) for n in range(1, 10)}
-SUCCESSOR = {"0": "1", "1": "2"}  # anything else -> "0", as ab_successor does
-
-
-REAL_WRITE_IN_PLACE = grub_mod.write_in_place
-
-
-class PowerCut(Exception):
-    pass
-
-
-# ---------------------------------------------------------------- GRUB's envblk.c, ported
-
-def grub_iterate(buf: bytes) -> Iterator[tuple[str, str]]:
-    p, pend = len(SIG), len(buf)
-    while p < pend:
-        if buf[p] != ord("#"):
-            name_start = p
-            while p < pend and buf[p] != ord("="):
-                p += 1
-            if p == pend:
-                return
-            name_end = p
-            p += 1
-            value_start = p
-            while p < pend:
-                if buf[p] == ord("\n"):
-                    break
-                p += 2 if buf[p] == ord("\\") else 1
-            if p >= pend:
-                return
-            value, q = bytearray(), value_start
-            while buf[q] != ord("\n"):
-                if buf[q] == ord("\\"):
-                    q += 1
-                value.append(buf[q])
-                q += 1
-            yield buf[name_start:name_end].decode("latin-1"), value.decode("latin-1")
-        while p < pend:  # find_next_line
-            if buf[p] == ord("\\"):
-                p += 2
-            elif buf[p] == ord("\n"):
-                break
-            else:
-                p += 1
-        p += 1
-
-
-def grub_envblk_set(buf: bytearray, name: str, value: str) -> bool:
-    nb, vb = name.encode(), value.encode()
-    nl = len(nb)
-    vl = sum(2 if c in b"\\\n" else 1 for c in vb)
-    p, pend = len(SIG), len(buf)
-    space = pend - 1
-    while buf[space] == ord("#"):
-        space -= 1
-    if buf[space] != ord("\n"):
-        return False
-    space += 1
-    found = False
-    while p + nl + 1 < space:
-        if buf[p:p + nl] == nb and buf[p + nl] == ord("="):
-            p += nl + 1
-            length = 0
-            while p + length < pend and buf[p + length] != ord("\n"):
-                length += 2 if buf[p + length] == ord("\\") else 1
-            if p + length >= pend or pend - space < vl - length:
-                return False
-            if vl < length:
-                d = length - vl
-                buf[p + vl:pend - d] = buf[p + length:pend]
-                for i in range(space + d, min(space + 2 * d, pend)):
-                    buf[i] = ord("#")
-            else:
-                buf[p + vl:pend] = buf[p + length:pend - (vl - length)]
-            found = True
-            break
-        while p < pend:
-            if buf[p] == ord("\\"):
-                p += 2
-            elif buf[p] == ord("\n"):
-                break
-            else:
-                p += 1
-        p += 1
-    if not found:
-        if pend - space < nl + 1 + vl + 1:
-            return False
-        buf[space:space + nl] = nb
-        p = space + nl
-        buf[p] = ord("=")
-        p += 1
-    for c in vb:
-        if c in b"\\\n":
-            buf[p] = ord("\\")
-            p += 1
-        buf[p] = c
-        p += 1
-    buf[p] = ord("\n")
-    assert len(buf) == pend
-    return True
-
-
-# ---------------------------------------------------------------- grub.cfg, modelled
-
-@dataclass
-class Decision:
-    boot: Slot
-    fallback: Slot | None
-    tried: bool  # a trial boot was spent
-
-
-def torn(old: bytes, new: bytes, cut: int) -> bytes:
-    return new[:cut] + old[cut:]
-
-
-Writer = Callable[[Path, bytes], None]
-
-
-def plain_write(path: Path, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.write(data)
-
-
-class ModelGrub:
-    """grub.cfg's decisions, step by step as the script takes them."""
-
-    def __init__(self, paths: tuple[Path, Path], write: Writer = plain_write) -> None:
-        self.paths = paths
-        self.write = write
-
-    def load(self, index: int) -> tuple[dict[str, str], bool]:
-        data = self.paths[index].read_bytes()
-        env: dict[str, str] = {}
-        if data.startswith(SIG):  # grub_envblk_open; else load_env fails, all stay unset
-            for name, value in grub_iterate(data):
-                if name in WHITELIST:
-                    env[name] = value
-        gen, end = env.get("ab_gen", ""), env.get("ab_end", "")
-        return env, gen == end and gen in ("0", "1", "2")
-
-    def boot(self) -> Decision:
-        env0, valid0 = self.load(0)
-        env, valid1 = self.load(1)
-        use: int | None = None
-        if valid0:
-            use = 0
-            if valid1 and env.get("ab_gen") == SUCCESSOR.get(env0["ab_gen"], "0"):
-                use = 1
-        elif valid1:
-            use = 1
-        if use == 0:
-            env = env0
-        elif use is None:
-            env = {}
-        target = 1 if use == 0 else 0
-        if env.get("ab_default") == "B":
-            boot, other, ok, other_ok = Slot.B, Slot.A, env.get("ab_B"), env.get("ab_A")
-        else:
-            boot, other, ok, other_ok = Slot.A, Slot.B, env.get("ab_A"), env.get("ab_B")
-        fallback: Slot | None = None
-        if ok == "g":
-            if other_ok == "g":
-                fallback = other
-        elif other_ok == "g":
-            boot = other
-        left = None
-        if env.get("ab_trial") in ("A", "B"):
-            left = DECREMENT.get(env.get("ab_tries", ""))
-        if left is not None:
-            succ = SUCCESSOR.get(env["ab_gen"], "0")
-            saved = dict(env, ab_gen=succ, ab_end=succ, ab_tries=left)
-            if use is not None and self.save_env(self.paths[target], saved):
-                trial = Slot(env["ab_trial"])
-                if trial != boot:
-                    fallback = boot if (ok == "g" or other_ok == "g") else None
-                return Decision(trial, fallback, True)
-        return Decision(boot, fallback, False)
-
-    def save_env(self, path: Path, env: dict[str, str]) -> bool:
-        buf = bytearray(path.read_bytes())
-        if not buf.startswith(SIG):
-            return False
-        for name in WHITELIST:
-            if name not in env or not grub_envblk_set(buf, name, env[name]):
-                return False
-        self.write(path, bytes(buf))
-        return True
-
+from abupgrade.model import Slot
+from fixtures.grub_model import (
+    REAL_WRITE_IN_PLACE,
+    SIG,
+    Decision,
+    ModelGrub,
+    PowerCut,
+    grub_envblk_set,
+    grub_iterate,
+    torn,
+)
 
 # ---------------------------------------------------------------- the machine
 
@@ -241,11 +59,9 @@ def env_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def make_grub(env_dir: Path, tries: int = 3) -> Grub:
-    config = Config(compatible="test", bootloader=BootloaderKind.GRUB,
-                    slots={Slot.A: "PARTLABEL=a", Slot.B: "PARTLABEL=b"},
-                    grub=GrubConfig(env=env_dir / "grubenv", tries=tries))
-    create_blocks(config.grub.env)
-    return Grub(config)
+    settings = GrubConfig(env=env_dir / "grubenv", tries=tries)
+    create_blocks(settings.env)
+    return Grub(settings)
 
 
 @dataclass
@@ -635,8 +451,7 @@ def test_preflight_refuses_btrfs_and_lvm_from_mountinfo(env_dir: Path, tmp_path:
         mountinfo = tmp_path / f"mountinfo-{fstype}"
         mountinfo.write_text(f"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
                              f"30 1 0:99 / {env_dir.resolve()} rw - {fstype} {source} rw\n")
-        config = g.config
-        bad = Grub(replace(config, system=replace(config.system, mountinfo=mountinfo)))
+        bad = Grub(g.settings, mountinfo=mountinfo)
         with pytest.raises(UsageError, match=words) as info:
             bad.preflight()
         assert info.value.hint

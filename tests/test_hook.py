@@ -13,7 +13,7 @@ import pytest
 
 from abupgrade.model import Slot
 from fixtures.machine import Machine, running_machine
-from tests.conftest import any_bootloader
+from fixtures.tiers import any_bootloader
 
 pytestmark = pytest.mark.loop
 
@@ -185,13 +185,13 @@ def _restore_trial(machine: Machine, *, phase: str) -> None:
     from dataclasses import replace
 
     from abupgrade.model import SlotState
-    from abupgrade.state import Store, Trial
+    from abupgrade.state import Store, Trial, TrialPhase
 
     store = Store(machine.config.state_dir)
     state = store.load()
     store.save(replace(state.with_slot(Slot.B, state=SlotState.TRIAL),
                        trial=Trial(slot=Slot.B, version="2.0", previous="1.0", armed="t",
-                                   phase=phase, boots=1 if phase == "checking" else 0)))
+                                   phase=TrialPhase(phase), boots=1 if phase == "checking" else 0)))
 
 
 @any_bootloader

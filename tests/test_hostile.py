@@ -28,17 +28,16 @@ from cryptography.hazmat.primitives import serialization
 from abupgrade import config as configuration
 from abupgrade import ops
 from abupgrade.__main__ import main
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.errors import AbupgradeError
 from abupgrade.image import signature
 from abupgrade.image.manifest import Compression, Manifest, Payload, PayloadKind
 from abupgrade.image.reader import ImageReader
 from abupgrade.image.tar import BLOCK, END_MARKER
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.system import Options
-from fixtures.machine import Machine, run_cli, running_machine
-from fixtures.reliability import record
-from tests.conftest import require_loop
-from tests.test_image_reject import (
+from fixtures.hostile_images import (
     CASES,
     GOOD,
     HEAD_LEN,
@@ -49,9 +48,12 @@ from tests.test_image_reject import (
     RING,
     ROOT,
     ROOT_PAD,
-    _flip,
+    flip,
     member,
 )
+from fixtures.machine import Machine, run_cli, running_machine
+from fixtures.reliability import record
+from fixtures.tiers import needs
 
 pytestmark = pytest.mark.loop
 
@@ -101,7 +103,7 @@ def corpus(slot_size: int) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
         span = end - start
         offsets = sorted({start + span * i // 12 for i in range(12)} | {end - 1})
         for at in offsets:
-            yield f"flip: {region} byte {at}", 3, partial(_flip, GOOD, at, 0x10)
+            yield f"flip: {region} byte {at}", 3, partial(flip, GOOD, at, 0x10)
     member_edges = sorted({0, BLOCK, *[e for r in regions().values() for e in r]})
     for edge in member_edges:
         for cut in {edge - 1, edge, edge + 1} - {len(GOOD)}:
@@ -132,7 +134,7 @@ def digest(path: Path, length: int | None = None) -> str:
 
 def boot_state(m: Machine) -> dict[str, str]:
     """Every byte the bootloader reads: both env blocks and every boot file."""
-    env = m.config.grub.env
+    env = m.config.section(GrubConfig).env
     files = [env, env.with_name(env.name + ".1"), *sorted((env.parent / "slots").rglob("*"))]
     return {str(p): digest(p) for p in files if p.is_file()}
 
@@ -148,7 +150,7 @@ def signed_by_trusted_key(data: bytes) -> bool:
 
 
 def slot_b_state(m: Machine) -> str:
-    return str(ops.status(Options(config=m.config_path))["slots"]["B"]["state"])
+    return str(ops.status(Options(config=m.config_path)).slots[Slot.B].state)
 
 
 def apply_in_process(m: Machine, image: Path) -> tuple[int, str]:
@@ -161,7 +163,7 @@ def apply_in_process(m: Machine, image: Path) -> tuple[int, str]:
 @pytest.fixture
 def hostile_machine(disk_template: Callable[[BootloaderKind], Path], tmp_path: Path
                     ) -> Iterator[Machine]:
-    require_loop()
+    needs(loop=True)
     disk = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(disk_template(BootloaderKind.GRUB)), str(disk)],
                    check=True)

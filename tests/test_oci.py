@@ -24,6 +24,7 @@ from abupgrade.image.reader import ImageReader
 from abupgrade.oci.layout import FRAMING_TYPE, PAYLOAD_TYPE, split
 from abupgrade.source import open_source
 from fixtures.images import KeyPair
+from fixtures.machine import run_cli, status_json
 from fixtures.registry import (
     CuttingProxy,
     RegistryServer,
@@ -33,15 +34,11 @@ from fixtures.registry import (
     make_ca,
     registry,
 )
-from tests.conftest import abupgrade, require_loop, status_json
+from fixtures.tiers import needs, needs_registry
 
 
 def require_registry() -> None:
-    why = available()
-    if why is not None:
-        if os.environ.get("ABUPGRADE_REQUIRE_ALL_TIERS") == "1":
-            pytest.fail(f"registry tests cannot run where every tier must: {why}")
-        pytest.skip(why)
+    needs_registry(available())
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +152,7 @@ def test_check_follows_a_moving_tag(plain: RegistryServer, make_image: Callable[
 
 
 def test_unreachable_registry_is_one_line(signer: KeyPair) -> None:
-    proc = abupgrade("image", "verify", "oci://127.0.0.1:9/os:1.0", "--pubkey", str(signer.public))
+    proc = run_cli("image", "verify", "oci://127.0.0.1:9/os:1.0", "--pubkey", str(signer.public))
     assert proc.returncode == 1, proc.stderr
     assert "cannot reach registry 127.0.0.1:9" in proc.stderr
 
@@ -179,7 +176,7 @@ def test_tampered_blobs_are_rejected(tmp_path: Path, make_image: Callable[..., P
         blob.write_bytes(bytes(data))
         with pytest.raises(ImageRejected, match="does not match its digest"):
             pulled(ref)
-        proc = abupgrade("image", "verify", ref, "--pubkey", str(signer.public))
+        proc = run_cli("image", "verify", ref, "--pubkey", str(signer.public))
         assert proc.returncode == 3, proc.stderr
         assert len(proc.stderr.strip().splitlines()) <= 2 and "digest" in proc.stderr
 
@@ -208,10 +205,10 @@ def test_a_cut_connection_resumes_with_range(plain: RegistryServer,
 @pytest.mark.loop
 def test_apply_from_registry(ab_disk: Path, plain: RegistryServer,
                              make_image: Callable[..., Path]) -> None:
-    require_loop()
+    needs(loop=True)
     ref = plain.reference("fleet/os", "2.0")
     oci.push(make_image("2.0"), ref)
-    proc = abupgrade("--disk", str(ab_disk), "apply", ref)
+    proc = run_cli("--disk", str(ab_disk), "apply", ref)
     assert proc.returncode == 0, proc.stderr
     status = status_json("--disk", str(ab_disk))
     assert status["trial"] == "B"
@@ -222,37 +219,37 @@ def test_apply_from_registry(ab_disk: Path, plain: RegistryServer,
 def test_push_check_apply_through_the_command_line(
         ab_disk: Path, plain: RegistryServer, make_image: Callable[..., Path], signer: KeyPair) -> None:
     """The fleet loop as a cron job runs it: push a release, poll the channel, apply it."""
-    require_loop()
+    needs(loop=True)
     channel = plain.reference("cli/os", "stable")
-    proc = abupgrade("image", "push", str(make_image("2.0")), channel, "--pubkey", str(signer.public))
+    proc = run_cli("image", "push", str(make_image("2.0")), channel, "--pubkey", str(signer.public))
     assert proc.returncode == 0, proc.stderr
-    proc = abupgrade("--disk", str(ab_disk), "check", channel)
+    proc = run_cli("--disk", str(ab_disk), "check", channel)
     assert (proc.returncode, proc.stdout.strip()) == (0, "2.0"), proc.stderr
-    assert abupgrade("--disk", str(ab_disk), "apply", channel).returncode == 0
-    assert abupgrade("--disk", str(ab_disk), "mark-bad", "B").returncode == 0
+    assert run_cli("--disk", str(ab_disk), "apply", channel).returncode == 0
+    assert run_cli("--disk", str(ab_disk), "mark-bad", "B").returncode == 0
     # the committed version (1.0 in A) is what counts: 2.0 is still newer
-    assert abupgrade("--disk", str(ab_disk), "check", channel).returncode == 0
-    proc = abupgrade("image", "push", str(make_image("0.5")), channel)
+    assert run_cli("--disk", str(ab_disk), "check", channel).returncode == 0
+    proc = run_cli("image", "push", str(make_image("0.5")), channel)
     assert proc.returncode == 0, proc.stderr
-    proc = abupgrade("--disk", str(ab_disk), "check", channel)
+    proc = run_cli("--disk", str(ab_disk), "check", channel)
     assert proc.returncode == 6 and proc.stderr.count("\n") == 1, proc.stderr
 
 
 @pytest.mark.loop
 def test_apply_fails_cleanly_when_the_registry_cannot_resume(
         ab_disk: Path, plain: RegistryServer, make_image: Callable[..., Path]) -> None:
-    require_loop()
+    needs(loop=True)
     oci.push(make_image("2.0"), plain.reference("norange/os", "2.0"))
     port = int(plain.host.rsplit(":", 1)[1])
     with CuttingProxy(port, after=3 << 20, strip_range=True) as proxy:
-        proc = abupgrade("--disk", str(ab_disk), "apply", f"oci://{proxy.host}/norange/os:2.0")
+        proc = run_cli("--disk", str(ab_disk), "apply", f"oci://{proxy.host}/norange/os:2.0")
         assert proxy.cut == 1
     assert proc.returncode == 1, proc.stderr
     assert "cannot resume" in proc.stderr
     status = status_json("--disk", str(ab_disk))
     assert status["trial"] is None and status["next_boot"] == "A"
     assert status["slots"]["B"]["state"] in ("empty", "bad")  # type: ignore[index]
-    history = json.loads(abupgrade("--disk", str(ab_disk), "history", "--json").stdout)
+    history = json.loads(run_cli("--disk", str(ab_disk), "history", "--json").stdout)
     assert history[-1]["event"] == "install-failed"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,12 @@ from abupgrade.partitions import (
     create_table,
     read_table,
 )
+from fixtures.tiers import missing
 
 MiB = 1024 * 1024
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sfdisk") is None or shutil.which("blkid") is None,
-    reason="sfdisk and blkid (fdisk, util-linux) are needed",
-)
+pytestmark = pytest.mark.skipif(missing(tools=("sfdisk", "blkid")) is not None,
+                                reason=str(missing(tools=("sfdisk", "blkid"))))
 
 
 def sfdisk_json(path: Path) -> dict[str, Any]:

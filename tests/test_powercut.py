@@ -32,22 +32,24 @@ from typing import Any
 import pytest
 
 from abupgrade import ops
-from abupgrade.bootloader import backend
+from abupgrade.bootloader import BootloaderKind
 from abupgrade.bootloader.adv import Adv
-from abupgrade.bootloader.grub import block_paths, create_blocks
-from abupgrade.bootloader.syslinux import fresh_config
-from abupgrade.config import Config, GrubConfig, HealthConfig, SyslinuxConfig, SystemConfig
+from abupgrade.bootloader.grub import GrubConfig, block_paths, create_blocks
+from abupgrade.bootloader.syslinux import SyslinuxConfig, fresh_config
+from abupgrade.config import Config, HealthConfig, SystemConfig
 from abupgrade.errors import AbupgradeError, HealthFailed
 from abupgrade.image import build
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from abupgrade.progress import NullProgress
+from abupgrade.results import HookResult
 from abupgrade.state import Store
-from abupgrade.system import Options, System
+from abupgrade.system import Options, System, bootloader_of
+from fixtures.grub_model import ModelGrub, grub_iterate
 from fixtures.images import KeyPair, keypair
 from fixtures.powercut import Recorder, cut_points, read_tree, tree_digest, write_tree
 from fixtures.reliability import record
-from tests.test_grub_model import ModelGrub, grub_iterate
-from tests.test_syslinux_model import Disk, model_boot
+from fixtures.syslinux_model import Disk, model_boot
+from fixtures.tiers import guest_skips, needs
 
 SLOT_SIZE = 256 << 10
 COMPATIBLE = "pc-box"
@@ -139,8 +141,8 @@ class Bench:
             compatible=COMPATIBLE, bootloader=self.kind,
             slots={s: f"/dev/plain-file-{s.value}" for s in Slot},
             keyring=self.keyring, state_dir=root / STATE,
-            grub=GrubConfig(env=root / GRUB_ENV, tries=3),
-            syslinux=SyslinuxConfig(dir=root / EXTLINUX),
+            bootloaders={BootloaderKind.GRUB: GrubConfig(env=root / GRUB_ENV, tries=3),
+                         BootloaderKind.SYSLINUX: SyslinuxConfig(dir=root / EXTLINUX)},
             health=HealthConfig(dir=checks, timeout=10, deadline=120,
                                 watchdog=self.work / "no-watchdog"),
             system=SystemConfig(cmdline=self.host / "cmdline", mountinfo=self.host / "mountinfo",
@@ -155,7 +157,7 @@ class Bench:
         devices = {s: root / "slots" / f"{s.value}.img" for s in Slot}
 
         def open_files(options: Options, *, readonly: bool = False) -> Any:
-            return contextlib.nullcontext(FileSystem(cfg, booted, booted is None, backend(cfg),
+            return contextlib.nullcontext(FileSystem(cfg, booted, booted is None, bootloader_of(cfg),
                                                      Store(cfg.state_dir), dict(devices)))
 
         (self.host / "boot_id").write_text(f"{uuid.uuid4()}\n")
@@ -176,14 +178,14 @@ class Bench:
             ops._install(system, system.store.load(), str(self.images["1.0"].tar), Slot.A,
                          progress=NullProgress(), dry_run=False, allow_downgrade=True,
                          committed=None)
-            ops._commit(system, Slot.A, "committed", "first image")
+            ops._commit(system, Slot.A, "first image")
 
     def apply(self, root: Path, booted: Slot, version: str) -> None:
         with self.machine(root, booted):
             ops.apply(Options(), str(self.images[version].tar), allow_downgrade=False,
                       dry_run=False, reboot=False, progress=NullProgress())
 
-    def hook(self, root: Path, booted: Slot, checks: Path | None = None) -> dict[str, Any]:
+    def hook(self, root: Path, booted: Slot, checks: Path | None = None) -> HookResult:
         with self.machine(root, booted, checks):
             return ops.boot_hook(Options(), reboot=False)
 
@@ -280,7 +282,7 @@ def after_cut(bench: Bench, disk: Path, out: Outcome, where: str) -> None:
         new, why = bench.power_on(disk)
         assert new == slot.other and bench.complete(disk, new) == "9.0", why
         result = bench.hook(disk, new)
-        assert result["outcome"] == "committed", result
+        assert result.outcome == "committed", result
         state_parses(disk, torn_tail=False)
     except (AbupgradeError, AssertionError, ValueError, KeyError) as exc:
         out.failures.append(f"{where}: {type(exc).__name__}: {exc}")
@@ -406,8 +408,8 @@ def images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
 @pytest.mark.parametrize("kind", list(BootloaderKind), ids=str)
 def test_power_cut_at_every_write(kind: BootloaderKind, scenario: str, work: Path,
                                   images: tuple[KeyPair, dict[str, Image]]) -> None:
-    if kind is BootloaderKind.GRUB and shutil.which("grub-editenv") is None:
-        pytest.skip("grub-editenv is missing (apt-get install grub2-common)")
+    if kind is BootloaderKind.GRUB:
+        needs(tools=("grub-editenv",))
     key, made = images
     bench_dir = work / f"{kind}-{scenario}"
     bench_dir.mkdir()
@@ -540,26 +542,17 @@ def test_qemu_killed_in_the_middle_of_an_apply_in_the_guest(tmp_path: Path) -> N
     from abupgrade.disk import open_disk
     from abupgrade.partitions import read_table
     from fixtures import pyguest
-    from fixtures.guest import QEMU, GuestUnavailable, missing_tools, qemu_boot, require_root
+    from fixtures.guest import QEMU, qemu_boot
     from fixtures.machine import run_cli
 
-    try:
-        require_root()
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
-    missing = missing_tools(QEMU, "debootstrap", "losetup", "partx", "sfdisk", "mkfs.ext4",
-                            "mount", "grub-mkimage")
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)} (run scripts/setup)")
-    try:
+    needs(loop=True, tools=(QEMU, "debootstrap", "grub-mkimage"))
+    with guest_skips():
         key = keypair(tmp_path / "keys")
         boot = pyguest.boot_files(tmp_path / "boot-files")
         wheel = pyguest.build_wheel(tmp_path / "wheel")
         v1 = guest_that_applies(tmp_path, key, wheel, boot)
         v2 = pyguest.signed_guest_image(tmp_path / "v2.tar", key, version="2.0", wheel=wheel,
                                         boot=boot)
-    except GuestUnavailable as exc:
-        pytest.skip(str(exc))
 
     disk = tmp_path / "disk.img"
     made = run_cli("disk", "init", str(disk), "--bootloader", "grub", "--size", "1G",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from abupgrade import config as configuration
+from abupgrade import mounts
 from abupgrade.disk import Disk, attached, mkfs_ext4, mounted
 from abupgrade.errors import UsageError
 from abupgrade.model import Slot
@@ -22,28 +22,15 @@ from abupgrade.slots import (
     is_mounted,
     mounts_of,
     parse_spec,
-    read_mountinfo,
     resolve,
 )
+from fixtures.tiers import needs
 
 MiB = 1024 * 1024
 
 
-def can_loop() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not Path("/dev/loop-control").exists():
-        return "no loop devices"
-    for tool in ("losetup", "partx", "sfdisk", "blkid", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
-
-
 def needs_loop() -> None:
-    why = can_loop()
-    if why:
-        pytest.skip(why)
+    needs(loop=True)
 
 
 def blkid(device: Path) -> dict[str, str]:
@@ -104,9 +91,10 @@ def test_mountinfo_escapes(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text("36 35 8:3 / /mnt/with\\040space rw,relatime shared:1 - ext4 /dev/sda3 rw\n"
                     "37 35 0:5 / /proc rw - proc proc rw\n")
-    mounts = read_mountinfo(info)
-    assert mounts[0].point == "/mnt/with space" and mounts[0].source == "/dev/sda3"
-    assert mounts[0].devno == os.makedev(8, 3) and mounts[1].point == "/proc"
+    found = mounts.read(info)
+    assert found[0].point == Path("/mnt/with space") and found[0].source == "/dev/sda3"
+    assert found[0].devno == os.makedev(8, 3) and found[1].point == Path("/proc")
+    assert found[0].fstype == "ext4" and found[1].source == "proc"
 
 
 # ---------------------------------------------------------------- loop
@@ -199,5 +187,5 @@ def test_is_mounted_sees_partitions_of_a_disk(tmp_path: Path) -> None:
         assert not is_mounted(disk.device) and not is_mounted(part)
         with mounted(part, readonly=True) as point:
             assert is_mounted(part)
-            assert mounts_of(disk.device) == [str(point)]
+            assert mounts_of(disk.device) == [point]
         assert not is_mounted(disk.device)

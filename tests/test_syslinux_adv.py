@@ -3,10 +3,8 @@ and the syslinux backend's install/preflight on real loop devices."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,11 +12,11 @@ import pytest
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.adv import ADV_SIZE, TAG_MENUSAVE, Adv
 from abupgrade.bootloader.base import DiskLayout
-from abupgrade.bootloader.syslinux import MBR_CODE, Syslinux, fresh_config
-from abupgrade.config import Config, SyslinuxConfig
+from abupgrade.bootloader.syslinux import MBR_CODE, Syslinux, SyslinuxConfig, fresh_config
 from abupgrade.errors import UsageError
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.model import Slot
 from fixtures import guest
+from fixtures.tiers import needs
 
 pytestmark = pytest.mark.loop
 
@@ -26,17 +24,11 @@ MiB = 1024 * 1024
 
 
 def _prerequisites() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for loop devices and mounts")
-    missing = guest.missing_tools("extlinux", "losetup", "mkfs.ext4", "sfdisk", "lsattr")
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)}")
+    needs(loop=True, tools=("lsattr",))
 
 
-def _config(directory: Path) -> Config:
-    return Config(compatible="test", bootloader=BootloaderKind.SYSLINUX,
-                  slots={Slot.A: "LABEL=rootfs_a", Slot.B: "LABEL=rootfs_b"},
-                  syslinux=SyslinuxConfig(dir=directory))
+def _config(directory: Path) -> SyslinuxConfig:
+    return SyslinuxConfig(dir=directory)
 
 
 def extlinux(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -213,8 +205,7 @@ def _layout(disk: Path, root: Path) -> DiskLayout:
 def test_install_and_protocol_on_a_real_disk(mbr_disk: Path, tmp_path: Path) -> None:
     table_before = mbr_disk.read_bytes()[440:512]
     with guest.mounted_partition(mbr_disk, 1, tmp_path / "boot") as root:
-        config = replace(_config(Path("/boot/extlinux")), mounts={Path("/boot"): "LABEL=boot"})
-        Syslinux(config).install(_layout(mbr_disk, root))
+        Syslinux(_config(root / "extlinux")).install(_layout(mbr_disk, root))
         loader = Syslinux(_config(root / "extlinux"))
         loader.preflight()
         assert sorted(p.name for p in loader.dir.iterdir()) == [

@@ -8,7 +8,6 @@ cannot load, each come back on the default after one boot; commit switches the d
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ import pytest
 
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.base import DiskLayout
-from abupgrade.bootloader.syslinux import Syslinux
-from abupgrade.config import Config, SyslinuxConfig
-from abupgrade.model import BootloaderKind, Slot
+from abupgrade.bootloader.syslinux import Syslinux, SyslinuxConfig
+from abupgrade.model import Slot
 from fixtures import guest
+from fixtures.tiers import guest_skips, needs
 
 pytestmark = [pytest.mark.boot, pytest.mark.loop]
 
@@ -44,9 +43,7 @@ class Machine:
         return self.work / "boot"
 
     def backend(self) -> Syslinux:
-        config = Config(compatible="test", bootloader=BootloaderKind.SYSLINUX, slots=ROOTS,
-                        syslinux=SyslinuxConfig(dir=self.mountpoint / "extlinux"))
-        return Syslinux(config)
+        return Syslinux(SyslinuxConfig(dir=self.mountpoint / "extlinux"))
 
     def boot_fs(self) -> contextlib.AbstractContextManager[Path]:
         return guest.mounted_partition(self.disk, 1, self.mountpoint)
@@ -82,13 +79,9 @@ def booted(lines: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for loop devices and mounts")
-    missing = guest.missing_tools("extlinux", "sfdisk", "mkfs.ext4", "losetup", guest.QEMU)
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)}")
+    needs(loop=True, tools=(guest.QEMU,))
     work = tmp_path_factory.mktemp("syslinux-boot")
-    try:
+    with guest_skips():
         kernel = guest.guest_kernel()
         initrd = guest.build_initramfs(work / "initrd.img", kernel=kernel)
         disk = guest.partition_disk(work / "disk.img", 68 * MiB, TABLE)
@@ -97,8 +90,6 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
         m = Machine(disk, work, kernel, initrd)
         for slot in Slot:
             m.write_rootfs(slot)
-    except guest.GuestUnavailable as exc:
-        pytest.skip(str(exc))
     with m.boot_fs() as root:
         m.backend().install(DiskLayout(disk=disk, boot_root=root, boot_partition=1,
                                        slot_partitions=SLOT_PARTITIONS, slot_roots=ROOTS))

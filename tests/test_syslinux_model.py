@@ -9,10 +9,8 @@ is simulated after each byte of each ADV copy and on either side of each config 
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from functools import cache
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from abupgrade.bootloader.syslinux import (
     Snapshot,
     Step,
     Syslinux,
+    SyslinuxConfig,
     WriteAdv,
     WriteConf,
     fresh_config,
@@ -32,105 +31,17 @@ from abupgrade.bootloader.syslinux import (
     plan_commit,
     plan_disable,
 )
-from abupgrade.config import Config, SyslinuxConfig
 from abupgrade.errors import AbupgradeError, OperationalError, PolicyRefusal
-from abupgrade.model import BootloaderKind, Slot
-
-ROOTS = {Slot.A: "LABEL=rootfs_a", Slot.B: "LABEL=rootfs_b"}
-
-
-# ---------------------------------------------------------------- the model of syslinux
-
-
-@dataclass(frozen=True)
-class Disk:
-    conf: str
-    pair: bytes  # the two ADV copies
-    kernels: frozenset[Slot]  # slots whose kernel and initrd are on the boot fs
-
-
-def _valid_copy(pair: bytes) -> bytes | None:
-    for copy in (pair[:512], pair[512:]):
-        words = struct.unpack("<128I", copy)
-        if (words[0], words[127]) == (0x5A2D2FA5, 0xDD28BF64) and \
-                sum(words[1:127]) & 0xFFFFFFFF == 0xA3041767:
-            return copy
-    return None
-
-
-def _records(copy: bytes) -> list[tuple[int, bytes]]:
-    out, pos, data = [], 0, copy[8:508]
-    while pos + 2 <= len(data) and data[pos] != 0 and pos + 2 + data[pos + 1] <= len(data):
-        out.append((data[pos], data[pos + 2 : pos + 2 + data[pos + 1]]))
-        pos += 2 + data[pos + 1]
-    return out
-
-
-@cache
-def model_once(pair: bytes) -> str | None:
-    copy = _valid_copy(pair)
-    for tag, data in _records(copy) if copy else []:
-        if tag == 1:
-            return data.decode()
-    return None
-
-
-@cache
-def model_clear_once(pair: bytes) -> bytes:
-    """What syslinux writes back before it runs a boot-once command (both copies)."""
-    copy = _valid_copy(pair)
-    body = b"".join(bytes((t, len(d))) + d for t, d in _records(copy) if t != 1) if copy else b""
-    body = body.ljust(500, b"\0")
-    csum = (0xA3041767 - sum(struct.unpack("<125I", body))) & 0xFFFFFFFF
-    one = struct.pack("<II", 0x5A2D2FA5, csum) + body + struct.pack("<I", 0xDD28BF64)
-    return one + one
-
-
-@cache
-def model_conf(text: str) -> tuple[str | None, dict[str, str]]:
-    default, labels, current = None, {}, None
-    for line in text.splitlines():
-        words = line.split(None, 1)
-        keyword, arg = (words[0].upper(), words[1].strip()) if len(words) == 2 else ("", "")
-        if keyword == "DEFAULT":
-            default = arg
-        elif keyword == "LABEL":
-            current = arg
-            labels[current] = ""
-        elif keyword == "LINUX" and current is not None:
-            labels[current] = arg
-    return default, labels
-
-
-@dataclass(frozen=True)
-class Boot:
-    slot: Slot | None  # None: no kernel loaded within 3 resets (stuck)
-    once: bool  # booted through the boot-once record
-    disk: Disk  # the disk after syslinux's own writes
-
-
-def model_boot(disk: Disk) -> Boot:
-    """One power-on: syslinux picks, clears the once record, loads a kernel or reboots."""
-    for _ in range(3):
-        once = model_once(disk.pair)
-        default, labels = model_conf(disk.conf)
-        if once is not None:
-            disk = replace(disk, pair=model_clear_once(disk.pair))
-        command = (once if once is not None else default or "").split()
-        path = labels.get(command[0]) if command else None  # find_label: the first word
-        slot = next((s for s in Slot if path == f"slots/{s.value}/vmlinuz"), None)
-        if slot is not None and slot in disk.kernels:
-            return Boot(slot, once is not None, disk)
-        # ONERROR reboot.c32 (or a missing label): reset and start over.
-    return Boot(None, False, disk)
-
-
-@cache
-def snapshot(disk: Disk) -> Snapshot:
-    """What the backend reads from this disk (its own parser and ADV reader)."""
-    return Snapshot(conf=ExtlinuxConf.parse(disk.conf), adv=Adv.decode_pair(disk.pair) or Adv(),
-                    kernels=disk.kernels, initrds=disk.kernels)
-
+from abupgrade.model import Slot
+from fixtures.syslinux_model import (
+    ROOTS,
+    Disk,
+    model_boot,
+    model_conf,
+    model_once,
+    snapshot,
+    valid_copy,
+)
 
 # ---------------------------------------------------------------- power cuts
 
@@ -256,7 +167,7 @@ def test_every_transition_under_power_cuts(disk: Disk, op: Op) -> None:
         assert (after.default, after.trial, after.next_boot) == (slot, None, slot)
         assert old.bootable - {slot} <= after.bootable
     end = states[-1].pair
-    assert end[:512] == end[512:] and _valid_copy(end) is not None, "both ADV copies written"
+    assert end[:512] == end[512:] and valid_copy(end) is not None, "both ADV copies written"
     boot = model_boot(states[-1])
     assert boot.slot == after.next_boot
     assert model_boot(boot.disk).slot == after.default
@@ -265,7 +176,7 @@ def test_every_transition_under_power_cuts(disk: Disk, op: Op) -> None:
     # follows when it fails, and what read() says is what syslinux does.
     allowed = {old.default, old.next_boot, after.default, after.next_boot}
     for cut in states:
-        assert _valid_copy(cut.pair) is not None, "a cut tears at most one ADV copy"
+        assert valid_copy(cut.pair) is not None, "a cut tears at most one ADV copy"
         state = snapshot(cut).state()
         first = model_boot(cut)
         assert first.slot in allowed, (name, slot, cut)
@@ -352,8 +263,7 @@ def _files(tmp_path: Path, disk: Disk) -> Syslinux:
     directory.mkdir(exist_ok=True)
     (directory / "ldlinux.sys").write_bytes(b"\x90" * 4096 + disk.pair)
     (directory / "extlinux.conf").write_text(disk.conf)
-    loader = Syslinux(Config(compatible="t", bootloader=BootloaderKind.SYSLINUX, slots=ROOTS,
-                             syslinux=SyslinuxConfig(dir=directory)))
+    loader = Syslinux(SyslinuxConfig(dir=directory))
     for slot in disk.kernels:
         for name in ("kernel", "initrd"):
             path = loader.boot_file_path(slot, name)

@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from abupgrade.disk import attached, mounted
 from abupgrade.errors import ImageRejected, OperationalError, PolicyRefusal
 from abupgrade.partitions import LINUX_FS, PartitionSpec, TableKind, create_table
 from abupgrade.writer import SlotWriter, copy_chunks
+from fixtures.tiers import needs
 
 MiB = 1024 * 1024
 
@@ -102,9 +102,9 @@ def test_oversized_is_refused_before_any_byte(tmp_path: Path) -> None:
     target = tmp_path / "slot.img"
     target.write_bytes(b"\xaa" * MiB)
     chunks = Watched(data)
-    with SlotWriter(target, capacity=MiB) as writer, pytest.raises(ImageRejected) as err:
+    with SlotWriter(target, capacity=MiB) as writer, pytest.raises(PolicyRefusal) as err:
         writer.write_payload(len(data), sha(data), chunks)
-    assert err.value.exit_code == 3 and "larger than the slot" in err.value.message
+    assert err.value.exit_code == 4 and "larger than the slot" in err.value.message
     assert not chunks.taken
     assert target.read_bytes() == b"\xaa" * MiB
 
@@ -144,21 +144,10 @@ def test_interrupt_leaves_nothing_open(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- block devices (loop)
 
 
-def loop_missing() -> str | None:
-    if os.geteuid() != 0 or not Path("/dev/loop-control").exists():
-        return "needs root and loop devices"
-    for tool in ("losetup", "partx", "sfdisk", "mkfs.ext4"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    return None
-
-
 @pytest.fixture
 def loop_slot(tmp_path: Path) -> Iterator[tuple[Path, Path, int]]:
     """(partition device, backing image, partition offset) of an 8 MiB slot full of 0xff."""
-    why = loop_missing()
-    if why:
-        pytest.skip(why)
+    needs(loop=True)
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
     os.truncate(image, 16 * MiB)
@@ -197,7 +186,7 @@ def test_loop_oversized_refused_before_any_byte(loop_slot: tuple[Path, Path, int
     device, image, start = loop_slot
     data = payload(8 * MiB + 4096)
     chunks = Watched(data)
-    with SlotWriter(device) as writer, pytest.raises(ImageRejected, match="larger than the slot"):
+    with SlotWriter(device) as writer, pytest.raises(PolicyRefusal, match="larger than the slot"):
         writer.write_payload(len(data), sha(data), chunks)
     assert not chunks.taken
     assert image_bytes(image, start, 8 * MiB) == b"\xff" * 8 * MiB

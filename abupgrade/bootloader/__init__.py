@@ -1,27 +1,37 @@
-"""Bootloader backends behind one interface; the rest of abupgrade never names one."""
+"""Bootloader backends behind one interface (base.py); the rest of abupgrade never names one.
+
+`BootloaderKind` is the registry: one member per backend. Its value is the configuration's
+`bootloader` name, the name of the backend's `[settings]` table and the `disk init
+--bootloader` choice; the backend lives in `abupgrade/bootloader/<value, - as _>.py`, which
+names its class `BACKEND`, and is imported only when it is used.
+"""
 
 from __future__ import annotations
 
+import enum
 import importlib
+from pathlib import Path
 
 from abupgrade.bootloader.base import Bootloader, BootState
-from abupgrade.config import Config
-from abupgrade.model import BootloaderKind
+from abupgrade.mounts import MOUNTINFO
+from abupgrade.schema import Table
 
-__all__ = ["Bootloader", "BootState", "backend", "backend_class"]
+__all__ = ["Bootloader", "BootState", "BootloaderKind", "backend", "backend_class"]
 
-_MODULES = {
-    BootloaderKind.GRUB: ("abupgrade.bootloader.grub", "Grub"),
-    BootloaderKind.SYSLINUX: ("abupgrade.bootloader.syslinux", "Syslinux"),
-}
+
+class BootloaderKind(enum.StrEnum):
+    GRUB = "grub"
+    SYSLINUX = "syslinux"
 
 
 def backend_class(kind: BootloaderKind) -> type[Bootloader]:
-    module_name, class_name = _MODULES[kind]
-    cls: type[Bootloader] = getattr(importlib.import_module(module_name), class_name)
+    module = importlib.import_module(f"{__name__}.{kind.value.replace('-', '_')}")
+    cls: type[Bootloader] = module.BACKEND
+    if cls.name != kind.value:
+        raise RuntimeError(f"{module.__name__}.BACKEND is named {cls.name!r}, not {kind.value!r}")
     return cls
 
 
-def backend(config: Config) -> Bootloader:
-    """The configured backend, imported lazily."""
-    return backend_class(config.bootloader)(config)
+def backend(kind: BootloaderKind, settings: Table, *, mountinfo: Path = MOUNTINFO) -> Bootloader:
+    """The backend of `kind` with its settings, imported lazily."""
+    return backend_class(kind)(settings, mountinfo=mountinfo)

@@ -35,19 +35,31 @@ from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
-from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
+from abupgrade import blockdev, mounts
+from abupgrade.bootloader.base import (
+    BOOT_FILES,
+    BOOT_POINT,
+    Bootloader,
+    BootState,
+    DiskLayout,
+    DiskPlan,
+    PlannedPartition,
+    Platform,
+    Role,
+    boot_file,
+)
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write, fsync_dir
 from abupgrade.model import Slot
-from abupgrade.partitions import TableKind, read_table
+from abupgrade.partitions import BIOS_GRUB, PartitionSpec, TableKind, read_table
 from abupgrade.run import require_tool, run
+from abupgrade.schema import Table, error
 
 ENV_SIZE = 1024
 SIGNATURE = b"# GRUB Environment Block\n"
-VARIABLES = ("ab_gen", "ab_default", "ab_A", "ab_B", "ab_trial", "ab_tries", "ab_end")
 GENERATIONS = ("0", "1", "2")
 MAX_TRIES = 9
-BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
+MiB = 1024 * 1024
 
 GRUB_LIB = Path("/usr/lib/grub/i386-pc")
 BIOS_SETUP = GRUB_LIB / "grub-bios-setup"
@@ -56,6 +68,19 @@ MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "serial", "terminal", "
 REFUSED_FS = {"btrfs": "btrfs", "zfs": "ZFS"}
 # What grub.cfg may carry verbatim on a `linux` line (no GRUB script syntax).
 _SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
+
+
+@dataclass(frozen=True)
+class GrubConfig(Table):
+    """`[grub]`: the first of the two env blocks (the other is `env` + ".1"), and how many
+    boots a trial gets."""
+
+    env: Path = BOOT_POINT / "grub" / "grubenv"
+    tries: int = 3
+
+    def check(self, where: str) -> None:
+        if not 1 <= self.tries <= MAX_TRIES:
+            raise error(where, f"tries must be between 1 and {MAX_TRIES}")
 
 
 # ---------------------------------------------------------------- the envblk format
@@ -210,11 +235,15 @@ def current(blocks: Sequence[bytes]) -> Current:
 
 class Grub(Bootloader):
     name: ClassVar[str] = "grub"
-    max_tries: ClassVar[int | None] = None  # [grub] tries is 1..9, all of them work
+    settings_type: ClassVar[type[Table]] = GrubConfig
+    settings: GrubConfig
 
     @property
     def env_paths(self) -> tuple[Path, Path]:
-        return block_paths(self.config.grub.env)
+        return block_paths(self.settings.env)
+
+    def trial_boots(self) -> int:
+        return self.settings.tries  # 1..9, all of which grub.cfg counts
 
     # -- reading and writing the blocks
 
@@ -271,16 +300,12 @@ class Grub(Bootloader):
         self.write(replace(state, default=slot, good=state.good | {slot}, trial=None, tries=0))
 
     def boot_file_path(self, slot: Slot, name: str) -> Path:
-        try:
-            return self.config.grub.env.parent / "slots" / slot.value / BOOT_FILES[name]
-        except KeyError:
-            raise ValueError(f"unknown boot file {name!r}; known: {', '.join(BOOT_FILES)}") \
-                from None
+        return boot_file(self.settings.env.parent, slot, name)
 
     # -- checks
 
     def preflight(self) -> None:
-        env = self.config.grub.env
+        env = self.settings.env
         hint_init = "lay out the disk with `abupgrade disk init --bootloader grub`"
         for path in self.env_paths:
             try:
@@ -302,7 +327,7 @@ class Grub(Bootloader):
             if not os.access(path, os.W_OK):
                 raise UsageError(f"GRUB environment block {path} is not writable",
                                  hint="mount the boot partition read-write")
-        mount = find_mount(env, self.config.system.mountinfo)
+        mount = mounts.holding(env, self.mountinfo)
         if mount is None:
             return
         if mount.fstype in REFUSED_FS:
@@ -310,7 +335,7 @@ class Grub(Bootloader):
                 f"GRUB environment {env} is on {REFUSED_FS[mount.fstype]}, where GRUB "
                 "cannot write it in place",
                 hint="keep [grub] env on an ext2/3/4 boot partition on a plain disk")
-        stacked = stacked_kind(mount)
+        stacked = blockdev.stacked_kind(mount.devno, mount.source)
         if stacked is not None:
             raise UsageError(
                 f"GRUB environment {env} is on {stacked} ({mount.source}); GRUB writes the "
@@ -318,6 +343,18 @@ class Grub(Bootloader):
                 hint="keep [grub] env on a plain partition of the boot disk")
 
     # -- installing
+
+    @classmethod
+    def plan(cls, platform: Platform, *, slot_size: int, boot_size: int) -> DiskPlan:
+        """GPT: a 1 MiB bios_grub partition for GRUB's core image, then the A/B layout."""
+        cls.require_platform(platform)
+        bios = PlannedPartition(Role.FIRMWARE, PartitionSpec(MiB, BIOS_GRUB, "bios"))
+        return DiskPlan.ab(TableKind.GPT, slot_size=slot_size, boot_size=boot_size,
+                           before=(bios,))
+
+    @classmethod
+    def new_settings(cls, plan: DiskPlan) -> GrubConfig:
+        return GrubConfig(env=plan.mount(Role.BOOT) / "grub" / "grubenv")
 
     def install(self, layout: DiskLayout) -> None:
         """grub-mkimage + grub-bios-setup onto layout.disk, grub.cfg, both env blocks
@@ -330,7 +367,8 @@ class Grub(Bootloader):
             raise UsageError(f"{layout.disk} has no partition table",
                              hint="lay out the disk with `abupgrade disk init`")
         label = "gpt" if table.kind is TableKind.GPT else "msdos"
-        env, env_rel = self._on_boot_fs(layout)
+        env = self.settings.env
+        env_rel = str(layout.on_boot_fs(env, "[grub] env"))
         grub_dir = layout.boot_root / "grub"
         modules_dir = grub_dir / "i386-pc"
         modules_dir.mkdir(parents=True, exist_ok=True)
@@ -351,18 +389,8 @@ class Grub(Bootloader):
             hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
         fsync_dir(grub_dir)
 
-    def _on_boot_fs(self, layout: DiskLayout) -> tuple[Path, str]:
-        """Where `[grub] env` is while the boot fs is mounted at layout.boot_root, and its
-        path inside the boot filesystem."""
-        wanted, root = self.config.grub.env, layout.boot_root
-        if root in wanted.parents:
-            return wanted, wanted.relative_to(root).as_posix()
-        for point in sorted(self.config.mounts, key=lambda p: len(p.parts), reverse=True):
-            if point in wanted.parents:
-                rel = wanted.relative_to(point)
-                return root / rel, rel.as_posix()
-        raise UsageError(f"[grub] env {wanted} is not on a partition named in [mounts]",
-                         hint="put the GRUB environment under the boot partition's mount point")
+
+BACKEND = Grub
 
 
 def block_paths(env: Path) -> tuple[Path, Path]:
@@ -432,51 +460,3 @@ def write_in_place(path: Path, data: bytes) -> None:
         raise OperationalError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class MountFacts:
-    point: Path
-    devno: int
-    fstype: str
-    source: str
-
-
-def find_mount(path: Path, mountinfo: Path) -> MountFacts | None:
-    """The mount holding `path` (the last of the longest matching mount points)."""
-    target = path.resolve()
-    best: MountFacts | None = None
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, after = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(after) < 2:
-            continue
-        point = Path(_unescape(fields[4]))
-        if point != target and point not in target.parents:
-            continue
-        if best is None or len(point.parts) >= len(best.point.parts):
-            major, _, minor = fields[2].partition(":")
-            best = MountFacts(point, os.makedev(int(major), int(minor)), after[0],
-                              _unescape(after[1]))
-    return best
-
-
-def stacked_kind(mount: MountFacts) -> str | None:
-    """"LVM/device-mapper" or "software RAID" when the mount's device is one, else None."""
-    name = Path(mount.source).name
-    sysdir = Path(f"/sys/dev/block/{os.major(mount.devno)}:{os.minor(mount.devno)}")
-    if mount.source.startswith("/dev/mapper/") or name.startswith("dm-") \
-            or (sysdir / "dm").is_dir():
-        return "LVM/device-mapper"
-    if re.fullmatch(r"md\d+(p\d+)?|md/.+", name) or mount.source.startswith("/dev/md/") \
-            or (sysdir / "md").is_dir():
-        return "software RAID"
-    return None
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)

@@ -6,7 +6,7 @@ State lives in two places of `[syslinux] dir`:
   name then). The file is only ever replaced atomically (temp file, fsync, rename, fsync dir).
 - the ADV of `ldlinux.sys` (see adv.py): a trial is its boot-once record naming the slot's
   label. Syslinux clears that record on disk *before* it loads the kernel, so a trial gets
-  exactly one boot (`max_tries = 1`): a trial that panics, hangs or never reaches the boot hook
+  exactly one boot (`trial_boots()` is 1): a trial that panics, hangs or never reaches the boot hook
   comes back on the default slot at the next reset, whatever `[grub] tries` says.
 
 `ONERROR reboot.c32` makes a kernel or initrd that fails to load reboot instead of waiting
@@ -19,20 +19,31 @@ names them relative to its own folder, which syslinux 6 resolves from the config
 from __future__ import annotations
 
 import os
-import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from abupgrade import mounts
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.adv import Adv
-from abupgrade.bootloader.base import Bootloader, BootState, DiskLayout
+from abupgrade.bootloader.base import (
+    BOOT_POINT,
+    Bootloader,
+    BootState,
+    DiskLayout,
+    DiskPlan,
+    Platform,
+    Role,
+    boot_file,
+)
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write
 from abupgrade.model import Slot
+from abupgrade.partitions import TableKind
 from abupgrade.run import require_tool, run
+from abupgrade.schema import Table
 
 CONFIG_NAME = "extlinux.conf"
 LOADER_NAME = "ldlinux.sys"
@@ -40,7 +51,6 @@ MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")
 MODULES_DIR = Path("/usr/lib/syslinux/modules/bios")
 # ONERROR reboot.c32 needs these next to ldlinux.c32.
 MODULES = ("reboot.c32", "libcom32.c32")
-BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
 DISABLED = "-disabled"
 MIN_BLOCK_SIZE = 4096
 
@@ -59,10 +69,14 @@ def slot_of_label(name: str) -> Slot | None:
 
 def relative_boot_file(slot: Slot, name: str) -> str:
     """A boot file's path relative to the folder of extlinux.conf."""
-    try:
-        return f"slots/{slot.value}/{BOOT_FILES[name]}"
-    except KeyError:
-        raise ValueError(f"unknown boot file {name!r}; known: {', '.join(BOOT_FILES)}") from None
+    return boot_file(Path(), slot, name).as_posix()
+
+
+@dataclass(frozen=True)
+class SyslinuxConfig(Table):
+    """`[syslinux]`: the folder of extlinux.conf and ldlinux.sys (its ADV)."""
+
+    dir: Path = BOOT_POINT / "extlinux"
 
 
 @dataclass(frozen=True)
@@ -278,14 +292,21 @@ def plan_commit(snap: Snapshot, slot: Slot) -> list[Step]:
 class Syslinux(Bootloader):
     """extlinux.conf DEFAULT = committed slot; the ADV boot-once record = a one-boot trial."""
 
-    name = "syslinux"
-    # Syslinux clears the boot-once record before loading the kernel: one boot per trial.
-    max_tries: ClassVar[int | None] = 1
+    name: ClassVar[str] = "syslinux"
+    settings_type: ClassVar[type[Table]] = SyslinuxConfig
+    settings: SyslinuxConfig
     requires_boot_files: ClassVar[tuple[str, ...]] = ("kernel", "initrd")
 
     @property
     def dir(self) -> Path:
-        return self.config.syslinux.dir
+        return self.settings.dir
+
+    def trial_boots(self) -> int:
+        return 1  # syslinux clears the boot-once record before it loads the kernel
+
+    def notes(self) -> tuple[str, ...]:
+        return (f"{self.name} gives a trial exactly {self.trial_boots()} boot(s) before it "
+                "falls back",)
 
     @property
     def conf_path(self) -> Path:
@@ -318,7 +339,7 @@ class Syslinux(Bootloader):
         self.apply(plan_disable(self.snapshot(), slot))
 
     def arm_trial(self, slot: Slot, tries: int) -> None:
-        """One boot of `slot` whatever `tries` is (see max_tries), then the default again."""
+        """One boot of `slot` whatever `tries` is (see trial_boots), then the default again."""
         if tries < 1:
             raise ValueError("a trial needs at least one boot")
         self.apply(plan_arm_trial(self.snapshot(), slot))
@@ -346,7 +367,8 @@ class Syslinux(Bootloader):
         if not (os.access(self.conf_path, os.W_OK) and os.access(self.dir, os.W_OK)):
             raise UsageError(f"{self.conf_path} is not writable",
                              hint="mount the boot partition read-write")
-        fstype = mount_fstype(self.dir, self.config.system.mountinfo)
+        mount = mounts.holding(self.dir, self.mountinfo)
+        fstype = mount.fstype if mount is not None else None
         if fstype not in ("ext2", "ext3", "ext4"):
             raise UsageError(f"{self.dir} is on {fstype or 'an unknown filesystem'}; the syslinux "
                              "backend keeps its state on ext2/3/4 only",
@@ -358,6 +380,17 @@ class Syslinux(Bootloader):
                              hint="recreate the boot filesystem with mkfs.ext4 -b 4096")
         self.snapshot()
 
+    @classmethod
+    def plan(cls, platform: Platform, *, slot_size: int, boot_size: int) -> DiskPlan:
+        """MBR: syslinux's MBR code boots the partition flagged bootable."""
+        cls.require_platform(platform)
+        return DiskPlan.ab(TableKind.MBR, slot_size=slot_size, boot_size=boot_size,
+                           boot_bootable=True)
+
+    @classmethod
+    def new_settings(cls, plan: DiskPlan) -> SyslinuxConfig:
+        return SyslinuxConfig(dir=plan.mount(Role.BOOT) / "extlinux")
+
     def install(self, layout: DiskLayout) -> None:
         """MBR boot code, `extlinux --install`, a fresh extlinux.conf (A default, B disabled)
         and an empty ADV. The boot partition must be a primary MBR partition flagged bootable."""
@@ -367,7 +400,8 @@ class Syslinux(Bootloader):
                 raise OperationalError(f"{needed} is missing",
                                        hint="apt-get install syslinux-common")
         check_mbr(layout.disk, layout.boot_partition)
-        target = self._install_dir(layout)
+        target = self.dir
+        layout.on_boot_fs(target, "[syslinux] dir")
         for slot in Slot:
             (target / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
         run([extlinux, "--install", target], timeout=60)
@@ -378,16 +412,8 @@ class Syslinux(Bootloader):
         adv.write(target / LOADER_NAME, Adv())
         write_mbr_code(layout.disk, MBR_CODE.read_bytes())
 
-    def _install_dir(self, layout: DiskLayout) -> Path:
-        """Where `[syslinux] dir` is while the boot filesystem is mounted at layout.boot_root."""
-        wanted, root = self.dir, layout.boot_root
-        if wanted == root or root in wanted.parents:
-            return wanted
-        for point in sorted(self.config.mounts, key=lambda p: len(p.parts), reverse=True):
-            if wanted == point or point in wanted.parents:
-                return root / wanted.relative_to(point)
-        raise UsageError(f"[syslinux] dir {wanted} is not on a partition named in [mounts]",
-                         hint="put the syslinux folder under the boot partition's mount point")
+
+BACKEND = Syslinux
 
 
 # ---------------------------------------------------------------- disk and mount facts
@@ -422,28 +448,3 @@ def write_mbr_code(disk: Path, code: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def mount_fstype(path: Path, mountinfo: Path) -> str | None:
-    """The filesystem type of the mount holding `path`, from a mountinfo file."""
-    target = path.resolve()
-    best: tuple[int, str] | None = None
-    try:
-        lines: Sequence[str] = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        point = Path(_unescape(fields[4]))
-        if (point == target or point in target.parents) and (
-                best is None or len(point.parts) >= best[0]):
-            best = (len(point.parts), right.split()[0])
-    return best[1] if best else None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from abupgrade.errors import ImageRejected, OperationalError, UsageError
-from abupgrade.fsutil import atomic_writer
+from abupgrade.fsutil import atomic_writer, open_input
 from abupgrade.image import signature
 from abupgrade.image.compress import encoder
 from abupgrade.image.keys import load_private
@@ -94,14 +94,7 @@ def build(
 
 
 def _open(path: Path) -> io.BufferedReader:
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory") from None
-    except OSError as e:
-        raise OperationalError(f"cannot read {path}: {e.strerror}") from None
+    handle = open_input(path)
     mode = os.fstat(handle.fileno()).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         handle.close()

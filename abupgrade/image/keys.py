@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from abupgrade.errors import OperationalError, UsageError
-from abupgrade.fsutil import fsync_dir
+from abupgrade.fsutil import fsync_dir, open_input
 
 
 def key_paths(prefix: Path) -> tuple[Path, Path]:
@@ -78,14 +78,11 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{what} {path} is a directory") from None
-    except OSError as e:
-        raise OperationalError(f"cannot read {what} {path}: {e.strerror}") from None
+    with open_input(path, what) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise OperationalError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:

@@ -162,6 +162,18 @@ class ImageReader:
         self._buffer = memoryview(bytearray(min(CHUNK, max(p.size for p in self.manifest.payloads))))
         self._started = False
 
+    def verify(self) -> VerifiedImage:
+        """Read every payload to its end (sizes and hashes checked) and the archive's end,
+        reporting to the reader's progress; write nothing."""
+        self._progress.start("verify", sum(p.size for p in self.manifest.payloads))
+        try:
+            for _payload, chunks in self.payloads():
+                for _ in chunks:
+                    pass
+        finally:
+            self._progress.finish()
+        return VerifiedImage(self.manifest, self.signatures, self.offset)
+
     @property
     def offset(self) -> int:
         """Bytes of the stream read so far."""
@@ -278,19 +290,19 @@ class VerifiedImage:
     signatures: tuple[SignatureStatus, ...]
     size: int  # bytes read from the stream
 
+    def to_json(self) -> dict[str, Any]:
+        """The `image verify --json` document."""
+        return {
+            "version": self.manifest.version,
+            "compatible": self.manifest.compatible,
+            "payloads": [p.to_json() for p in self.manifest.payloads],
+            "signatures": [s.to_json() for s in self.signatures],
+        }
+
 
 def verify(stream: BinaryIO, keyring: Keyring, progress: Progress | None = None) -> VerifiedImage:
     """Check signature, every payload's size and hash, and the archive's end; write nothing."""
-    sink: Progress = progress or NullProgress()
-    reader = ImageReader(stream, keyring, progress=sink)
-    sink.start("verify", sum(p.size for p in reader.manifest.payloads))
-    try:
-        for _payload, chunks in reader.payloads():
-            for _ in chunks:
-                pass
-    finally:
-        sink.finish()
-    return VerifiedImage(reader.manifest, reader.signatures, reader.offset)
+    return ImageReader(stream, keyring, progress=progress).verify()
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,6 @@ class Reference:
                 + (f"@{self.digest}" if self.digest else ""))
 
 
-def is_reference(text: str) -> bool:
-    return text.lower().startswith(SCHEME)
-
-
 def parse_reference(text: str, *, need_tag: bool = False) -> Reference:
     """Parse a reference; it must name a tag or a digest (with `need_tag`, a tag)."""
     match = _RE.fullmatch(text)

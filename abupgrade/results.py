@@ -1,0 +1,181 @@
+"""What the commands return: frozen results whose `to_json()` is the command's `--json`
+document (key order included: scripts and the contract's shapes depend on it)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abupgrade.health import Report
+from abupgrade.model import Slot, SlotState
+
+
+def _text(item: object | None) -> str | None:
+    return None if item is None else str(item)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: Path
+    public: Path
+    key_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"private": str(self.private), "public": str(self.public), "key_id": self.key_id}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """`check`: the registry holds `version`, newer than the `committed` one."""
+
+    reference: str
+    version: str
+    committed: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reference": self.reference, "version": self.version,
+                "committed": self.committed}
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    device: str
+    state: SlotState
+    version: str | None
+    installed: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "state": str(self.state), "version": self.version,
+                "installed": self.installed}
+
+
+@dataclass(frozen=True)
+class Status:
+    booted: Slot | None
+    next_boot: Slot
+    trial: Slot | None  # a trial with boots left
+    trial_boots_left: int
+    committed: Slot
+    bootloader: str
+    slots: Mapping[Slot, SlotStatus]
+    notes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "booted": _text(self.booted),
+            "next_boot": str(self.next_boot),
+            "trial": _text(self.trial),
+            "trial_boots_left": self.trial_boots_left,
+            "committed": str(self.committed),
+            "bootloader": self.bootloader,
+            "slots": {str(slot): self.slots[slot].to_json() for slot in Slot},
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Installed:
+    """`apply`: the image that went (or, in a dry run, would go) into `slot`."""
+
+    slot: Slot
+    version: str
+    compatible: str
+    written: int  # bytes written to the slot and the boot files
+    dry_run: bool
+    seconds: float | None = None  # None in a dry run
+    tries: int | None = None  # boots the armed trial gets; None until armed
+
+    def to_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"slot": str(self.slot), "version": self.version,
+                                 "compatible": self.compatible, "written": self.written,
+                                 "dry_run": self.dry_run}
+        if self.seconds is not None:
+            found["seconds"] = self.seconds
+        if self.tries is not None:
+            found["tries"] = self.tries
+        return found
+
+
+@dataclass(frozen=True)
+class SlotVersion:
+    """`mark-good`, `rollback`: the slot that is (or boots next as) the committed one."""
+
+    slot: Slot
+    version: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slot": str(self.slot), "version": self.version}
+
+
+@dataclass(frozen=True)
+class MarkedBad:
+    slot: Slot
+    next_boot: Slot
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slot": str(self.slot), "next_boot": str(self.next_boot)}
+
+
+@dataclass(frozen=True)
+class DiskMade:
+    target: Path
+    bootloader: str
+    slot_size: int
+    compatible: str
+    version: str | None  # of the first image, when one was installed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": str(self.target), "bootloader": self.bootloader,
+                "slot_size": self.slot_size, "compatible": self.compatible,
+                "version": self.version}
+
+
+@dataclass(frozen=True)
+class HookInstalled:
+    init: str
+    root: Path
+    written: tuple[Path, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"init": self.init, "root": str(self.root),
+                "written": [str(p) for p in self.written]}
+
+
+class Outcome(enum.StrEnum):
+    """What the boot hook made of a boot."""
+
+    COMMITTED = "committed"  # the trial was healthy and is the default now
+    ROLLED_BACK = "rolled-back"  # the trial was sick: disabled, reboot to the other slot
+    FALLBACK = "fallback"  # the trial never got to the hook; the bootloader went back
+    TRIAL_PENDING = "trial-pending"  # a trial is armed for the next boot
+    COMMITTED_BOOT = "committed-boot"  # a normal boot of the committed slot
+    ALREADY_DONE = "already-done"  # the hook already ran in this boot
+
+    @property
+    def notifies(self) -> bool:
+        """Whether the fleet's notification hooks hear of it (`<hooks_dir>/<outcome>.d/`)."""
+        return self in (Outcome.COMMITTED, Outcome.ROLLED_BACK, Outcome.FALLBACK)
+
+
+@dataclass(frozen=True)
+class HookResult:
+    slot: Slot
+    outcome: Outcome
+    summary: str
+    health: Report | None = None  # the checks of a trial boot
+    repaired: tuple[str, ...] | None = None  # a committed boot: what was put right
+    problems: tuple[str, ...] | None = None  # ... and what could not be
+
+    def to_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"slot": str(self.slot), "outcome": str(self.outcome),
+                                 "summary": self.summary}
+        if self.health is not None:
+            found["health"] = self.health.to_json()
+        if self.repaired is not None:
+            found["repaired"] = list(self.repaired)
+        if self.problems is not None:
+            found["problems"] = list(self.problems)
+        return found
