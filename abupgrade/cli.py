@@ -26,6 +26,7 @@ from rich.table import Table
 
 from abupgrade import ops
 from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.base import Firmware
 from abupgrade.errors import AbupgradeError, UsageError
 from abupgrade.model import Slot
 from abupgrade.progress import NullProgress, Progress
@@ -303,7 +304,8 @@ def status(ctx: typer.Context) -> None:
         return
     if g.quiet:
         return
-    table = Table(title=f"abupgrade on {info.bootloader}")
+    table = Table(title=f"abupgrade on {info.bootloader}, {info.firmware} firmware"
+                  + (" with Secure Boot" if info.secure_boot else ""))
     for column in ("slot", "state", "version", "device", ""):
         table.add_column(column)
     for name, slot in info.slots.items():
@@ -450,6 +452,12 @@ def disk_init(
     target: Annotated[Path, typer.Argument(help="Disk image file (created) or unmounted device.")],
     bootloader: Annotated[BootloaderKind, typer.Option(
         help=" or ".join(BootloaderKind) + ".")],
+    firmware: Annotated[Firmware | None, typer.Option(
+        help="The machine's firmware: " + " or ".join(Firmware)
+             + " (default: bios; uefi with --secure-boot).")] = None,
+    secure_boot: Annotated[bool, typer.Option(
+        "--secure-boot", help="UEFI Secure Boot: Debian's signed shim and GRUB on the ESP; "
+                              "images must carry signed kernels.")] = False,
     size: Annotated[str | None, typer.Option(help="Size of a new image file, e.g. 2G.")] = None,
     slot_size: Annotated[str, typer.Option(help="Size of each root slot.")] = "512M",
     image: Annotated[str | None, typer.Option(help="Install this image in slot A and commit it.")] = None,
@@ -461,10 +469,12 @@ def disk_init(
     """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
     g = _globals(ctx)
     with progress_for(g) as progress:
+        platform = ops.platform_for(bootloader, firmware=firmware, secure_boot=secure_boot)
         result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
                                slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
-                               compatible=compatible, force=force, progress=progress)
-    text = f"{target}: A/B disk with {bootloader}, slots of {result.slot_size:,} bytes"
+                               compatible=compatible, force=force, progress=progress,
+                               platform=platform)
+    text = f"{target}: A/B disk with {bootloader} for {platform}, slots of {result.slot_size:,} bytes"
     if result.version:
         text += f"; slot A holds version {result.version} (committed)"
     emit(g, result, text)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abupgrade import blockdev, diskinit, run
-from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
-from abupgrade.bootloader.base import Platform
+from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
+from abupgrade.bootloader.base import Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
@@ -150,6 +150,7 @@ def status(options: Options) -> Status:
         boot = system.bootloader.read()
         state = system.store.load()
         trial = boot.trial if boot.trial is not None and boot.tries_left > 0 else None
+        platform = system.bootloader.platform()
         return Status(
             booted=system.booted,
             next_boot=boot.next_boot,
@@ -157,6 +158,8 @@ def status(options: Options) -> Status:
             trial_boots_left=boot.tries_left if trial else 0,
             committed=boot.default,
             bootloader=system.bootloader.name,
+            firmware=str(platform.firmware),
+            secure_boot=platform.secure_boot,
             slots={slot: SlotStatus(device=system.device_text(slot),
                                     state=_slot_state(slot, state.slots[slot], boot),
                                     version=state.slots[slot].version,
@@ -297,6 +300,7 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
                 _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
                                  chunks, payload.size, progress)
                 written += payload.size
+        system.bootloader.check_boot_files(target)
     except (Interrupted, KeyboardInterrupt) as exc:
         _drop_boot_files(system, target)
         system.store.record(EventName.INTERRUPTED, target, version,
@@ -411,6 +415,18 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
 
 
 # ------------------------------------------------------------------ disks
+
+
+def platform_for(kind: BootloaderKind, *, firmware: Firmware | None,
+                 secure_boot: bool) -> Platform:
+    """What `disk init` lays a disk out for: the backend's own firmware unless one is
+    given; Secure Boot is UEFI's. Whether the backend boots it, its `plan` says."""
+    if secure_boot and firmware is Firmware.BIOS:
+        raise UsageError("--secure-boot needs --firmware uefi",
+                         hint="Secure Boot is a feature of UEFI firmware")
+    default = backend_class(kind).platforms[0]
+    chosen = firmware or (Firmware.UEFI if secure_boot else default.firmware)
+    return replace(default, firmware=chosen, secure_boot=secure_boot)
 
 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,

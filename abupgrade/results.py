@@ -60,6 +60,8 @@ class Status:
     trial_boots_left: int
     committed: Slot
     bootloader: str
+    firmware: str  # "bios" or "uefi"
+    secure_boot: bool
     slots: Mapping[Slot, SlotStatus]
     notes: tuple[str, ...]
 
@@ -71,6 +73,8 @@ class Status:
             "trial_boots_left": self.trial_boots_left,
             "committed": str(self.committed),
             "bootloader": self.bootloader,
+            "firmware": self.firmware,
+            "secure_boot": self.secure_boot,
             "slots": {str(slot): self.slots[slot].to_json() for slot in Slot},
             "notes": list(self.notes),
         }

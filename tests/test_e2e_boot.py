@@ -11,18 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from abupgrade import config as configuration
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.grub import GrubConfig
-from abupgrade.disk import open_disk
-from abupgrade.fsutil import atomic_write
 from fixtures import pyguest
 from fixtures.guest import QEMU, qemu_boot
 from fixtures.images import KeyPair, keypair
@@ -74,18 +69,6 @@ def cli(*args: str) -> Any:
     return json.loads(proc.stdout) if proc.stdout.strip() else None
 
 
-def set_test_config(disk: Path) -> None:
-    """On the disk's own configuration: GRUB gives a trial TRIES boots, and the guest
-    reboots with busybox (read by `apply` and by the guest's boot hook)."""
-    with open_disk(disk) as session:
-        path = session.boot / configuration.ON_DISK_PATH
-        cfg = configuration.parse(tomllib.loads(path.read_text()))
-        tables = {kind: replace(table, tries=TRIES) if isinstance(table, GrubConfig) else table
-                  for kind, table in cfg.bootloaders.items()}
-        cfg = replace(cfg, bootloaders=tables, system=replace(cfg.system, reboot=pyguest.REBOOT))
-        atomic_write(path, configuration.render(cfg).encode())
-
-
 @dataclass
 class Run:
     log: str
@@ -126,7 +109,7 @@ class Stages:
             cli("disk", "init", str(disk), "--bootloader", str(kind), "--size", "1G",
                 "--slot-size", pyguest.SLOT_SIZE, "--image", str(self.images.v1),
                 "--pubkey", str(self.images.key.public))
-            set_test_config(disk)
+            pyguest.configure_disk(disk, tries=TRIES)
             run = boot(disk, "first", boots=1)
             assert [(b.slot, b.version) for b in run.boots] == [("A", "1.0")], run.tail()
             assert run.boots[0].status is not None, run.tail()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import uuid
@@ -11,8 +12,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from abupgrade.bootloader import grub_efi
+from abupgrade.bootloader.grub import render_cfg
 from abupgrade.errors import UsageError
 from abupgrade.fat import MtoolsFat, mkfs_fat32
+from abupgrade.model import Slot
 
 MiB = 1 << 20
 BOOT_UUID = "0b9c3c5e-8f0e-4a52-9d39-0a4f2c7f1e11"
@@ -42,9 +45,9 @@ def test_own_grub_and_its_config(esp: Path, tmp_path: Path) -> None:
     assert image[:2] == b"MZ" and b"PE\0\0" in image[:512]  # an EFI application
     for module in ("loadenv", "regexp", "search_fs_uuid", "ext2", "part_gpt"):
         assert module.encode() in image, f"{module} is not built into GRUB"
-    assert f"search --no-floppy --fs-uuid --set=ab_boot {BOOT_UUID}" in config
-    assert 'configfile "($ab_boot)/grub/grub.cfg"' in config
-    assert "export ab_boot" in config and "export ab_disk" in config
+    assert f"search --no-floppy --fs-uuid --set=abupgrade_boot {BOOT_UUID}" in config
+    assert 'configfile "($abupgrade_boot)/grub/grub.cfg"' in config
+    assert "export abupgrade_boot" in config and "export abupgrade_disk" in config
 
 
 def test_secure_boot_chain_is_debians_signed_files(esp: Path, tmp_path: Path) -> None:
@@ -103,3 +106,38 @@ def test_ext_uuid_reads_the_superblock(tmp_path: Path) -> None:
     assert grub_efi.ext_uuid(image, 8 * MiB) == wanted
     with pytest.raises(UsageError):
         grub_efi.ext_uuid(image)  # no filesystem at the start
+
+
+def test_authenticode_signature_of_kernels(tmp_path: Path) -> None:
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        pytest.skip("no /boot/vmlinuz-* (install linux-image-amd64; run scripts/setup)")
+    signed = kernels[-1].read_bytes()  # Debian's kernels are signed for Secure Boot
+    assert grub_efi.authenticode_signed(signed)
+    # The same kernel with its certificate table emptied, truncated, or not a PE at all.
+    pe = int.from_bytes(signed[0x3C:0x40], "little")
+    entry = pe + 24 + 112 + 4 * 8  # PE32+: data directory 4, the certificate table
+    stripped = signed[:entry] + bytes(8) + signed[entry + 8:]
+    assert not grub_efi.authenticode_signed(stripped)
+    offset = int.from_bytes(signed[entry:entry + 4], "little")
+    assert not grub_efi.authenticode_signed(signed[:offset])
+    assert not grub_efi.authenticode_signed(b"\x7fELF" + signed[4:])
+    assert not grub_efi.authenticode_signed(b"MZ")
+
+
+def test_grub_cfg_never_assigns_what_the_esp_config_exports() -> None:
+    """grub.cfg runs after the ESP config: a variable it sets under one of the exported names
+    would point the env blocks or the kernels elsewhere (the template's own `ab_boot`, the slot
+    to boot, once collided with the boot partition's name)."""
+    cfg = render_cfg(boot_device=grub_efi.BOOT_DEVICE, env_rel="grub/grubenv",
+                     parts={s: grub_efi.slot_device(n) for s, n in ((Slot.A, 3), (Slot.B, 4))},
+                     roots={Slot.A: "PARTLABEL=rootfs_a", Slot.B: "PARTLABEL=rootfs_b"},
+                     cmdline="console=ttyS0 panic=5")
+    for name in grub_efi.EXPORTS:
+        assert f"${name}" in cfg or f"${{{name}}}" in cfg, name  # it is used
+        assigned = re.findall(rf"(?:^|[\s;]){name}=|--set=(?:\d:)?{name}\b|unset {name}\b|"
+                              rf"(?:^|\s)function {name}\b", cfg, re.M)
+        assert not assigned, f"grub.cfg assigns {name}: {assigned}"
+    esp = grub_efi.esp_config(BOOT_UUID, "grub/grub.cfg")
+    for name in grub_efi.EXPORTS:
+        assert f"export {name}" in esp

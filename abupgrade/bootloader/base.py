@@ -89,6 +89,7 @@ class BootState:
 
 class Firmware(enum.StrEnum):
     BIOS = "bios"
+    UEFI = "uefi"
 
 
 class Arch(enum.StrEnum):
@@ -115,6 +116,7 @@ class Role(enum.StrEnum):
     SLOT_B = "slot-B"
     DATA = "data"  # ext4 made by disk init, the rest of the disk: the state folder
     FIRMWARE = "firmware"  # what firmware or bootloader needs besides (bios_grub); install fills it
+    ESP = "esp"  # the EFI system partition: FAT32 made by disk init; install writes it (abupgrade.fat)
 
     @classmethod
     def of(cls, slot: Slot) -> Role:
@@ -130,14 +132,16 @@ class PlannedPartition:
 
 @dataclass(frozen=True)
 class DiskPlan:
-    """The partition table a backend needs; partitions are numbered from 1 in this order."""
+    """The partition table a backend needs for `platform`; partitions are numbered from 1
+    in this order."""
 
     table: TableKind
     partitions: tuple[PlannedPartition, ...]
+    platform: Platform = field(default_factory=Platform)
 
     @classmethod
     def ab(cls, table: TableKind, *, slot_size: int, boot_size: int, boot_bootable: bool = False,
-           before: tuple[PlannedPartition, ...] = ()) -> DiskPlan:
+           before: tuple[PlannedPartition, ...] = (), platform: Platform | None = None) -> DiskPlan:
         """`before`, then boot, slot A, slot B and data (the rest): on GPT named boot,
         rootfs_a, rootfs_b and data, on MBR of type 83."""
         gpt = table is TableKind.GPT
@@ -152,7 +156,11 @@ class DiskPlan:
                            part(Role.BOOT, boot_size, "boot", BOOT_POINT, boot_bootable),
                            part(Role.SLOT_A, slot_size, SLOT_NAMES[Slot.A]),
                            part(Role.SLOT_B, slot_size, SLOT_NAMES[Slot.B]),
-                           part(Role.DATA, None, "data", DATA_POINT)))
+                           part(Role.DATA, None, "data", DATA_POINT)),
+                   platform or Platform())
+
+    def has(self, role: Role) -> bool:
+        return any(part.role is role for part in self.partitions)
 
     def number(self, role: Role) -> int:
         for number, part in enumerate(self.partitions, start=1):
@@ -181,7 +189,8 @@ class DiskLayout:
     `boot_root` is the boot filesystem, mounted (the backend's settings are rebased onto
     it); `disk` is the whole disk (block device or image file); `boot_partition` is the boot
     partition's number on it; `slot_partitions` the slots' partition numbers (GRUB needs them
-    for `(hd0,gptN)`); `slot_roots` the device specs the kernel gets as `root=`.
+    for `(hd0,gptN)`); `slot_roots` the device specs the kernel gets as `root=`;
+    `partitions` every partition's block device; `esp` the EFI system partition, if any.
     """
 
     disk: Path
@@ -191,6 +200,16 @@ class DiskLayout:
     slot_roots: Mapping[Slot, str]
     kernel_cmdline: str = "console=ttyS0 panic=5"
     platform: Platform = field(default_factory=Platform)
+    partitions: Mapping[int, Path] = field(default_factory=dict)  # number -> block device
+    esp_partition: int | None = None  # the plan's Role.ESP, made FAT32 and empty
+
+    @property
+    def esp(self) -> Path:
+        """The EFI system partition's block device; a UsageError when the plan has none."""
+        if self.esp_partition is None or self.esp_partition not in self.partitions:
+            raise UsageError(f"{self.disk} has no EFI system partition",
+                             hint="lay the disk out with `abupgrade disk init --firmware uefi`")
+        return self.partitions[self.esp_partition]
 
     def on_boot_fs(self, path: Path, what: str) -> PurePosixPath:
         """Where `path` (a backend's file on the mounted disk) is inside the boot filesystem;
@@ -281,3 +300,12 @@ class Bootloader(abc.ABC):
     def notes(self) -> tuple[str, ...]:
         """What `status` should tell about this bootloader's behaviour."""
         return ()
+
+    def platform(self) -> Platform:
+        """What the disk boots on (`status` reports its firmware): the backend's only
+        platform unless its settings say which."""
+        return self.platforms[0]
+
+    def check_boot_files(self, slot: Slot) -> None:  # noqa: B027 - a hook, empty by default
+        """Refuse (PolicyRefusal) boot files just written for `slot` that the bootloader
+        will not boot, before the slot can be armed. Nothing to check by default."""

@@ -1,4 +1,5 @@
-"""The GRUB backend (BIOS, i386-pc; GPT or MBR disks; the boot filesystem ext2/3/4).
+"""The GRUB backend (BIOS, i386-pc, on GPT or MBR disks; UEFI, x86_64-efi, with or without
+Secure Boot, on GPT: see grub_efi.py; the boot filesystem ext2/3/4).
 
 The state lives in two GRUB environment blocks, `[grub] env` and the same name with `.1`
 appended, 1024 bytes each. Neither ever moves, shrinks or grows: GRUB's `save_env` rewrites
@@ -20,7 +21,8 @@ either the old or the new state. grub.cfg (rendered from grub.cfg.in at install)
 reading, the choice and the decrement with string comparisons only, as stock GRUB 2.06
 has no arithmetic. A trial boot is booted only after its decremented count is saved, so a
 trial gets at most N boots; a power cut between that save and the kernel costs one of them.
-GRUB addresses the boot disk as hd0 (the BIOS boot drive).
+On BIOS GRUB addresses the boot disk as hd0 (the BIOS boot drive); on UEFI, grub.cfg names
+the boot partition and its disk by what the ESP's config found (grub_efi.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from abupgrade import blockdev, mounts
+from abupgrade.bootloader import grub_efi
 from abupgrade.bootloader.base import (
     BOOT_FILES,
     BOOT_POINT,
@@ -43,6 +46,7 @@ from abupgrade.bootloader.base import (
     BootState,
     DiskLayout,
     DiskPlan,
+    Firmware,
     PlannedPartition,
     Platform,
     Role,
@@ -51,7 +55,7 @@ from abupgrade.bootloader.base import (
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write, fsync_dir
 from abupgrade.model import Slot
-from abupgrade.partitions import BIOS_GRUB, PartitionSpec, TableKind, read_table
+from abupgrade.partitions import BIOS_GRUB, EFI_SYSTEM, PartitionSpec, TableKind, read_table
 from abupgrade.run import require_tool, run
 from abupgrade.schema import Table, error
 
@@ -72,15 +76,21 @@ _SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
 
 @dataclass(frozen=True)
 class GrubConfig(Table):
-    """`[grub]`: the first of the two env blocks (the other is `env` + ".1"), and how many
-    boots a trial gets."""
+    """`[grub]`: the first of the two env blocks (the other is `env` + ".1"), how many
+    boots a trial gets, and the firmware the disk was laid out for (written by disk init)."""
 
     env: Path = BOOT_POINT / "grub" / "grubenv"
     tries: int = 3
+    firmware: str = Firmware.BIOS.value
+    secure_boot: bool = False
 
     def check(self, where: str) -> None:
         if not 1 <= self.tries <= MAX_TRIES:
             raise error(where, f"tries must be between 1 and {MAX_TRIES}")
+        if self.firmware not in set(Firmware):
+            raise error(where, f"firmware must be one of {', '.join(Firmware)}")
+        if self.secure_boot and self.firmware != Firmware.UEFI:
+            raise error(where, "secure_boot needs firmware = \"uefi\"")
 
 
 # ---------------------------------------------------------------- the envblk format
@@ -235,6 +245,8 @@ def current(blocks: Sequence[bytes]) -> Current:
 
 class Grub(Bootloader):
     name: ClassVar[str] = "grub"
+    platforms: ClassVar[tuple[Platform, ...]] = (
+        Platform(), Platform(Firmware.UEFI), Platform(Firmware.UEFI, secure_boot=True))
     settings_type: ClassVar[type[Table]] = GrubConfig
     settings: GrubConfig
 
@@ -346,51 +358,91 @@ class Grub(Bootloader):
 
     @classmethod
     def plan(cls, platform: Platform, *, slot_size: int, boot_size: int) -> DiskPlan:
-        """GPT: a 1 MiB bios_grub partition for GRUB's core image, then the A/B layout."""
+        """GPT: for BIOS a 1 MiB bios_grub partition for GRUB's core image, for UEFI an EFI
+        system partition; then the A/B layout."""
         cls.require_platform(platform)
-        bios = PlannedPartition(Role.FIRMWARE, PartitionSpec(MiB, BIOS_GRUB, "bios"))
+        if platform.firmware is Firmware.UEFI:
+            first = PlannedPartition(Role.ESP, PartitionSpec(grub_efi.ESP_SIZE, EFI_SYSTEM, "esp"))
+        else:
+            first = PlannedPartition(Role.FIRMWARE, PartitionSpec(MiB, BIOS_GRUB, "bios"))
         return DiskPlan.ab(TableKind.GPT, slot_size=slot_size, boot_size=boot_size,
-                           before=(bios,))
+                           before=(first,), platform=platform)
 
     @classmethod
     def new_settings(cls, plan: DiskPlan) -> GrubConfig:
-        return GrubConfig(env=plan.mount(Role.BOOT) / "grub" / "grubenv")
+        return GrubConfig(env=plan.mount(Role.BOOT) / "grub" / "grubenv",
+                          firmware=plan.platform.firmware.value,
+                          secure_boot=plan.platform.secure_boot)
+
+    def platform(self) -> Platform:
+        return Platform(Firmware(self.settings.firmware), secure_boot=self.settings.secure_boot)
+
+    def check_boot_files(self, slot: Slot) -> None:
+        """With Secure Boot, the slot's kernel must carry a signature (GRUB asks shim to
+        verify it and boots nothing else); whether shim trusts the signer shows at boot."""
+        kernel = self.boot_file_path(slot, "kernel")
+        if not self.settings.secure_boot or not kernel.is_file():
+            return
+        with open(kernel, "rb") as f:
+            signed = grub_efi.authenticode_signed(f.read())
+        if not signed:
+            raise PolicyRefusal(
+                "the image's kernel carries no Secure Boot signature; this disk boots "
+                "with Secure Boot, which would refuse it",
+                hint="sign the kernel with a key shim trusts (Debian's kernels are signed; "
+                     "or enroll your key with mokutil and sbsign the kernel)")
 
     def install(self, layout: DiskLayout) -> None:
-        """grub-mkimage + grub-bios-setup onto layout.disk, grub.cfg, both env blocks
+        """GRUB for the layout's firmware - BIOS: grub-mkimage + grub-bios-setup onto
+        layout.disk; UEFI: GRUB on the ESP (grub_efi.py) - then grub.cfg, both env blocks
         (slot A default and good, B bad), and the boot files' folders."""
-        mkimage = require_tool("grub-mkimage", package="grub-common")
-        if not BIOS_SETUP.is_file():
-            raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
-        table = read_table(layout.disk)
-        if table is None:
-            raise UsageError(f"{layout.disk} has no partition table",
-                             hint="lay out the disk with `abupgrade disk init`")
-        label = "gpt" if table.kind is TableKind.GPT else "msdos"
         env = self.settings.env
         env_rel = str(layout.on_boot_fs(env, "[grub] env"))
         grub_dir = layout.boot_root / "grub"
-        modules_dir = grub_dir / "i386-pc"
-        modules_dir.mkdir(parents=True, exist_ok=True)
-        for item in sorted(GRUB_LIB.iterdir()):
-            if item.suffix in (".mod", ".lst") or item.name == "boot.img":
-                shutil.copyfile(item, modules_dir / item.name)
-        boot_device = f"(hd0,{label}{layout.boot_partition})"
-        run([mkimage, "-O", "i386-pc", "-d", GRUB_LIB, "-p", f"{boot_device}/grub",
-             "-o", modules_dir / "core.img", *MODULES], timeout=120)
-        parts = {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
+        grub_dir.mkdir(parents=True, exist_ok=True)
+        uefi = layout.platform.firmware is Firmware.UEFI
+        if uefi:
+            boot_device = grub_efi.BOOT_DEVICE
+            parts = {slot: grub_efi.slot_device(n) for slot, n in layout.slot_partitions.items()}
+        else:
+            boot_device, parts = _bios_core_image(layout, grub_dir)
         cfg = render_cfg(boot_device=boot_device, env_rel=env_rel, parts=parts,
                          roots=layout.slot_roots, cmdline=layout.kernel_cmdline)
         atomic_write(grub_dir / "grub.cfg", cfg.encode())
         for slot in Slot:
             (env.parent / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
         create_blocks(env)
-        run([BIOS_SETUP, "-d", modules_dir, layout.disk], timeout=120,
-            hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
+        if uefi:
+            grub_efi.install(layout, cfg_path=f"{grub_dir.relative_to(layout.boot_root)}/grub.cfg")
+        else:
+            run([BIOS_SETUP, "-d", grub_dir / "i386-pc", layout.disk], timeout=120,
+                hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
         fsync_dir(grub_dir)
 
 
 BACKEND = Grub
+
+
+def _bios_core_image(layout: DiskLayout, grub_dir: Path) -> tuple[str, dict[Slot, str]]:
+    """GRUB's BIOS modules and core image under `grub_dir`/i386-pc; GRUB's names of the
+    boot partition and of the slots' partitions."""
+    mkimage = require_tool("grub-mkimage", package="grub-common")
+    if not BIOS_SETUP.is_file():
+        raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
+    table = read_table(layout.disk)
+    if table is None:
+        raise UsageError(f"{layout.disk} has no partition table",
+                         hint="lay out the disk with `abupgrade disk init`")
+    label = "gpt" if table.kind is TableKind.GPT else "msdos"
+    modules_dir = grub_dir / "i386-pc"
+    modules_dir.mkdir(parents=True, exist_ok=True)
+    for item in sorted(GRUB_LIB.iterdir()):
+        if item.suffix in (".mod", ".lst") or item.name == "boot.img":
+            shutil.copyfile(item, modules_dir / item.name)
+    boot_device = f"(hd0,{label}{layout.boot_partition})"
+    run([mkimage, "-O", "i386-pc", "-d", GRUB_LIB, "-p", f"{boot_device}/grub",
+         "-o", modules_dir / "core.img", *MODULES], timeout=120)
+    return boot_device, {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
 
 
 def block_paths(env: Path) -> tuple[Path, Path]:
