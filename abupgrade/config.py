@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,6 +118,13 @@ class Config:
             health=self.health.rebased(move),
             hooks_dir=move(self.hooks_dir) if self.hooks_dir else None,
         )
+
+    def on_disk(self, resolve: Callable[[str], str]) -> Config:
+        """The configuration of a disk serviced from outside: the bootloader tables' device
+        specs resolved on it (see schema.Table.on_disk), the configured one's defaults too."""
+        tables = {**self.bootloaders, self.bootloader: self.settings}
+        return replace(self, bootloaders={kind: table.on_disk(resolve)
+                                          for kind, table in tables.items()})
 
 
 def config_path(explicit: Path | None) -> Path:

@@ -211,5 +211,10 @@ def open_disk(target: Path, *, readonly: bool = False) -> Iterator[DiskSession]:
                      for slot, spec in loaded.slots.items()}
         except UsageError as exc:
             raise UsageError(f"{target}: {exc.message}", hint=exc.hint) from None
-        rebased = dataclasses.replace(loaded.rebased(mounts), slots=slots)
+        try:
+            rebased = dataclasses.replace(
+                loaded.rebased(mounts).on_disk(lambda spec: str(resolve(spec, within=disk.device))),
+                slots=slots)
+        except UsageError as exc:
+            raise UsageError(f"{target}: {exc.message}", hint=exc.hint) from None
         yield DiskSession(disk, rebased, mounts, boot)

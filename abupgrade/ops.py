@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -15,11 +14,10 @@ from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_
 from abupgrade.bootloader.base import Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
-from abupgrade.fsutil import atomic_writer
 from abupgrade.health import Report
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
-from abupgrade.image.manifest import BOOT_NAMES, Manifest, PayloadKind, compare_versions
+from abupgrade.image.manifest import Manifest, PayloadKind, compare_versions
 from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage, inspect, verify
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
@@ -297,8 +295,8 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
                 with SlotWriter(device, progress) as writer:
                     written += writer.write_payload(payload.size, payload.sha256, chunks).written
             else:
-                _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
-                                 chunks, payload.size, progress)
+                _write_boot_file(system.bootloader, target, payload.name, chunks, payload.size,
+                                 progress)
                 written += payload.size
         system.bootloader.check_boot_files(target)
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -317,16 +315,14 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in BOOT_NAMES:
-        with contextlib.suppress(FileNotFoundError):
-            system.bootloader.boot_file_path(target, name).unlink()
+    system.bootloader.drop_boot_files(target)
 
 
-def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    progress.start(path.name, size)
+def _write_boot_file(loader: Bootloader, slot: Slot, name: str, chunks: Iterator[Any],
+                     size: int, progress: Progress) -> None:
+    progress.start(loader.boot_file_path(slot, name).name, size)
     try:
-        with atomic_writer(path) as out:
+        with loader.boot_file_writer(slot, name) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))

@@ -7,7 +7,9 @@ or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` read
 and moves its paths under mount points. Range checks go in `check`.
 
 Field metadata may say how to word a type error (`what`: "a command as a list of strings")
-and whether a bare string stands for a one-element list (`single`).
+and whether a bare string stands for a one-element list (`single`); for `--disk`, that a
+string is a device spec to resolve on that disk (`device`) and that a field describes the
+running machine and means nothing there (`host`).
 """
 
 from __future__ import annotations
@@ -110,6 +112,17 @@ class Table:
         changes = {f.name: move(getattr(self, f.name))
                    for f in dataclasses.fields(self)
                    if isinstance(getattr(self, f.name), Path)}
+        return dataclasses.replace(self, **changes)
+
+    def on_disk(self, resolve: Callable[[str], str]) -> Self:
+        """The table for a disk serviced from outside (`--disk`): device specs resolved on
+        that disk, fields of the running machine cleared."""
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("device"):
+                changes[f.name] = resolve(getattr(self, f.name))
+            elif f.metadata.get("host"):
+                changes[f.name] = None
         return dataclasses.replace(self, **changes)
 
 

@@ -77,7 +77,7 @@ def version_of(slot: Slot, name: str, data: bytes) -> str | None:
 
 
 def options(slot: Slot) -> str:
-    return kernel_options(slot, f"PARTLABEL=rootfs_{slot.value.lower()}", "console=ttyS0")
+    return kernel_options(slot, f"root=PARTLABEL=rootfs_{slot.value.lower()} console=ttyS0")
 
 
 Mark = Callable[[Slot, set[str]], None]
@@ -125,7 +125,7 @@ def install(fat: Fat, slot: Slot, version: str, scratch: Path, mark: Mark = _no_
 
 def commit(fat: Fat, slot: Slot, read: Reader = read_esp) -> None:
     tidy(fat, read)
-    execute(fat, plan_commit(read(fat), slot))
+    execute(fat, plan_commit(read(fat), slot, options=options(slot)))
 
 
 def disable(fat: Fat, slot: Slot) -> None:

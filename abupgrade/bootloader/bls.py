@@ -36,7 +36,7 @@ from functools import cmp_to_key
 from typing import Any
 
 ENTRIES_DIR = "loader/entries"
-LOADER_CONF = "loader/loader.conf"
+LOADER_CONF_PATH = "loader/loader.conf"
 SUFFIX = ".conf"
 
 

@@ -38,15 +38,33 @@ Power cuts (the ESP is FAT: no journal; see abupgrade/fat.py for what each call 
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, ClassVar, cast
 
+from abupgrade import slots
 from abupgrade.bootloader import bls
-from abupgrade.bootloader.base import BootState
-from abupgrade.errors import OperationalError, PolicyRefusal
-from abupgrade.fat import Fat
+from abupgrade.bootloader.base import (
+    KERNEL_CMDLINE,
+    SLOT_NAMES,
+    Bootloader,
+    BootState,
+    DiskLayout,
+    DiskPlan,
+    Firmware,
+    PlannedPartition,
+    Platform,
+    Role,
+)
+from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
+from abupgrade.fat import Fat, open_fat
 from abupgrade.model import Slot
+from abupgrade.partitions import EFI_SYSTEM, PartitionSpec, TableKind
+from abupgrade.schema import Table, error
 
 ENTRIES = bls.ENTRIES_DIR
 BOOT_DIR = "abupgrade"
@@ -54,6 +72,11 @@ LOADER_EFI = "EFI/BOOT/BOOTX64.EFI"
 SORT_KEY = "abupgrade"
 NEW_SUFFIX = ".abupgrade-new"  # fat.py's temporary names
 BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
+LOADER_SOURCE = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")  # systemd-boot-efi
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's EFI variables
+EFIVARS = Path("/sys/firmware/efi/efivars")
+ESP_SIZE = 256 << 20  # systemd-boot, and a kernel and initrd per slot
+MAX_TRIES = 99
 
 LOADER_CONF = """\
 # Managed by abupgrade. systemd-boot boots the first entry of its order: entries with tries
@@ -129,13 +152,14 @@ def entry_text(slot: Slot, generation: int, *, options: str, initrd: bool) -> by
     return ("\n".join(lines) + "\n").encode()
 
 
-def kernel_options(slot: Slot, root: str, cmdline: str) -> str:
-    """`root=`, the configured command line with a `panic=` timeout (5 s unless it sets
-    one), and `abupgrade.slot=` last, so that nothing overrides it."""
-    words = [w for w in cmdline.split() if not w.startswith("abupgrade.slot=")]
+def kernel_options(slot: Slot, line: str) -> str:
+    """A slot's kernel command line as its entry passes it: the configured one with a
+    `panic=` timeout (5 s unless it sets one) and `abupgrade.slot=` last, so that nothing
+    overrides it."""
+    words = [w for w in line.split() if not w.startswith("abupgrade.slot=")]
     if not any(w.startswith("panic=") for w in words):
         words.append("panic=5")
-    return " ".join([f"root={root}", *words, f"abupgrade.slot={slot.value}"])
+    return " ".join([*words, f"abupgrade.slot={slot.value}"])
 
 
 # ---------------------------------------------------------------- what is on the ESP
@@ -195,11 +219,11 @@ class Esp:
         """The BootState the loader will act on (see base.BootState): the default is what
         boots once any trial is spent; a slot is bootable while it has an entry the loader
         keeps (spent ones too: the loader boots them when nothing else is left); a trial is
-        a slot without a good name whose counting entry boots next."""
+        a slot without a good name whose counting entry boots next. With no entry at all
+        (a new disk) slot A is the default and nothing is bootable."""
         chosen = self.choice()
-        if chosen is None:
-            raise OperationalError("systemd-boot finds no entry on the ESP to boot",
-                                   hint="`abupgrade disk init` writes them; restore the ESP")
+        if chosen is None:  # a new disk before its first image: nothing boots yet
+            return BootState(default=Slot.A, bootable=frozenset())
         first = _slot_of(chosen)
         default = _slot_of(self.choice(spend_trials=True) or chosen)
         ours = self.ours()
@@ -302,14 +326,16 @@ def plan_arm_trial(esp: Esp, slot: Slot, tries: int, *, options: str) -> list[St
     return [Create(_entries(entry_name(slot, tries)), text)]
 
 
-def plan_commit(esp: Esp, slot: Slot) -> list[Step]:
+def plan_commit(esp: Esp, slot: Slot, *, options: str) -> list[Step]:
     """`slot` good and first: its counting or spent name renamed `slot-x.conf` (nothing when
-    it has a good name already), then every good entry ranked above it spent (`+0-K`)."""
+    it has a good name already), then every good entry ranked above it spent (`+0-K`). A
+    slot without an entry (the first image of a disk) gets a new one above every other."""
     _require_files(esp, slot, "commit")
     names = esp.names(slot)
     if not names:
-        raise OperationalError(f"slot {slot} has no entry on the ESP",
-                               hint="install an image into the slot first")
+        text = entry_text(slot, esp.generation() + 1, options=options,
+                          initrd=esp.has_file(slot, "initrd"))
+        return [Create(_entries(entry_name(slot)), text)]
     steps: list[Step] = []
     taken = set(esp.entries)
     if not any(p.counter is None for p in names.values()):
@@ -390,7 +416,7 @@ def read_esp(fat: Fat, efivars: bls.EfiVars | None = None) -> Esp:
             if path.lower() not in files and fat.exists(path):
                 files.add(path.lower())
     try:
-        conf: bytes | None = fat.read(bls.LOADER_CONF)
+        conf: bytes | None = fat.read(bls.LOADER_CONF_PATH)
     except FileNotFoundError:
         conf = None
     return Esp(entries=entries, files=frozenset(files), loader_conf=conf,
@@ -406,3 +432,207 @@ def execute(fat: Fat, steps: Iterable[Step]) -> None:
             fat.write(step.path, step.data)
         else:
             fat.rename(step.source, step.target)
+
+
+# ---------------------------------------------------------------- the backend
+
+
+@dataclass(frozen=True)
+class SystemdBootConfig(Table):
+    """`[systemd-boot]`: the EFI system partition (a device spec, or a FAT image file), the
+    boots a trial gets, each slot's kernel command line (abupgrade adds `abupgrade.slot=`,
+    and `panic=5` when it names no `panic=`), and where the running machine shows its EFI
+    variables."""
+
+    esp: str = field(default="PARTLABEL=esp",
+                     metadata={"device": True, "what": "a device spec (PARTLABEL=, ...)"})
+    tries: int = 3
+    options_a: str = f"root=PARTLABEL={SLOT_NAMES[Slot.A]} {KERNEL_CMDLINE}"
+    options_b: str = f"root=PARTLABEL={SLOT_NAMES[Slot.B]} {KERNEL_CMDLINE}"
+    efivars: Path | None = field(default=EFIVARS, metadata={"host": True})
+
+    def check(self, where: str) -> None:
+        if not 1 <= self.tries <= MAX_TRIES:
+            raise error(where, f"tries must be between 1 and {MAX_TRIES}")
+        for key in ("options_a", "options_b"):
+            if "panic=0" in getattr(self, key).split():
+                raise error(where, f"{key}: panic=0 never reboots a panicking kernel, so a "
+                                   "trial that panics would never fall back")
+
+    def options(self, slot: Slot) -> str:
+        return kernel_options(slot, self.options_a if slot is Slot.A else self.options_b)
+
+
+class SystemdBoot(Bootloader):
+    """Boot Loader Specification entries on the ESP; systemd-boot counts the trials."""
+
+    name = "systemd-boot"
+    settings_type = SystemdBootConfig
+    settings: SystemdBootConfig
+    requires_boot_files: ClassVar[tuple[str, ...]] = ("kernel",)
+    platforms: ClassVar[tuple[Platform, ...]] = (Platform(Firmware.UEFI),)
+
+    # -- disk init
+
+    @classmethod
+    def plan(cls, platform: Platform, *, slot_size: int, boot_size: int) -> DiskPlan:
+        """GPT: the ESP (which holds the slots' kernels), then the A/B layout."""
+        cls.require_platform(platform)
+        esp = PlannedPartition(Role.ESP, PartitionSpec(ESP_SIZE, EFI_SYSTEM, "esp"))
+        return DiskPlan.ab(TableKind.GPT, slot_size=slot_size, boot_size=boot_size,
+                           before=(esp,), platform=platform)
+
+    @classmethod
+    def new_settings(cls, plan: DiskPlan) -> SystemdBootConfig:
+        def options(slot: Slot) -> str:
+            name = plan.partitions[plan.number(Role.of(slot)) - 1].spec.name
+            return f"root=PARTLABEL={name} {KERNEL_CMDLINE}"
+
+        esp = plan.partitions[plan.number(Role.ESP) - 1].spec.name
+        return SystemdBootConfig(esp=f"PARTLABEL={esp}", options_a=options(Slot.A),
+                                 options_b=options(Slot.B))
+
+    def install(self, layout: DiskLayout) -> None:
+        """systemd-boot at the removable-media path, loader.conf, the folders; no entry yet
+        (the first image's commit writes slot A's)."""
+        if not LOADER_SOURCE.is_file():
+            raise OperationalError(f"{LOADER_SOURCE} is missing",
+                                   hint="apt-get install systemd-boot-efi")
+        with open_fat(layout.esp, mountinfo=self.mountinfo) as fat:
+            for folder in (str(PurePosixPath(LOADER_EFI).parent), ENTRIES,
+                           *(f"{BOOT_DIR}/{slot.value}" for slot in Slot)):
+                fat.mkdir(folder)
+            fat.copy_in(LOADER_EFI, LOADER_SOURCE)
+            fat.write(bls.LOADER_CONF_PATH, LOADER_CONF.encode())
+
+    # -- the running machine
+
+    @contextlib.contextmanager
+    def _esp(self) -> Iterator[Fat]:
+        """The ESP: the partition `esp` names, or a FAT image file (building an image)."""
+        spec = self.settings.esp
+        image = Path(spec)
+        device = image if image.is_absolute() and image.is_file() else slots.resolve(spec)
+        with open_fat(device, mountinfo=self.mountinfo) as fat:
+            yield fat
+
+    def _efivars(self) -> bls.EfiVars:
+        folder = self.settings.efivars
+        if folder is None:
+            return bls.EfiVars()
+        return bls.EfiVars(entry_default=efivar(folder, "LoaderEntryDefault"),
+                           entry_oneshot=efivar(folder, "LoaderEntryOneShot"))
+
+    def _read(self, fat: Fat) -> Esp:
+        return read_esp(fat, self._efivars())
+
+    def _change(self, plan: Callable[[Esp], list[Step]]) -> None:
+        """Leftovers of an interrupted change first (before anything is allocated), then
+        the planned steps."""
+        with self._esp() as fat:
+            execute(fat, plan_tidy(self._read(fat)))
+            execute(fat, plan(self._read(fat)))
+
+    def preflight(self) -> None:
+        where = "lay the disk out with `abupgrade disk init --bootloader systemd-boot`"
+        with self._esp() as fat:
+            if not fat.exists(LOADER_EFI):
+                raise UsageError(f"no systemd-boot at {LOADER_EFI} on the ESP ({fat.where})",
+                                 hint=where)
+            try:
+                conf = bls.LoaderConf.parse(fat.read(bls.LOADER_CONF_PATH))
+            except FileNotFoundError:
+                raise UsageError(f"no {bls.LOADER_CONF_PATH} on the ESP ({fat.where})",
+                                 hint=where) from None
+            if conf.default is not None and not all(
+                    bls.efi_fnmatch(conf.default.lower(), n) for n in _SAMPLE_NAMES):
+                raise UsageError(f"{bls.LOADER_CONF_PATH} says `default {conf.default}`, which "
+                                 "overrides the order abupgrade's trials rely on",
+                                 hint="set `default slot-*` there, or remove the line")
+            self._read(fat).state()
+        chosen = self._efivars().entry_default
+        if chosen is not None:
+            raise UsageError(f"the EFI variable LoaderEntryDefault ({chosen!r}) makes "
+                             "systemd-boot ignore abupgrade's order of entries",
+                             hint="remove it: bootctl set-default ''")
+
+    def read(self) -> BootState:
+        with self._esp() as fat:
+            return self._read(fat).state()
+
+    def disable(self, slot: Slot) -> None:
+        self._change(lambda esp: plan_disable(esp, slot))
+
+    def arm_trial(self, slot: Slot, tries: int) -> None:
+        options = self.settings.options(slot)
+        self._change(lambda esp: plan_arm_trial(esp, slot, tries, options=options))
+
+    def commit(self, slot: Slot) -> None:
+        options = self.settings.options(slot)
+        self._change(lambda esp: plan_commit(esp, slot, options=options))
+
+    def trial_boots(self) -> int:
+        return self.settings.tries
+
+    def platform(self) -> Platform:
+        return self.platforms[0]
+
+    def notes(self) -> tuple[str, ...]:
+        folder = self.settings.efivars
+        selected = efivar(folder, "LoaderEntrySelected") if folder is not None else None
+        return (f"systemd-boot started {selected} in this boot",) if selected else ()
+
+    # -- boot files, on the ESP
+
+    def boot_file_path(self, slot: Slot, name: str) -> Path:
+        """The boot file's path on the ESP (from its root)."""
+        return Path("/", boot_path(slot, name))
+
+    @contextlib.contextmanager
+    def boot_file_writer(self, slot: Slot, name: str) -> Iterator[BinaryIO]:
+        boot_path(slot, name)  # an unknown name fails before anything is written
+        with tempfile.NamedTemporaryFile(prefix=f"abupgrade-{name}-") as tmp:
+            yield cast(BinaryIO, tmp)
+            tmp.flush()
+            with self._esp() as fat:
+                execute(fat, plan_tidy(self._read(fat)))
+                fat.copy_in(boot_path(slot, name), Path(tmp.name))
+
+    def drop_boot_files(self, slot: Slot) -> None:
+        self._change(lambda esp: plan_drop_files(esp, slot))
+
+    def check_boot_files(self, slot: Slot) -> None:
+        """systemd-boot starts EFI executables only: a kernel without the EFI stub would
+        stop it in its menu."""
+        with self._esp() as fat:
+            kernel = fat.read(boot_path(slot, "kernel"))
+        if not efi_executable(kernel):
+            raise PolicyRefusal("the image's kernel is not an EFI executable; systemd-boot "
+                                "boots only kernels built with the EFI stub (CONFIG_EFI_STUB)",
+                                hint="build the image with a kernel that has the EFI stub "
+                                     "(Debian's do)")
+
+
+BACKEND = SystemdBoot
+
+# Names of abupgrade's a loader.conf `default` must match for the trials to work.
+_SAMPLE_NAMES = tuple(entry_name(slot, *counter) for slot in Slot
+                      for counter in ((), (3, 0), (0, 3)))
+
+
+def efivar(folder: Path, name: str) -> str | None:
+    """A string variable of systemd-boot's (vendor GUID `LOADER_GUID`) as efivarfs shows
+    it: 4 bytes of attributes, then UTF-16LE; None when it is not set."""
+    try:
+        raw = (folder / f"{name}-{LOADER_GUID}").read_bytes()
+    except OSError:
+        return None
+    return raw[4:].decode("utf-16-le", errors="replace").split("\0", 1)[0] or None
+
+
+def efi_executable(data: bytes) -> bool:
+    """A PE image (`MZ`, and `PE\\0\\0` where its header points)."""
+    if len(data) < 0x40 or data[:2] != b"MZ":
+        return False
+    pe = int.from_bytes(data[0x3C:0x40], "little")
+    return data[pe:pe + 4] == b"PE\0\0"
