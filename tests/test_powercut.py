@@ -404,8 +404,13 @@ def images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
     return key, {v: make_image(base, key, v) for v in ("1.0", "2.0", "9.0")}
 
 
+# systemd-boot keeps its state in file names on FAT, which this ext4 model does not cover:
+# tests/test_sdboot_powercut.py cuts every write of its operations on real FAT32 images.
+ON_EXT4 = [kind for kind in BootloaderKind if kind is not BootloaderKind.SYSTEMD_BOOT]
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("kind", list(BootloaderKind), ids=str)
+@pytest.mark.parametrize("kind", ON_EXT4, ids=str)
 def test_power_cut_at_every_write(kind: BootloaderKind, scenario: str, work: Path,
                                   images: tuple[KeyPair, dict[str, Image]]) -> None:
     if kind is BootloaderKind.GRUB:
