@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,11 @@ import pytest
 
 from abupgrade.disk import attached, mounted
 from abupgrade.model import Slot
-from abupgrade.partitions import read_table
+from abupgrade.partitions import EFI_SYSTEM, read_table
 from abupgrade.state import Store
 from fixtures.images import keypair
 from fixtures.machine import run_cli, running_machine, status_json
+from fixtures.sdboot import read_image
 
 pytestmark = pytest.mark.loop
 
@@ -50,16 +52,23 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem: the bootloader's whole state."""
+    """sha256 of every file on the boot filesystem and the ESP (read with mtools), if there
+    is one: the bootloader's whole state."""
     out: dict[str, str] = {}
-    with attached(disk) as d:
+    with attached(disk) as d, tempfile.TemporaryDirectory() as scratch:
         table = d.table
         assert table is not None
-        boot_nr = min(p.number for p in table.partitions if p.size >= 64 << 20)
+        boot_nr = min(p.number for p in table.partitions
+                      if p.size >= 64 << 20 and p.type != EFI_SYSTEM)
         with mounted(d.partitions[boot_nr], readonly=True) as root:
             for path in sorted(root.rglob("*")):
                 if path.is_file() and "lost+found" not in path.parts:
                     out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for part in table.partitions:
+            if part.type == EFI_SYSTEM:
+                files, _ = read_image(d.partitions[part.number], Path(scratch))
+                out |= {f"ESP/{name}": hashlib.sha256(data).hexdigest()
+                        for name, data in files.items()}
     return out
 
 

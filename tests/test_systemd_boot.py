@@ -15,6 +15,7 @@ from abupgrade.bootloader.systemd_boot import (
     LOADER_GUID,
     LOADER_SOURCE,
     Create,
+    Name,
     SystemdBoot,
     SystemdBootConfig,
     boot_path,
@@ -113,7 +114,7 @@ def test_rollback_sets_the_left_slot_aside_and_back() -> None:
     apply_steps(files, plan_commit(snapshot(files), B, options=OPTIONS[B]))
     steps = plan_commit(snapshot(files), A, options=OPTIONS[A])  # rollback to A
     apply_steps(files, steps)
-    assert "loader/entries/slot-b+0-0.conf" in files  # B set aside, still there
+    assert "loader/entries/slot-b-kept+0-0.conf" in files  # B set aside, still there
     state = snapshot(files).state()
     assert (state.default, state.trial, state.bootable) == (A, None, frozenset({A, B}))
     assert booted(files) is A
@@ -225,6 +226,32 @@ def test_a_new_esp_boots_nothing_until_the_first_commit() -> None:
     assert entry is not None and entry.initrds == () and entry.version == "1"
 
 
+def test_marking_the_default_bad_brings_back_the_slot_a_rollback_set_aside() -> None:
+    files = fresh()
+    install(files, B)
+    apply_steps(files, plan_commit(snapshot(files), B, options=OPTIONS[B]))
+    apply_steps(files, plan_commit(snapshot(files), A, options=OPTIONS[A]))  # rollback
+    steps = plan_disable(snapshot(files), A)
+    apply_steps(files, steps)
+    assert sorted(files) == sorted([
+        "loader/loader.conf", *(boot_path(s, n) for s in Slot for n in ("kernel", "initrd")),
+        "loader/entries/slot-b.conf"])
+    assert snapshot(files).state() == BootState(default=B, bootable=frozenset({B}))
+
+
+def test_a_spent_trial_is_no_fallback_to_disable_the_default_for() -> None:
+    files = fresh()
+    install(files, B, tries=1)
+    booted(files)
+    with pytest.raises(PolicyRefusal):
+        plan_disable(snapshot(files), A)
+
+
+def test_kept_names_are_only_spent_ones() -> None:
+    assert Name.parse("slot-b-kept+0-3.conf") == Name(B, bls.Counter("slot-b-kept", 0, 3), True)
+    assert Name.parse("slot-b-kept+1-0.conf") is None and Name.parse("slot-b-kept.conf") is None
+
+
 def test_a_foreign_entry_first_in_the_loaders_order_is_an_error() -> None:
     files = fresh()
     files["loader/loader.conf"] = b"timeout 0\n"
@@ -289,8 +316,15 @@ def test_backend_first_image_then_trial_commit_rollback(loader: SystemdBoot) -> 
     loader.commit(B)
     assert loader.read() == BootState(default=B, bootable=frozenset({A, B}))
     loader.commit(A)  # rollback
-    assert esp_names(loader) == ["slot-a.conf", "slot-b+0-0.conf"]
+    assert esp_names(loader) == ["slot-a.conf", "slot-b-kept+0-0.conf"]
     assert loader.read().default is A
+    loader.disable(A)  # mark-bad A: the good B takes over
+    assert esp_names(loader) == ["slot-b.conf"] and loader.read().default is B
+    loader.drop_boot_files(A)
+    write_files(loader, A, KERNEL)
+    loader.arm_trial(A, 2)
+    loader.commit(A)
+    assert loader.read() == BootState(default=A, bootable=frozenset({A, B}))
     loader.disable(B)  # mark-bad
     loader.drop_boot_files(B)
     assert esp_names(loader) == ["slot-a.conf"] and esp_names(loader, "abupgrade/B") == []

@@ -16,14 +16,16 @@ The state is in the entry names (see bls.py for how the loader reads them):
 - `slot-b+3-0.conf`: a trial of B with 3 boots left. The loader renames it `+2-1`, `+1-2`,
   `+0-3` before each boot; with 0 left it sorts after every other entry, so the good slot
   boots: the fallback needs nothing from the OS;
-- `slot-b+0-K.conf`: spent (a trial that ran out, or a good slot set aside by a rollback):
-  booted only when no other entry can be;
+- `slot-b+0-K.conf`: spent, a trial that ran out: booted only when no other entry can be;
+- `slot-b-kept+0-K.conf`: a good slot a rollback set aside: spent to the loader too, good
+  to abupgrade (a rollback or a mark-bad of the other slot makes it `slot-b.conf` again);
 - no name: the slot cannot boot.
 The loader boots the first entry of its order: non-spent before spent, then the highest
 `version`. A trial is armed with a generation above every entry's, so it boots first;
 committing renames it `slot-b.conf` and it keeps its place; a rollback renames the entry
-of the slot it leaves to `+0-K`. No entry is ever rewritten in place: every change is one
-file created under a name the loader ignores and renamed once, a rename, or a removal.
+of the slot it leaves `slot-a-kept+0-0.conf`. No entry is ever rewritten in place: every
+change is one file created under a name the loader ignores and renamed once, a rename, or a
+removal.
 Image versions do not order anything, so downgrades and rollbacks work like upgrades.
 
 Power cuts (the ESP is FAT: no journal; see abupgrade/fat.py for what each call writes):
@@ -89,14 +91,15 @@ random-seed-mode off
 default slot-*
 """
 
-_NAME = re.compile(r"slot-([ab])(?:\+(\d+)(?:-(\d+))?)?\.conf", re.IGNORECASE)
+_NAME = re.compile(r"slot-([ab])(-kept)?(?:\+(\d+)(?:-(\d+))?)?\.conf", re.IGNORECASE)
+KEPT = "-kept"  # a good slot set aside by a rollback: slot-a-kept+0-0.conf
 # The 8.3 name left when a cut separates a long name from its short entry (mtools and
 # Linux both make `SLOT-B~1.CON` of `slot-b...conf`, `SLOT-B~1.ABU` of its leftover).
 _REMNANT = re.compile(r"SLOT-([AB])~\d+\.(CON|ABU)", re.IGNORECASE)
 
 
-def entry_name(slot: Slot, left: int | None = None, done: int = 0) -> str:
-    base = f"slot-{slot.value.lower()}"
+def entry_name(slot: Slot, left: int | None = None, done: int = 0, *, kept: bool = False) -> str:
+    base = f"slot-{slot.value.lower()}" + (KEPT if kept else "")
     return f"{base}.conf" if left is None else f"{base}+{left}-{done}.conf"
 
 
@@ -110,10 +113,12 @@ def boot_path(slot: Slot, name: str) -> str:
 
 @dataclass(frozen=True)
 class Name:
-    """An entry file name of abupgrade's."""
+    """An entry file name of abupgrade's: `slot-b.conf` (good), `slot-b+L-D.conf` (a trial,
+    spent when L is 0), `slot-b-kept+0-D.conf` (good, set aside: sorted last)."""
 
     slot: Slot
     counter: bls.Counter | None
+    kept: bool = False
 
     @property
     def left(self) -> int | None:
@@ -129,7 +134,10 @@ class Name:
         if m is None:
             return None
         counter = bls.parse_counter(name)
-        return cls(Slot(m[1].upper()), counter)
+        kept = m[2] is not None
+        if kept and (counter is None or counter.left):
+            return None  # not a name abupgrade writes; the loader would put it first
+        return cls(Slot(m[1].upper()), counter, kept)
 
 
 def kin_of(name: str) -> Slot | None:
@@ -293,14 +301,19 @@ def plan_tidy(esp: Esp) -> list[Step]:
 
 def plan_disable(esp: Esp, slot: Slot) -> list[Step]:
     """Remove every name of `slot` (spent and counting ones first, the good name last) and
-    its kin. Refused when the other slot could then not boot."""
-    other_ok = any(p.slot is slot.other and not p.spent for p, _ in esp.ours())
-    if esp.names(slot) and not other_ok:
-        raise PolicyRefusal(f"cannot disable slot {slot}: slot {slot.other} cannot boot",
-                            hint="the machine would be left without a bootable slot")
+    its kin; when the other slot boots only as a set-aside entry, that becomes its good
+    name first. Refused when the other slot could then not boot."""
+    steps: list[Step] = []
     names = esp.names(slot)
+    other = [(p, e) for p, e in esp.ours() if p.slot is slot.other]
+    if names and not any(not p.spent for p, _ in other):
+        kept = bls.sort_entries([e for p, e in other if p.kept])
+        if not kept:
+            raise PolicyRefusal(f"cannot disable slot {slot}: slot {slot.other} cannot boot",
+                                hint="the machine would be left without a bootable slot")
+        steps.append(Rename(_entries(kept[0].name), _entries(entry_name(slot.other))))
     order = sorted(esp.kin(slot), key=lambda n: (n in names and names[n].counter is None, n))
-    return [Remove(_entries(n)) for n in order]
+    return steps + [Remove(_entries(n)) for n in order]
 
 
 def plan_drop_files(esp: Esp, slot: Slot) -> list[Step]:
@@ -327,9 +340,10 @@ def plan_arm_trial(esp: Esp, slot: Slot, tries: int, *, options: str) -> list[St
 
 
 def plan_commit(esp: Esp, slot: Slot, *, options: str) -> list[Step]:
-    """`slot` good and first: its counting or spent name renamed `slot-x.conf` (nothing when
-    it has a good name already), then every good entry ranked above it spent (`+0-K`). A
-    slot without an entry (the first image of a disk) gets a new one above every other."""
+    """`slot` good and first: its counting, spent or set-aside name renamed `slot-x.conf`
+    (nothing when it has a good name already), then every good entry ranked above it set
+    aside (`slot-y-kept+0-K.conf`). A slot without an entry (the first image of a disk) gets
+    a new one above every other."""
     _require_files(esp, slot, "commit")
     names = esp.names(slot)
     if not names:
@@ -343,7 +357,7 @@ def plan_commit(esp: Esp, slot: Slot, *, options: str) -> list[Step]:
         steps.append(Rename(_entries(source), _entries(entry_name(slot))))
         taken.add(entry_name(slot))
     for rival in _outranking(esp, slot):
-        target = _spent_name(slot.other, taken)
+        target = _kept_name(slot.other, taken)
         taken.add(target)
         steps.append(Rename(_entries(rival), _entries(target)))
     return steps
@@ -369,12 +383,12 @@ def _outranking(esp: Esp, slot: Slot) -> list[str]:
                   if p.slot is slot.other and p.counter is None and bls.compare(e, own) < 0)
 
 
-def _spent_name(slot: Slot, taken: Iterable[str]) -> str:
+def _kept_name(slot: Slot, taken: Iterable[str]) -> str:
     used = {n.lower() for n in taken}
     done = 0
-    while entry_name(slot, 0, done).lower() in used:
+    while entry_name(slot, 0, done, kept=True).lower() in used:
         done += 1
-    return entry_name(slot, 0, done)
+    return entry_name(slot, 0, done, kept=True)
 
 
 def _require_files(esp: Esp, slot: Slot, action: str) -> None:
