@@ -358,6 +358,10 @@ def test_backend_reports_and_refuses_what_overrides_its_order(loader: SystemdBoo
     assert efivars is not None
     set_efivar(efivars, "LoaderEntrySelected", "slot-a.conf")
     assert loader.notes() == ("systemd-boot started slot-a.conf in this boot",)
+    set_efivar(efivars, "LoaderEntrySelected", "slot-b+2-0.conf")
+    assert len(loader.notes()) == 2 and "could not count" in loader.notes()[1]
+    set_efivar(efivars, "LoaderBootCountPath", "\\loader\\entries\\slot-b+1-1.conf")
+    assert loader.notes() == ("systemd-boot started slot-b+2-0.conf in this boot",)
     set_efivar(efivars, "LoaderEntryDefault", "slot-a.conf")
     assert loader.read().trial is None  # what the loader will really do
     with pytest.raises(UsageError, match="LoaderEntryDefault"):

@@ -592,9 +592,17 @@ class SystemdBoot(Bootloader):
         return self.platforms[0]
 
     def notes(self) -> tuple[str, ...]:
+        """The entry systemd-boot started in this boot (LoaderEntrySelected), and whether it
+        failed to count it: it sets LoaderBootCountPath only after its rename worked."""
         folder = self.settings.efivars
         selected = efivar(folder, "LoaderEntrySelected") if folder is not None else None
-        return (f"systemd-boot started {selected} in this boot",) if selected else ()
+        if selected is None or folder is None:
+            return ()
+        notes = [f"systemd-boot started {selected} in this boot"]
+        if bls.parse_counter(selected) and efivar(folder, "LoaderBootCountPath") is None:
+            notes.append(f"systemd-boot could not count this boot of {selected} (its rename "
+                         "failed): a second name of the entry may be on the ESP")
+        return tuple(notes)
 
     # -- boot files, on the ESP
 
