@@ -18,7 +18,6 @@ where no abupgrade is needed inside (an OVMF boot costs 20-40 s under TCG):
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from fixtures.guest import (
     require_root,
 )
 from fixtures.images import KeyPair, busybox_image, keypair
-from fixtures.machine import run_cli
+from fixtures.machine import cli_json as cli
 from fixtures.pyguest import reports
 from fixtures.reliability import record
 from fixtures.sdboot import lookup, read_image, snapshot
@@ -92,12 +91,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
                                                  compatible=COMPATIBLE, boot=boot))
     except GuestUnavailable as exc:
         pytest.skip(str(exc))
-
-
-def cli(*args: str) -> Any:
-    proc = run_cli("--json", *args)
-    assert proc.returncode == 0, f"abupgrade {' '.join(args)}: {proc.stderr}"
-    return json.loads(proc.stdout) if proc.stdout.strip() else None
 
 
 @dataclass

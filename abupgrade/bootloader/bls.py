@@ -64,23 +64,15 @@ def strverscmp_improved(a: str | None, b: str | None) -> int:
             i += 1
         while j < len(y) and not _valid(y[j]):
             j += 1
+        r, i, j = _marks(x, i, y, j, "~")
+        if r:
+            return r
+        if i >= len(x) or j >= len(y):  # the longer is newer (after the `~` check)
+            return _cmp(x[i:i + 1], y[j:j + 1])
+        r, i, j = _marks(x, i, y, j, "-^.")
+        if r:
+            return r
         ca, cb = x[i:i + 1], y[j:j + 1]  # "" at the end
-        for mark in "~":
-            if ca == mark or cb == mark:
-                r = _cmp(ca != mark, cb != mark)
-                if r:
-                    return r
-                i, j = i + 1, j + 1
-                ca, cb = x[i:i + 1], y[j:j + 1]
-        if not ca or not cb:
-            return _cmp(ca, cb)
-        for mark in "-^.":
-            if ca == mark or cb == mark:
-                r = _cmp(ca != mark, cb != mark)
-                if r:
-                    return r
-                i, j = i + 1, j + 1
-                ca, cb = x[i:i + 1], y[j:j + 1]
         if _isdigit(ca) or _isdigit(cb):
             ea, eb = _span(x, i, _isdigit), _span(y, j, _isdigit)
             r = _cmp(ea != i, eb != j)  # a number is newer than no number
@@ -96,6 +88,19 @@ def strverscmp_improved(a: str | None, b: str | None) -> int:
         if r:
             return r
         i, j = ea, eb
+
+
+def _marks(x: str, i: int, y: str, j: int, marks: str) -> tuple[int, int, int]:
+    """Each of `marks` in turn, once: where one string has it and the other does not, the
+    one without is newer (r); where both have it, both move past it."""
+    for mark in marks:
+        ca, cb = x[i:i + 1], y[j:j + 1]
+        if ca == mark or cb == mark:
+            r = _cmp(ca != mark, cb != mark)
+            if r:
+                return r, i, j
+            i, j = i + 1, j + 1
+    return 0, i, j
 
 
 def _isdigit(c: str) -> bool:
