@@ -247,6 +247,16 @@ def test_a_spent_trial_is_no_fallback_to_disable_the_default_for() -> None:
         plan_disable(snapshot(files), A)
 
 
+def test_dropping_files_takes_entries_the_loader_skips_and_refuses_live_ones() -> None:
+    files = fresh()
+    install(files, B)
+    with pytest.raises(OperationalError, match="still has an entry"):
+        plan_drop_files(snapshot(files), B)
+    del files[boot_path(B, "kernel")]  # the loader skips B's entry now
+    apply_steps(files, plan_drop_files(snapshot(files), B))
+    assert not [p for p in files if "slot-b" in p or "/B/" in p]
+
+
 def test_kept_names_are_only_spent_ones() -> None:
     assert Name.parse("slot-b-kept+0-3.conf") == Name(B, bls.Counter("slot-b-kept", 0, 3), True)
     assert Name.parse("slot-b-kept+1-0.conf") is None and Name.parse("slot-b-kept.conf") is None

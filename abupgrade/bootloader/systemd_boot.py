@@ -318,11 +318,13 @@ def plan_disable(esp: Esp, slot: Slot) -> list[Step]:
 
 def plan_drop_files(esp: Esp, slot: Slot) -> list[Step]:
     """Every file of the slot's folder (boot files, leftovers, remnants: they may share
-    clusters), for a slot that has no entry left."""
-    if esp.names(slot):
+    clusters). An entry of the slot the loader would still start is refused; entries it
+    skips already (their kernel is missing) go first, with their kin."""
+    if any(p.slot is slot for p, _ in esp.ours()):
         raise OperationalError(f"slot {slot} still has an entry; its files stay",
                                hint=f"abupgrade mark-bad {slot} first")
-    return [Remove(f"{BOOT_DIR}/{slot.value}/{f}") for f in esp.slot_files(slot)]
+    steps: list[Step] = [Remove(_entries(n)) for n in esp.kin(slot)] if esp.names(slot) else []
+    return steps + [Remove(f"{BOOT_DIR}/{slot.value}/{f}") for f in esp.slot_files(slot)]
 
 
 def plan_arm_trial(esp: Esp, slot: Slot, tries: int, *, options: str) -> list[Step]:
