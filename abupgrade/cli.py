@@ -26,7 +26,7 @@ from rich.table import Table
 
 from abupgrade import ops
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.base import Firmware
+from abupgrade.bootloader.base import Arch, Firmware
 from abupgrade.errors import AbupgradeError, UsageError
 from abupgrade.model import Slot
 from abupgrade.progress import NullProgress, Progress
@@ -207,13 +207,16 @@ def image_build(
     kernel: Annotated[Path | None, typer.Option(help="Kernel, installed on the boot partition.")] = None,
     initrd: Annotated[Path | None, typer.Option(help="Initrd, installed beside the kernel.")] = None,
     compress: Annotated[str, typer.Option(help="none, gzip, xz or zstd.")] = "none",
+    security_floor: Annotated[str | None, typer.Option(
+        help="Once committed, machines accept no image older than this version.")] = None,
 ) -> None:
     """Make a signed image from a root filesystem image (and optional kernel and initrd)."""
     g = _globals(ctx)
     with progress_for(g) as progress:
         info = ops.image_build(rootfs=rootfs, version=version, compatible=compatible,
                                signing_keys=key, output=output, kernel=kernel, initrd=initrd,
-                               compression=compress, progress=progress)
+                               compression=compress, progress=progress,
+                               security_floor=security_floor)
     emit(g, info, f"wrote {output}: version {version} for {compatible}, "
          f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 
@@ -253,9 +256,14 @@ def image_inspect(
         emit(g, info)
     elif not g.quiet:
         stdout.print(table)
+        if manifest.security_floor is not None:
+            stdout.print(f"security floor: {manifest.security_floor} (once committed, nothing "
+                         "older is accepted)")
         for sig in info.signatures:
             trust = {True: "trusted", False: "NOT trusted", None: "trust unknown (no keyring)"}
-            stdout.print(f"signature by key {sig.key_id}: {trust[sig.trusted]}")
+            said = "REVOKED (the keyring's revocation list names it)" if sig.revoked else \
+                trust[sig.trusted]
+            stdout.print(f"signature by key {sig.key_id}: {said}")
 
 
 @image_app.command("push")
@@ -321,6 +329,8 @@ def status(ctx: typer.Context) -> None:
     stdout.print(table)
     for note in info.notes:
         stdout.print(note)
+    if info.security_floor is not None:
+        stdout.print(f"security floor: {info.security_floor} (no older image is accepted)")
 
 
 @app.command()
@@ -466,11 +476,13 @@ def disk_init(
     compatible: Annotated[str | None, typer.Option(
         help="The machine's compatible string [default: the --image's].")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing partition table.")] = False,
+    arch: Annotated[Arch | None, typer.Option(
+        help="CPU the disk boots on (uboot): " + " or ".join(Arch) + " [default: amd64].")] = None,
 ) -> None:
     """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
     g = _globals(ctx)
+    platform = ops.platform_for(bootloader, firmware=firmware, arch=arch, secure_boot=secure_boot)
     with progress_for(g) as progress:
-        platform = ops.platform_for(bootloader, firmware=firmware, secure_boot=secure_boot)
         result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
                                slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
                                compatible=compatible, force=force, progress=progress,

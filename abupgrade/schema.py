@@ -1,10 +1,10 @@
 """TOML tables as frozen dataclasses: each field is a key, its annotation says what it holds.
 
 A section of the configuration (`[health]`, `[grub]`, ...) is a frozen dataclass that derives
-from `Table`. Its fields may be `str`, `int`, `float`, `bool`, `Path` (absolute), `Path | None`
-or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` reads a section
-(refusing unknown keys and wrong types with one-line exit-2 errors), renders it back as TOML
-and moves its paths under mount points. Range checks go in `check`.
+from `Table`. Its fields may be `str`, `str | None`, `int`, `float`, `bool`, `Path` (absolute),
+`Path | None` or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` reads
+a section (refusing unknown keys and wrong types with one-line exit-2 errors), renders it back
+as TOML and moves its paths under mount points. Range checks go in `check`.
 
 Field metadata may say how to word a type error (`what`: "a command as a list of strings")
 and whether a bare string stands for a one-element list (`single`); for `--disk`, that a
@@ -114,22 +114,26 @@ class Table:
                    if isinstance(getattr(self, f.name), Path)}
         return dataclasses.replace(self, **changes)
 
-    def on_disk(self, resolve: Callable[[str], str]) -> Self:
-        """The table for a disk serviced from outside (`--disk`): device specs resolved on
-        that disk, fields of the running machine cleared."""
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        """The same table for a disk serviced from outside (`--disk`): the device specs it
+        holds resolved by `resolve` (on that disk) and the fields of the running machine
+        cleared - by field metadata `device` and `host` (a table with device specs inside
+        other values overrides this); a table without either returns itself."""
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.metadata.get("device"):
                 changes[f.name] = resolve(getattr(self, f.name))
             elif f.metadata.get("host"):
                 changes[f.name] = None
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 def _read(table: Mapping[str, Any], field: dataclasses.Field[Any], hint: Any, where: str) -> Any:
     key, found = field.name, table[field.name]
     if hint in (Path, Path | None):
         return absolute(value(table, key, str, where), where + key)
+    if hint == str | None:
+        return value(table, key, str, where)
     if typing.get_origin(hint) is tuple:
         if isinstance(found, str) and field.metadata.get("single"):
             found = [found]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from abupgrade.disk import attached, mounted
+from abupgrade.disk import attached, boot_partition, mounted
 from abupgrade.model import Slot
 from abupgrade.partitions import EFI_SYSTEM, read_table
 from abupgrade.state import Store
@@ -52,14 +52,15 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem and the ESP (read with mtools), if there
-    is one: the bootloader's whole state."""
-    out: dict[str, str] = {}
+    """sha256 of every file on the boot filesystem, of the disk's first 2 MiB (where
+    U-Boot's environment is) and of every file on the ESP (read with mtools) if there is
+    one: the bootloader's whole state."""
+    with open(disk, "rb") as f:
+        out = {"<first 2 MiB>": hashlib.sha256(f.read(2 << 20)).hexdigest()}
     with attached(disk) as d, tempfile.TemporaryDirectory() as scratch:
         table = d.table
         assert table is not None
-        boot_nr = min(p.number for p in table.partitions
-                      if p.size >= 64 << 20 and p.type != EFI_SYSTEM)
+        boot_nr = boot_partition(table, disk)
         with mounted(d.partitions[boot_nr], readonly=True) as root:
             for path in sorted(root.rglob("*")):
                 if path.is_file() and "lost+found" not in path.parts:

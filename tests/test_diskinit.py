@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
+from abupgrade import fat
 from abupgrade.bootloader import BootloaderKind
 from abupgrade.bootloader.systemd_boot import LOADER_SOURCE
+from abupgrade.bootloader.uboot import UBootConfig
 from abupgrade.config import ON_DISK_PATH
 from abupgrade.disk import attached, mounted, open_disk
 from abupgrade.diskinit import init_disk
 from abupgrade.errors import PolicyRefusal, UsageError
-from abupgrade.fat import MtoolsFat
 from abupgrade.model import Slot
 from abupgrade.partitions import BIOS_GRUB, EFI_SYSTEM, TableKind, read_table
 from abupgrade.system import bootloader_of
@@ -76,10 +77,20 @@ def test_init_image_file(kind: BootloaderKind, tmp_path: Path) -> None:
         assert [p.name for p in table.partitions] == ["esp", "boot", "rootfs_a", "rootfs_b",
                                                       "data"]
         assert table.get(1).type == EFI_SYSTEM and table.get(1).size == 256 * MiB
-        with MtoolsFat(image, offset=table.get(1).start) as esp:
+        with fat.MtoolsFat(image, offset=table.get(1).start) as esp:
             assert esp.read("EFI/BOOT/BOOTX64.EFI") == LOADER_SOURCE.read_bytes()
             assert b"default slot-*" in esp.read("loader/loader.conf")
             assert esp.list("loader/entries") == []
+    elif kind is BootloaderKind.UBOOT:
+        assert table.kind is TableKind.GPT and ref["label"] == "gpt"
+        assert [p.name for p in table.partitions] == ["uboot", "boot", "rootfs_a", "rootfs_b",
+                                                      "data"]
+        assert table.get(1).start == 2 * MiB and table.get(1).bootable
+        env = result.config.section(UBootConfig).env
+        assert env == (f"PTUUID={table.disk_id} 0x100000 0x4000",
+                       f"PTUUID={table.disk_id} 0x104000 0x4000")
+        with fat.MtoolsFat(image, table.get(1).start) as fs:
+            assert fs.read("boot.scr")[:4] == bytes.fromhex("27051956")  # U-Boot image magic
     else:
         assert table.kind is TableKind.MBR and ref["label"] == "dos"
         assert [p.bootable for p in table.partitions] == [True, False, False, False]

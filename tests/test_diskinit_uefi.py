@@ -149,3 +149,17 @@ def test_secure_boot_refuses_a_kernel_without_signature(tmp_path: Path,
     proc = run_cli("--disk", str(image), "--json", "apply", str(good))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(run_cli("--disk", str(image), "--json", "status").stdout)["trial"] == "B"
+
+
+def test_missing_signed_chain_is_refused_before_the_disk_is_touched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grub_efi, "SIGNED", tuple(
+        grub_efi.SignedFile(tmp_path / "absent" / f.source.name, f.package, f.target)
+        for f in grub_efi.SIGNED))
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"precious" * 1000)
+    with pytest.raises(UsageError, match="signed shim and GRUB"):
+        init_disk(image, BootloaderKind.GRUB, size=None, slot_size=64 * MiB, force=True,
+                  pubkeys=[], compatible="acme-box", boot_size=32 * MiB,
+                  platform=Platform(Firmware.UEFI, secure_boot=True))
+    assert image.read_bytes() == b"precious" * 1000

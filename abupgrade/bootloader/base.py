@@ -86,6 +86,16 @@ class BootState:
             return self.trial
         return self.default
 
+    @classmethod
+    def of(cls, default: Slot, good: frozenset[Slot], trial: Slot | None,
+           tries_left: int) -> BootState:
+        """What a selection that boots `default` if it is good, else the other slot if
+        that one is, and a trial while it has boots left, does (grub.cfg, boot.scr)."""
+        if default not in good and default.other in good:
+            default = default.other
+        bootable = set(good) | ({trial} if trial is not None and tries_left > 0 else set())
+        return cls(default, frozenset(bootable), trial, tries_left if trial is not None else 0)
+
 
 # ---------------------------------------------------------------- disks a backend boots
 
@@ -97,6 +107,7 @@ class Firmware(enum.StrEnum):
 
 class Arch(enum.StrEnum):
     AMD64 = "amd64"
+    ARM64 = "arm64"
 
 
 @dataclass(frozen=True)
@@ -140,11 +151,13 @@ class DiskPlan:
 
     table: TableKind
     partitions: tuple[PlannedPartition, ...]
+    disk_id: str | None = None  # the table's id (GPT disk GUID), when the backend needs it
     platform: Platform = field(default_factory=Platform)
 
     @classmethod
     def ab(cls, table: TableKind, *, slot_size: int, boot_size: int, boot_bootable: bool = False,
-           before: tuple[PlannedPartition, ...] = (), platform: Platform | None = None) -> DiskPlan:
+           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None,
+           platform: Platform | None = None) -> DiskPlan:
         """`before`, then boot, slot A, slot B and data (the rest): on GPT named boot,
         rootfs_a, rootfs_b and data, on MBR of type 83."""
         gpt = table is TableKind.GPT
@@ -160,7 +173,7 @@ class DiskPlan:
                            part(Role.SLOT_A, slot_size, SLOT_NAMES[Slot.A]),
                            part(Role.SLOT_B, slot_size, SLOT_NAMES[Slot.B]),
                            part(Role.DATA, None, "data", DATA_POINT)),
-                   platform or Platform())
+                   disk_id, platform or Platform())
 
     def has(self, role: Role) -> bool:
         return any(part.role is role for part in self.partitions)
@@ -321,6 +334,11 @@ class Bootloader(abc.ABC):
     def notes(self) -> tuple[str, ...]:
         """What `status` should tell about this bootloader's behaviour."""
         return ()
+
+    def counters(self) -> Mapping[str, object]:
+        """The bootloader's own boot-counting state, for `status --json` under the
+        bootloader's name (U-Boot's bootcount, bootlimit, ...); empty when it has none."""
+        return {}
 
     def platform(self) -> Platform:
         """What the disk boots on (`status` reports its firmware): the backend's only

@@ -362,6 +362,7 @@ class Grub(Bootloader):
         system partition; then the A/B layout."""
         cls.require_platform(platform)
         if platform.firmware is Firmware.UEFI:
+            grub_efi.require(secure_boot=platform.secure_boot)
             first = PlannedPartition(Role.ESP, PartitionSpec(grub_efi.ESP_SIZE, EFI_SYSTEM, "esp"))
         else:
             first = PlannedPartition(Role.FIRMWARE, PartitionSpec(MiB, BIOS_GRUB, "bios"))

@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 from abupgrade.bootloader.base import DiskLayout
 from abupgrade.errors import OperationalError, UsageError
-from abupgrade.fat import Fat, open_fat
+from abupgrade.fat import Fat, kernel_has_vfat, open_fat
 from abupgrade.run import require_tool, run
 
 # FAT32 needs 65525 clusters (33 MiB with 512-byte sectors); room for GRUB or the signed
@@ -118,12 +118,28 @@ def ext_uuid(device: Path, offset: int = 0) -> str:
     return str(uuid.UUID(bytes=superblock[0x68:0x78]))
 
 
-def own_image(out: Path) -> Path:
-    """GRUB for x86_64 UEFI at `out`, modules built in, prefix \\EFI\\BOOT."""
-    mkimage = require_tool("grub-mkimage", package="grub-common")
+def require(*, secure_boot: bool) -> None:
+    """What laying out a UEFI disk needs on this machine, checked before the disk is touched:
+    the GRUB to install, mkfs.fat, and mtools where the kernel cannot mount vfat."""
+    if secure_boot:
+        signed_files()
+    else:
+        _mkimage()
+    require_tool("mkfs.fat", package="dosfstools")
+    if not kernel_has_vfat():
+        require_tool("mcopy", package="mtools")
+
+
+def _mkimage() -> str:
+    """grub-mkimage, with GRUB's x86_64-efi modules to build from."""
     if not (EFI_LIB / "kernel.img").is_file():
         raise OperationalError(f"{EFI_LIB} is missing", hint="apt-get install grub-efi-amd64-bin")
-    run([mkimage, "-O", "x86_64-efi", "-d", EFI_LIB, "-p", f"/{OWN_CONFIG.parent}",
+    return require_tool("grub-mkimage", package="grub-common")
+
+
+def own_image(out: Path) -> Path:
+    """GRUB for x86_64 UEFI at `out`, modules built in, prefix \\EFI\\BOOT."""
+    run([_mkimage(), "-O", "x86_64-efi", "-d", EFI_LIB, "-p", f"/{OWN_CONFIG.parent}",
          "-o", out, *EFI_MODULES], timeout=120)
     return out
 
