@@ -52,14 +52,16 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem, of the disk's first 2 MiB (where
-    U-Boot's environment is) and of every file on the ESP (read with mtools) if there is
-    one: the bootloader's whole state."""
+    """sha256 of every file on the boot filesystem, of the disk before its first partition
+    (U-Boot's environment is there; a boot filesystem starting at 1 MiB is not: mounting it
+    writes its superblock) and of every file on the ESP (read with mtools) if there is one:
+    the bootloader's whole state."""
+    table = read_table(disk)
+    assert table is not None
+    head = min(p.start for p in table.partitions)
     with open(disk, "rb") as f:
-        out = {"<first 2 MiB>": hashlib.sha256(f.read(2 << 20)).hexdigest()}
+        out = {"<before the partitions>": hashlib.sha256(f.read(head)).hexdigest()}
     with attached(disk) as d, tempfile.TemporaryDirectory() as scratch:
-        table = d.table
-        assert table is not None
         boot_nr = boot_partition(table, disk)
         with mounted(d.partitions[boot_nr], readonly=True) as root:
             for path in sorted(root.rglob("*")):

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from abupgrade.bootloader.base import BOOT_FILES
 from abupgrade.bootloader.systemd_boot import (
-    BOOT_FILES,
     ENTRIES,
     LOADER_CONF,
     Esp,

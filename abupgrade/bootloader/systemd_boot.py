@@ -51,6 +51,7 @@ from typing import BinaryIO, ClassVar, cast
 from abupgrade import slots
 from abupgrade.bootloader import bls
 from abupgrade.bootloader.base import (
+    BOOT_FILES,
     KERNEL_CMDLINE,
     SLOT_NAMES,
     Bootloader,
@@ -63,7 +64,7 @@ from abupgrade.bootloader.base import (
     Role,
 )
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
-from abupgrade.fat import Fat, open_fat
+from abupgrade.fat import NEW_SUFFIX, Fat, open_fat
 from abupgrade.model import Slot
 from abupgrade.partitions import EFI_SYSTEM, PartitionSpec, TableKind
 from abupgrade.schema import Table, error
@@ -72,8 +73,6 @@ ENTRIES = bls.ENTRIES_DIR
 BOOT_DIR = "abupgrade"
 LOADER_EFI = "EFI/BOOT/BOOTX64.EFI"
 SORT_KEY = "abupgrade"
-NEW_SUFFIX = ".abupgrade-new"  # fat.py's temporary names
-BOOT_FILES = {"kernel": "vmlinuz", "initrd": "initrd.img"}
 LOADER_SOURCE = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")  # systemd-boot-efi
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's EFI variables
 EFIVARS = Path("/sys/firmware/efi/efivars")
