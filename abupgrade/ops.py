@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, diskinit, fsutil, run
+from abupgrade import blockdev, diskinit, run
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
 from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
@@ -17,7 +17,7 @@ from abupgrade.errors import ImageRejected, Interrupted, OperationalError, Polic
 from abupgrade.health import Report
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
-from abupgrade.image.manifest import BOOT_NAMES, Manifest, PayloadKind, compare_versions
+from abupgrade.image.manifest import Manifest, PayloadKind, compare_versions
 from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage, inspect, verify
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
@@ -330,8 +330,8 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
                 with SlotWriter(device, progress) as writer:
                     written += writer.write_payload(payload.size, payload.sha256, chunks).written
             else:
-                _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
-                                 chunks, payload.size, progress)
+                _write_boot_file(system.bootloader, target, payload.name, chunks, payload.size,
+                                 progress)
                 written += payload.size
         system.bootloader.check_boot_files(target)
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -350,15 +350,14 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in BOOT_NAMES:
-        fsutil.remove(system.bootloader.boot_file_path(target, name), boot=True)
+    system.bootloader.drop_boot_files(target)
 
 
-def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    progress.start(path.name, size)
+def _write_boot_file(loader: Bootloader, slot: Slot, name: str, chunks: Iterator[Any],
+                     size: int, progress: Progress) -> None:
+    progress.start(loader.boot_file_path(slot, name).name, size)
     try:
-        with fsutil.atomic_writer(path, boot=True) as out:
+        with loader.boot_file_writer(slot, name) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))
