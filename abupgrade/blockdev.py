@@ -54,11 +54,11 @@ def sector_size(fd: int) -> int:
     return size
 
 
-def zero_out(fd: int, length: int) -> bool:
-    """Make the first `length` bytes of an open block device read zeros (BLKZEROOUT);
-    False when the device refuses."""
+def zero_out(fd: int, length: int, *, offset: int = 0) -> bool:
+    """Make `length` bytes from `offset` of an open block device read zeros (BLKZEROOUT;
+    both sector-aligned); False when the device refuses."""
     try:
-        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", 0, length))
+        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
     except OSError:
         return False
     return True

@@ -467,7 +467,8 @@ def disk_init(
         help=" or ".join(BootloaderKind) + ".")],
     firmware: Annotated[Firmware | None, typer.Option(
         help="The machine's firmware: " + " or ".join(Firmware)
-             + " (default: bios; uefi with --secure-boot).")] = None,
+             + " (default: the bootloader's own - bios for grub and syslinux, uefi for "
+               "systemd-boot; uefi with --secure-boot).")] = None,
     secure_boot: Annotated[bool, typer.Option(
         "--secure-boot", help="UEFI Secure Boot: Debian's signed shim and GRUB on the ESP; "
                               "images must carry signed kernels.")] = False,

@@ -286,8 +286,11 @@ def open_disk(target: Path, *, readonly: bool = False) -> Iterator[DiskSession]:
             slots = {slot: str(resolve(spec, within=disk.device))
                      for slot, spec in loaded.slots.items()}
             on_disk = loaded.rebased(mounts)
+            # the configured bootloader's table too when the file leaves it to defaults:
+            # a default device spec must name this disk's partition, never the host's
             tables = {kind: table.resolved(lambda spec: str(resolve(spec, within=disk.device)))
-                      for kind, table in on_disk.bootloaders.items()}
+                      for kind, table in {**on_disk.bootloaders,
+                                          on_disk.bootloader: on_disk.settings}.items()}
         except UsageError as exc:
             raise UsageError(f"{target}: {exc.message}", hint=exc.hint) from None
         rebased = dataclasses.replace(on_disk, slots=slots, bootloaders=tables)

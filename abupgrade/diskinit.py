@@ -125,7 +125,7 @@ def init_disk(
                              hint="pass the .pub file `abupgrade keygen` wrote")
     slot_size, boot_size = _round_mib(slot_size), _round_mib(boot_size)
     backend = bootloader.backend_class(kind)
-    platform = platform or Platform()
+    platform = platform or backend.platforms[0]
     plan = backend.plan(platform, slot_size=slot_size, boot_size=boot_size)
     needed = 2 * MiB + sum(p.spec.size or 0 for p in plan.partitions) + MIN_DATA_SIZE
     final = _check_target(target, size, needed, force)

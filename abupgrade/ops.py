@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, diskinit, fsutil, run
+from abupgrade import blockdev, diskinit, run
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
 from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
@@ -24,7 +24,7 @@ from abupgrade.errors import ImageRejected, Interrupted, OperationalError, Polic
 from abupgrade.health import Report
 from abupgrade.image import build as image_builder
 from abupgrade.image import keys
-from abupgrade.image.manifest import BOOT_NAMES, Manifest, PayloadKind, compare_versions
+from abupgrade.image.manifest import Manifest, PayloadKind, compare_versions
 from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage, inspect, verify
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
@@ -321,8 +321,8 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
                     with SlotWriter(device, progress) as writer:
                         stats = writer.write_payload(payload.size, payload.sha256, chunks)
                 else:
-                    _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
-                                     chunks, payload.size, progress)
+                    _write_boot_file(system.bootloader, target, payload.name, chunks,
+                                     payload.size, progress)
             system.bootloader.check_boot_files(target)
         assert stats is not None
         _installed(system, target, manifest, device)
@@ -365,9 +365,10 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
         _make_unbootable(system, state, target)
         with _recorded(system, target, manifest.version):
             try:
-                with SlotWriter(device, progress) as writer:
+                with SlotWriter(device, progress) as writer:  # writes only what differs
                     stats = writer.write_payload(manifest.slot.size, manifest.slot.sha256,
-                                                 (piece.data for piece in delta.pieces(plan)))
+                                                 (piece.data for piece in delta.pieces(plan)),
+                                                 compare=True)
             except (DeltaFailed, RangesUnsupported) as exc:
                 delta.forget_stale()
                 system.store.record(EventName.DELTA_FALLBACK, target, manifest.version,
@@ -375,14 +376,13 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
                 return f"full: {exc.message}", ranges.received
             for payload in manifest.payloads:
                 if payload.kind is PayloadKind.BOOT:
-                    _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
+                    _write_boot_file(system.bootloader, target, payload.name,
                                      image.boot_payload(payload.name), payload.size, progress)
             system.bootloader.check_boot_files(target)
         delta.done()
         _installed(system, target, manifest, device)
-        tally = delta.assembler.tally
-        traffic = Traffic(ranges.received, stats.written, stats.size - stats.written - tally.zeros,
-                          tally.from_active, "delta")
+        traffic = Traffic(ranges.received, stats.written, stats.reused,
+                          delta.assembler.tally.from_active, "delta")
     return Installed(target, manifest.version, manifest.compatible,
                      stats.written + _boot_bytes(manifest), dry_run=False, traffic=traffic)
 
@@ -453,15 +453,14 @@ def _recorded(system: System, target: Slot, version: str) -> Iterator[None]:
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in BOOT_NAMES:
-        fsutil.remove(system.bootloader.boot_file_path(target, name), boot=True)
+    system.bootloader.drop_boot_files(target)
 
 
-def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    progress.start(path.name, size)
+def _write_boot_file(loader: Bootloader, slot: Slot, name: str, chunks: Iterator[Any],
+                     size: int, progress: Progress) -> None:
+    progress.start(loader.boot_file_path(slot, name).name, size)
     try:
-        with fsutil.atomic_writer(path, boot=True) as out:
+        with loader.boot_file_writer(slot, name) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,11 @@ import pytest
 
 from abupgrade.disk import attached, boot_partition, mounted
 from abupgrade.model import Slot
-from abupgrade.partitions import read_table
+from abupgrade.partitions import EFI_SYSTEM, read_table
 from abupgrade.state import Store
 from fixtures.images import keypair
 from fixtures.machine import run_cli, running_machine, status_json
+from fixtures.sdboot import read_image
 
 pytestmark = pytest.mark.loop
 
@@ -51,20 +53,26 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem and of the gap before the first partition
-    (boot code, U-Boot's environment): the bootloader's whole state. Filesystems are compared
-    by their files, as mounting changes their superblocks."""
+    """sha256 of every file on the boot filesystem, of the disk before its first partition
+    (U-Boot's environment is there; a boot filesystem starting at 1 MiB is not: mounting it
+    writes its superblock) and of every file on the ESP (read with mtools) if there is one:
+    the bootloader's whole state."""
     table = read_table(disk)
     assert table is not None
+    head = min(p.start for p in table.partitions)
     with open(disk, "rb") as f:
-        gap = f.read(min(p.start for p in table.partitions))
-    out = {"<before the first partition>": hashlib.sha256(gap).hexdigest()}
-    with attached(disk) as d:
-        boot_nr = boot_partition(d.table, disk)
+        out = {"<before the partitions>": hashlib.sha256(f.read(head)).hexdigest()}
+    with attached(disk) as d, tempfile.TemporaryDirectory() as scratch:
+        boot_nr = boot_partition(table, disk)
         with mounted(d.partitions[boot_nr], readonly=True) as root:
             for path in sorted(root.rglob("*")):
                 if path.is_file() and "lost+found" not in path.parts:
                     out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for part in table.partitions:
+            if part.type == EFI_SYSTEM:
+                files, _ = read_image(d.partitions[part.number], Path(scratch))
+                out |= {f"ESP/{name}": hashlib.sha256(data).hexdigest()
+                        for name, data in files.items()}
     return out
 
 

@@ -40,13 +40,15 @@ Writing a new backend (`abupgrade/bootloader/<name>.py`, plus one line in the re
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 from abupgrade.errors import UsageError
+from abupgrade.fsutil import atomic_writer, remove
 from abupgrade.image.manifest import BOOT_NAMES
 from abupgrade.model import Slot
 from abupgrade.mounts import MOUNTINFO, point_holding
@@ -57,6 +59,7 @@ from abupgrade.schema import Table
 BOOT_FILES: Mapping[str, str] = dict(zip(BOOT_NAMES, ("vmlinuz", "initrd.img"), strict=True))
 
 SLOT_NAMES = {Slot.A: "rootfs_a", Slot.B: "rootfs_b"}  # GPT partition names of the slots
+KERNEL_CMDLINE = "console=ttyS0 panic=5"  # what disk init gives the kernels besides root=
 BOOT_POINT = Path("/boot")  # where the configuration names the boot filesystem
 DATA_POINT = Path("/data")  # ... and the data partition (the state folder)
 
@@ -211,7 +214,7 @@ class DiskLayout:
     boot_partition: int
     slot_partitions: Mapping[Slot, int]
     slot_roots: Mapping[Slot, str]
-    kernel_cmdline: str = "console=ttyS0 panic=5"
+    kernel_cmdline: str = KERNEL_CMDLINE
     platform: Platform = field(default_factory=Platform)
     partitions: Mapping[int, Path] = field(default_factory=dict)  # number -> block device
     esp_partition: int | None = None  # the plan's Role.ESP, made FAT32 and empty
@@ -313,6 +316,23 @@ class Bootloader(abc.ABC):
     def repair(self) -> list[str]:
         """Rewrite what `problems` finds and can be rewritten safely; what was done."""
         return []
+
+    @contextlib.contextmanager
+    def boot_file_writer(self, slot: Slot, name: str) -> Iterator[BinaryIO]:
+        """A file to stream the boot file `name` of `slot` into: it takes its place when the
+        block ends without an error, and nothing changes otherwise. By default a temporary
+        file beside `boot_file_path`, renamed onto it; a backend that keeps its boot files
+        where abupgrade cannot simply open them (a FAT partition) writes them itself."""
+        path = self.boot_file_path(slot, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(path, boot=True) as out:
+            yield out
+
+    def drop_boot_files(self, slot: Slot) -> None:
+        """Remove `slot`'s boot files (before the slot is written, or after its install
+        failed): none may be left for a slot that is not complete."""
+        for name in BOOT_NAMES:
+            remove(self.boot_file_path(slot, name), boot=True)
 
     @abc.abstractmethod
     def trial_boots(self) -> int:
