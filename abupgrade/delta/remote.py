@@ -150,9 +150,9 @@ Opener = Callable[[int, int], Body]
 
 
 def _resuming(opener: Opener, offset: int, length: int, what: str,
-              counter: Callable[[int], None]) -> Iterator[bytes]:
+              counter: Callable[[int], None], broken: Callable[[], None]) -> Iterator[bytes]:
     """Stream [offset, offset + length) from responses `opener(at, end)` hands out; a
-    connection that breaks is opened again at the byte reached."""
+    connection that breaks is given up (`broken`) and a new one opened at the byte reached."""
     end = offset + length
     at = offset
     failures = 0
@@ -173,6 +173,7 @@ def _resuming(opener: Opener, offset: int, length: int, what: str,
         except (OSError, http.client.HTTPException) as exc:
             failure = exc
         if at < end:
+            broken()  # a kept-alive connection that broke would only fail the next request
             failures += 1
             if failures > RESUMES:
                 reason = failure or ConnectionResetError("the connection closed early")
@@ -307,7 +308,7 @@ class HttpRanges(_Ranged):
 
     def _get(self, offset: int, length: int, side: bool) -> Iterator[bytes]:
         return _resuming(functools.partial(self._open, side=side), offset, length, self._what,
-                         self._count)
+                         self._count, functools.partial(self._drop, side))
 
     def close(self) -> None:
         for side in list(self._conns):
