@@ -367,8 +367,7 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
             try:
                 with SlotWriter(device, progress) as writer:  # writes only what differs
                     stats = writer.write_payload(manifest.slot.size, manifest.slot.sha256,
-                                                 (piece.data for piece in delta.pieces(plan)),
-                                                 compare=True)
+                                                 delta.pieces(plan), compare=True)
             except (DeltaFailed, RangesUnsupported) as exc:
                 delta.forget_stale()
                 system.store.record(EventName.DELTA_FALLBACK, target, manifest.version,

@@ -33,6 +33,7 @@ from abupgrade.image import build
 from abupgrade.image.keys import Keyring
 from abupgrade.image.manifest import Compression, PayloadKind
 from abupgrade.image.reader import ImageReader
+from abupgrade.writer import SlotWriter
 from fixtures.files import serve
 from fixtures.images import KeyPair, keypair
 from fixtures.registry import CuttingProxy, available, registry
@@ -76,27 +77,20 @@ def make_releases(tmp: Path, compression: str = "zstd") -> Releases:
 
 def run_delta(rel: Releases, ranges: RangeSource, *, target_blocks: SlotBlocks | None = None,
               active_blocks: SlotBlocks | None = None) -> tuple[Assembler, int]:
-    """Assemble v2 into the target like apply does: pieces in place are not written, and of the
-    others only the blocks that differ from the target's."""
+    """Assemble v2 into the target like apply does: streamed into the real writer, which
+    writes only the blocks that differ while the assembler still reads the target ahead of
+    it, then reads the whole slot back."""
     image = IndexedImage(ranges, rel.ring)
     assert image.index is not None
     plan = make_plan(image.index, image.tables,
                      target=target_blocks or read_slot(rel.target, len(rel.v2)),
                      active=active_blocks or read_slot(rel.active, len(rel.v1)))
-    written = 0
-    with Assembler(plan, image, target=rel.target, active=rel.active) as assembler:
-        pieces = list(assembler.pieces())  # every read happens before the writes here
-    with rel.target.open("r+b") as out:
-        at = 0
-        for piece in pieces:
-            for block in range(0, len(piece.data) if not piece.in_place else 0, BLOCK):
-                new = piece.data[block:block + BLOCK]
-                out.seek(at + block)
-                if out.read(len(new)) != new:
-                    out.seek(at + block)
-                    written += out.write(new)
-            at += len(piece.data)
-    return assembler, written
+    payload = image.manifest.slot
+    with Assembler(plan, image, target=rel.target, active=rel.active) as assembler, \
+            SlotWriter(rel.target) as writer:
+        stats = writer.write_payload(payload.size, payload.sha256, assembler.pieces(),
+                                     compare=True)
+    return assembler, stats.written
 
 
 # ------------------------------------------------------------------ the index

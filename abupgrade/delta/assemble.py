@@ -34,15 +34,6 @@ class DeltaFailed(AbupgradeError):
     """The delta path cannot finish; the whole image must be applied instead."""
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Bytes of the payload, in order. `in_place`: the target slot already holds exactly these
-    bytes there (read and checked), so writing them can be skipped."""
-
-    data: bytes
-    in_place: bool
-
-
 @dataclass
 class Tally:
     in_place: int = 0  # payload bytes found in place in the target slot
@@ -71,7 +62,7 @@ class Assembler:
         self.tally = Tally()
         self.digests = bytearray()  # of every block of the new payload, for the block cache
         self._fds: dict[Path, int] = {}
-        self._zeros: dict[int, tuple[Piece, bytes]] = {}
+        self._zeros: dict[int, tuple[bytes, bytes]] = {}
 
     def __enter__(self) -> Assembler:
         return self
@@ -87,7 +78,7 @@ class Assembler:
         """The block digests of the payload, once pieces() ran to its end."""
         return SlotBlocks(self.index.size, bytes(self.digests))
 
-    def pieces(self) -> Iterator[Piece]:
+    def pieces(self) -> Iterator[bytes]:
         index, payload = self.index, self.image.manifest.slot
         member = self.image.slot
         fetches = list(self.plan.fetches())
@@ -99,9 +90,9 @@ class Assembler:
                 parts = (self._group(g, group.step) if group.step is not None
                          else self._chunks(g, group.table, group.chunks, fetched))
                 for piece, source in parts:
-                    self.tally.add(source, len(piece.data))
-                    whole.update(piece.data)
-                    self.progress.advance(len(piece.data))
+                    self.tally.add(source, len(piece))
+                    whole.update(piece)
+                    self.progress.advance(len(piece))
                     yield piece
         finally:
             self.progress.finish()
@@ -111,7 +102,7 @@ class Assembler:
             raise DeltaFailed(f"the assembled payload does not match its sha256 in the manifest "
                               f"({whole.hexdigest()[:16]}...)")
 
-    def _group(self, g: int, step: Step) -> Iterator[tuple[Piece, Source]]:
+    def _group(self, g: int, step: Step) -> Iterator[tuple[bytes, Source]]:
         """A whole group from one place, checked against its id."""
         start, length = self.index.group_span(g)
         if step.source is Source.ZERO:
@@ -121,7 +112,7 @@ class Assembler:
         digests = b"".join(block_digests(data))
         if self._group_id(digests) == self.index.id(g):
             self.digests += digests
-            yield Piece(data, step.source is Source.IN_PLACE), step.source
+            yield data, step.source
             return
         # the slot changed: what still matches is used chunk by chunk, the rest fetched
         table = self.image.table(g)
@@ -134,7 +125,7 @@ class Assembler:
                                    for at in range(0, len(digests), step)))
 
     def _chunks(self, g: int, table: ChunkTable | None, steps: tuple[Step, ...],
-                fetched: Iterator[bytes], read: bytes | None = None) -> Iterator[tuple[Piece, Source]]:
+                fetched: Iterator[bytes], read: bytes | None = None) -> Iterator[tuple[bytes, Source]]:
         assert table is not None
         group_start = self.index.group_span(g)[0]
         for n, chunk in enumerate(self.index.chunks(g)):
@@ -150,7 +141,7 @@ class Assembler:
                     raise DeltaFailed(f"chunk {chunk} of the image does not match the signed "
                                       "index: the server sent other bytes")
                 self.digests += digests
-                yield Piece(data, False), Source.FETCH
+                yield data, Source.FETCH
                 continue
             if read is not None:  # the group was read whole already
                 data = read[start - group_start:start - group_start + length]
@@ -160,16 +151,16 @@ class Assembler:
             if digests is None:
                 data, digests = self._refetch(g, table, n, step.source)
                 self.digests += digests
-                yield Piece(data, False), Source.FETCH
+                yield data, Source.FETCH
                 continue
             self.digests += digests
-            yield Piece(data, step.source is Source.IN_PLACE), step.source
+            yield data, step.source
 
-    def _zero_piece(self, length: int) -> Piece:
+    def _zero_piece(self, length: int) -> bytes:
         """`length` zero bytes (one shared object per length), their digests noted."""
         if length not in self._zeros:
             data = bytes(length)
-            self._zeros[length] = (Piece(data, False), b"".join(block_digests(data)))
+            self._zeros[length] = (data, b"".join(block_digests(data)))
         piece, digests = self._zeros[length]
         self.digests += digests
         return piece

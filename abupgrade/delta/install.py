@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abupgrade.config import RegistryConfig
-from abupgrade.delta.assemble import Assembler, Piece
+from abupgrade.delta.assemble import Assembler
 from abupgrade.delta.blocks import BlockCache, SlotBlocks, read_slot
 from abupgrade.delta.image import IndexedImage
 from abupgrade.delta.plan import Plan, make_plan
@@ -92,7 +92,7 @@ class Delta:
         return make_plan(self.index, self.image.tables, target=self._blocks(self.target, sink),
                          active=active, target_is_active=same)
 
-    def pieces(self, plan: Plan, progress: Progress | None = None) -> Iterator[Piece]:
+    def pieces(self, plan: Plan, progress: Progress | None = None) -> Iterator[bytes]:
         active = self.active.device if self.active is not None else None
         with Assembler(plan, self.image, target=self.target.device, active=active,
                        progress=progress) as assembler:
