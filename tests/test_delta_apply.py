@@ -20,6 +20,7 @@ from abupgrade import oci
 from abupgrade.delta.blocks import BlockCache, SlotBlocks
 from abupgrade.delta.index import block_digests
 from abupgrade.model import Slot
+from abupgrade.partitions import read_table
 from fixtures.files import FileServer, serve
 from fixtures.images import KeyPair, keypair, release_image, signed_image
 from fixtures.machine import Machine, run_cli, running_machine
@@ -121,8 +122,23 @@ def apply(machine: Machine, spec: str) -> dict[str, Any]:
     return result
 
 
+@pytest.fixture(scope="module")
+def oci_first(tmp_path_factory: pytest.TempPathFactory, releases: Releases,
+              oci_image: str) -> Iterator[tuple[Machine, dict[str, Any]]]:
+    """A machine right after its first delta over oci:// (v1 in slot A, slot B never
+    written before), and what `apply --json` said: the figure a delta from scratch costs."""
+    with new_machine(tmp_path_factory.mktemp("oci-first"), releases) as running:
+        yield running, apply(running, oci_image)
+
+
 def slot_b(machine: Machine, length: int) -> bytes:
-    with machine.device(Slot.B).open("rb") as f:
+    """What slot B holds, read from the disk image file behind the loop device (what a machine
+    booting that disk reads), not through the partition device the command wrote."""
+    table = read_table(machine.disk)
+    assert table is not None
+    part = next(p for p in table.partitions if p.name == "rootfs_b")
+    with machine.disk.open("rb") as f:
+        f.seek(part.start)
         return f.read(length)
 
 
@@ -132,12 +148,15 @@ def end_trial(machine: Machine) -> None:
 
 @pytest.mark.parametrize("source", ["oci", "https"])
 def test_delta_apply_lands_the_exact_slot_and_fetches_little(
-        machine: Machine, releases: Releases, source: str, request: pytest.FixtureRequest) -> None:
+        releases: Releases, source: str, request: pytest.FixtureRequest) -> None:
+    machine: Machine
     if source == "oci":
         spec = request.getfixturevalue("oci_image")
+        machine, result = request.getfixturevalue("oci_first")
     else:
         spec, _server = request.getfixturevalue("https_image")
-    result = apply(machine, spec)
+        machine = request.getfixturevalue("machine")
+        result = apply(machine, spec)
     assert result["update"] == "delta"
     assert slot_b(machine, len(releases.v2_rootfs)) == releases.v2_rootfs
     image_bytes = releases.v2.stat().st_size
@@ -152,6 +171,8 @@ def test_delta_apply_lands_the_exact_slot_and_fetches_little(
         for at in (1 << 20, 9 << 20, 17 << 20):
             f.seek(at)
             f.write(os.urandom(40_000))
+        f.flush()
+        os.fsync(f.fileno())
     again = apply(machine, spec)
     assert again["update"] == "delta"
     assert slot_b(machine, len(releases.v2_rootfs)) == releases.v2_rootfs
@@ -228,11 +249,11 @@ def test_bytes_the_update_does_not_need_are_not_read(machine: Machine, releases:
 
 
 def test_an_apply_that_failed_halfway_is_finished_by_the_next(
-        machine: Machine, releases: Releases, oci_image: str, tmp_path: Path) -> None:
+        machine: Machine, releases: Releases, oci_image: str,
+        oci_first: tuple[Machine, dict[str, Any]]) -> None:
     """Connections that keep breaking end the first apply (nothing armed); the next one finds
     what the first wrote in slot B and fetches only the rest."""
-    with new_machine(tmp_path / "reference", releases) as other:
-        whole = apply(other, oci_image)["bytes_downloaded"]  # a delta from the same start
+    whole = oci_first[1]["bytes_downloaded"]  # a delta from the same start
     host, _, path = oci_image.removeprefix("oci://").partition("/")
     # the registry answers, then a connection breaks after 400 KB and the server is gone
     with CuttingProxy(int(host.rsplit(":", 1)[1]), after=400_000, then_refuse=True) as proxy:
