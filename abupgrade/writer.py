@@ -240,8 +240,9 @@ class _WriterThread:
         """Write the 4 KiB blocks of one extent that differ from what the target holds."""
         assert self.current is not None and self.compare_fd is not None
         with memoryview(self.current) as current, memoryview(buffer) as view:
-            held = os.preadv(self.compare_fd, [current[:length]], offset)
-            if held == length and current[:length] == view[:length]:
+            whole = -(-length // BLOCK) * BLOCK  # an O_DIRECT read takes whole blocks
+            held = os.preadv(self.compare_fd, [current[:whole]], offset)
+            if held >= length and current[:length] == view[:length]:
                 self.reused += length  # the whole extent is there already
                 return
             run_from = None  # start of the run of blocks that differ
@@ -457,7 +458,7 @@ class SlotWriter:
             os.ftruncate(out.fileno(), size)  # a zeroed run at the end reads zeros too
         zero = self._zeroer(out.fileno())
         # compare: a delta update, whose target holds most of the payload already
-        compare_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC) if compare else None
+        compare_fd = self._open_for_compare() if compare else None
         try:
             stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
                                 sync_every=self.sync_every, direct_fd=self._direct,
@@ -469,6 +470,16 @@ class SlotWriter:
         if self.verify:
             self.verify_readback()
         return stats
+
+    def _open_for_compare(self) -> int:
+        """The target opened to read what it holds, from the device itself (O_DIRECT) where
+        the writes bypass the page cache too: a page cached before an O_DIRECT write (or
+        through another node of the same disk) must not pass for the device's bytes."""
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if self._direct is not None else 0)
+        try:
+            return os.open(self.path, flags)
+        except OSError as exc:
+            raise OperationalError(f"cannot read {self.path}: {exc.strerror}") from None
 
     def _zeroer(self, fd: int) -> Callable[[int, int], bool] | None:
         """How to make a range of the target read zeros without writing it, where the target
