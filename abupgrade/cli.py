@@ -358,6 +358,8 @@ def apply(
         text = (f"slot {result.slot} now holds version {result.version} "
                 f"({result.written:,} bytes written, {result.seconds or 0:.1f} s); "
                 f"the next boot tries it ({result.tries} boot(s) before falling back)")
+        if result.traffic is not None:
+            text += f"\n{result.traffic.summary()}"
     emit(g, result, text)
 
 

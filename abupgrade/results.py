@@ -127,6 +127,14 @@ class Traffic:
                 "bytes_reused_from_target": self.reused_from_target,
                 "bytes_copied_from_active": self.copied_from_active, "update": self.delta}
 
+    def summary(self) -> str:
+        """One line for people: what the network and the slot were spared."""
+        def mib(n: int) -> str:
+            return f"{n / (1 << 20):.1f} MiB"
+        return (f"{self.delta}: {mib(self.downloaded)} downloaded, {mib(self.written)} written, "
+                f"{mib(self.reused_from_target)} already in place, "
+                f"{mib(self.copied_from_active)} copied from the running slot")
+
 
 @dataclass(frozen=True)
 class SlotVersion:
