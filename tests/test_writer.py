@@ -251,6 +251,32 @@ def test_loop_readback_reads_the_device(loop_slot: tuple[Path, Path, int]) -> No
 
 
 @pytest.mark.loop
+def test_loop_compare_reads_the_device_not_a_stale_page(
+        loop_slot: tuple[Path, Path, int]) -> None:
+    """Compare mode (a delta update) decides what to skip from the device's bytes: a page of
+    the slot cached before the disk changed another way (here through the loop device's
+    backing file) must not pass for them."""
+    device, image, start = loop_slot
+    data = payload()
+    with SlotWriter(device) as writer:
+        writer.write_payload(len(data), sha(data), chunked(data))
+    with device.open("rb") as held:  # kept open: the partition's page cache stays
+        assert held.read(len(data)) == data  # cached now
+        fd = os.open(image, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\x5a" * 10, start + 3 * MiB + 8192 + 5)  # the device changes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        held.seek(3 * MiB + 8192)
+        assert held.read(4096) == data[3 * MiB + 8192:3 * MiB + 12288]  # the page is stale
+        with SlotWriter(device) as writer:
+            stats = writer.write_payload(len(data), sha(data), chunked(data), compare=True)
+    assert stats.written == 4096 and stats.reused == len(data) - 4096
+    assert image_bytes(image, start, len(data)) == data
+
+
+@pytest.mark.loop
 def test_loop_mounted_slot_is_refused(loop_slot: tuple[Path, Path, int]) -> None:
     device, _, _ = loop_slot
     subprocess.run(["mkfs.ext4", "-q", "-F", str(device)], check=True)
