@@ -243,6 +243,16 @@ def images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
 
 
 @pytest.fixture(scope="module")
+def whole_images(work: Path) -> tuple[KeyPair, dict[str, Image]]:
+    """The same releases without a chunk index: `apply` streams them whole (the writer's
+    zeroing path), where an indexed image from a file goes the delta way."""
+    key = keypair(work / "signer-whole")
+    base = work / "whole-images"
+    base.mkdir()
+    return key, {v: make_image(base, key, v, index=False) for v in ("1.0", "2.0", "3.0", "9.0")}
+
+
+@pytest.fixture(scope="module")
 def grub(work: Path) -> GrubCache:
     if shutil.which("grub-editenv") is None:
         pytest.skip("grub-editenv is missing (apt-get install grub2-common)")
@@ -332,13 +342,13 @@ def test_cut_before_fsync_loses_the_write(work: Path) -> None:
 @pytest.mark.loop
 @pytest.mark.parametrize("kind", [BootloaderKind.GRUB, BootloaderKind.SYSLINUX], ids=str)
 def test_power_cut_at_every_write_of_an_apply_to_real_devices(
-        kind: BootloaderKind, work: Path, images: tuple[KeyPair, dict[str, Image]],
+        kind: BootloaderKind, work: Path, whole_images: tuple[KeyPair, dict[str, Image]],
         request: pytest.FixtureRequest) -> None:
     """The writer's block-device path swept: the slots are loop devices while `apply` runs
     (O_EXCL, O_DIRECT for aligned blocks, BLKZEROOUT for the zero run), every write, fsync
     and zeroing of the device logged against its file, then cut like any other."""
     needs(root=True, loop=True, tools=("losetup",))
-    bench = bench_for(kind, work / f"{kind}-apply-devices", images, request)
+    bench = bench_for(kind, work / f"{kind}-apply-devices", whole_images, request)
     out = sweep(bench, "apply-to-loop-devices", lambda r: _initialised(bench, r),
                 lambda r, s: bench.apply(r, s, "2.0"), on_devices=True)
     assert bench.zeroed, "the writer did not zero the device with BLKZEROOUT"
