@@ -1,56 +1,45 @@
-"""The typer commands: parse, call the logic, render. The only user of typer and rich."""
+"""The command line: parse, call the logic, render.
+
+Commands are plain functions registered with `@command(...)`: their arguments are declared
+next to them with `arg(...)` (argparse's own keywords), their body calls ops and renders the
+typed result. Parsing is argparse (no import beyond the standard library before a command
+runs), so `boot-hook` and `status --json` start about as fast as Python does. Nothing here
+imports the logic at module level: each command imports what it uses.
+
+Help reads like git's: `usage:` with the command's required options and arguments, its
+options with metavars (IMAGE, FILE, SLOT) and defaults, then the global options, which every
+command accepts anywhere on the line. Usage errors are one line on stderr and exit 2.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import difflib
 import json
-import logging
+import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.progress import Progress as RichBar
-from rich.table import Table
-
-from abupgrade import ops
+from abupgrade import __version__
 from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.errors import AbupgradeError, UsageError
-from abupgrade.model import Slot
-from abupgrade.progress import NullProgress, Progress
 
-app = typer.Typer(
-    name="abupgrade",
-    help="Atomic A/B OS upgrades with health-gated trial boots and automatic rollback.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-image_app = typer.Typer(help="Make, check and inspect signed OS images.", no_args_is_help=True)
-disk_app = typer.Typer(help="Lay out A/B disks.", no_args_is_help=True)
-app.add_typer(image_app, name="image")
-app.add_typer(disk_app, name="disk")
+if TYPE_CHECKING:
+    from abupgrade import ops
+    from abupgrade.progress import Progress
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-stdout = Console(highlight=False, soft_wrap=True)
+PROG = "abupgrade"
+SUMMARY = "Atomic A/B OS upgrades with health-gated trial boots and automatic rollback."
+IMAGE_HELP = "image file, - for stdin, an http(s):// URL or oci://HOST/REPO:TAG"
 
 
-def print_error(exc: AbupgradeError) -> None:
-    line = f"abupgrade: {exc.message}"
-    if exc.hint:
-        line += f" (hint: {exc.hint})"
-    print(line.replace("\n", " "), file=sys.stderr, flush=True)
+# ------------------------------------------------------------------ global options
 
 
 @dataclass
@@ -62,33 +51,281 @@ class Globals:
     disk: Path | None = None
 
     def options(self) -> ops.Options:
-        return ops.Options(config=self.config, disk=self.disk)
+        from abupgrade.system import Options
+
+        return Options(config=self.config, disk=self.disk)
 
 
-def _globals(ctx: typer.Context) -> Globals:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Globals) else Globals()
+# (flags, argparse keywords) of the options every command takes, anywhere on the line.
+GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--config",), dict(metavar="FILE", type=Path, help=(
+        "the configuration (default: $ABUPGRADE_CONFIG, else /etc/abupgrade/system.toml, "
+        "else /boot/abupgrade/system.toml)"))),
+    (("--json",), dict(action="store_true", help=(
+        "machine-readable output on stdout; stderr carries only JSON lines"))),
+    (("-q", "--quiet"), dict(action="store_true", help="print nothing but errors")),
+    (("--debug",), dict(action="store_true", help="log what is done; tracebacks on errors")),
+    (("--disk",), dict(metavar="TARGET", type=Path, help=(
+        "work on a disk image file or unmounted device made by `disk init` instead of "
+        "the running system"))),
+)
 
 
-@app.callback()
-def main(
-    ctx: typer.Context,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help="Config file [default: $ABUPGRADE_CONFIG or /etc/abupgrade/system.toml]",
-        show_default=False)] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Log details and show tracebacks.")] = False,
-    disk: Annotated[Path | None, typer.Option(
-        "--disk", help="Work on a disk image file or unmounted device instead of this system.",
-        show_default=False)] = None,
-) -> None:
-    ctx.obj = Globals(config=config, json=json_output, quiet=quiet, debug=debug, disk=disk)
-    if debug:
-        logging.basicConfig(level=logging.DEBUG, format="abupgrade: %(name)s: %(message)s")
+def _add_globals(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The global options; on subcommands without defaults, so that a value given before
+    the command is not reset by the subcommand's parser."""
+    group = parser.add_argument_group("global options")
+    for flags, keywords in GLOBAL_OPTIONS:
+        keywords = dict(keywords)
+        if not defaults:
+            keywords["default"] = argparse.SUPPRESS
+        group.add_argument(*flags, **keywords)
 
 
-# ------------------------------------------------------------------ output helpers
+# ------------------------------------------------------------------ parsing
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _format_usage(self, usage: str | None, actions: Any, groups: Any,
+                      prefix: str | None) -> str:
+        return super()._format_usage(usage, actions, groups, "usage: ")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors (one line, exit 2, a hint)."""
+
+    def __init__(self, *, formatter_class: Any = None, **keywords: Any) -> None:
+        super().__init__(formatter_class=formatter_class or HelpFormatter, allow_abbrev=False,
+                         add_help=False, **keywords)
+        self._positionals.title = "arguments"
+        self._optionals.title = "options"
+        self.add_argument("-h", "--help", action="help", help="show this help and exit")
+
+    def error(self, message: str) -> NoReturn:
+        raise usage_error(message, self.prog)
+
+
+def usage_error(message: str, prog: str) -> UsageError:
+    """argparse's complaint about `prog`'s line as one line of ours."""
+    where = prog.removeprefix(PROG).strip()
+    where = f"{where}: " if where else ""
+    choice = re.fullmatch(r"argument COMMAND: invalid choice: '([^']*)' \(choose from (.*)\)",
+                          message)
+    if choice:
+        names = re.findall(r"'([^']*)'", choice[2])
+        close = difflib.get_close_matches(choice[1], names, n=1)
+        return UsageError(f"{where}unknown command {choice[1]!r}",
+                          hint=f"did you mean `{prog} {close[0]}`?" if close
+                          else f"see `{prog} --help` for the commands")
+    message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+    return UsageError(f"{where}{message}", hint=f"see `{prog} --help`")
+
+
+def whole_number(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return number
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]
+    keywords: dict[str, Any]
+
+
+def arg(*flags: str, **keywords: Any) -> Arg:
+    """An argument of a command, in argparse's terms; a flag without `metavar` or `action`
+    is a switch (store_true)."""
+    if flags[0].startswith("-") and "action" not in keywords and "metavar" not in keywords:
+        keywords["action"] = "store_true"
+    return Arg(flags, keywords)
+
+
+Run = Callable[[Globals, argparse.Namespace], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # "status", "image build"
+    summary: str  # one line for the command list, without a full stop
+    details: str  # more for its --help
+    args: tuple[Arg, ...]
+    run: Run
+    section: str  # its heading in the command list
+
+    @property
+    def description(self) -> str:
+        return f"{self.summary}." + (f" {self.details}" if self.details else "")
+
+
+@dataclass
+class Registry:
+    commands: list[Command] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)  # "image" -> its summary
+    section: str = "commands"  # the heading commands registered now go under
+
+
+REGISTRY = Registry()
+
+
+def section(heading: str) -> None:
+    """The heading of the command list the commands registered next go under."""
+    REGISTRY.section = heading
+
+
+def group(name: str, summary: str) -> None:
+    """A command with subcommands (`image`, `disk`)."""
+    REGISTRY.groups[name] = summary
+
+
+def command(name: str, summary: str, *args: Arg, details: str = "") -> Callable[[Run], Run]:
+    """Register a command: `summary` is its line in the command list, `details` follow it
+    in its --help, `args` are its arguments."""
+    def register(run: Run) -> Run:
+        REGISTRY.commands.append(Command(name, summary, details, args, run, REGISTRY.section))
+        return run
+    return register
+
+
+def _usage(prog: str, args: Sequence[Arg]) -> str:
+    """`prog --required X [options] ARG [OPT]`: required options first, as git lists them."""
+    words = [prog]
+    for a in args:
+        if a.flags[0].startswith("-") and a.keywords.get("required"):
+            words.append(f"{a.flags[-1]} {a.keywords['metavar']}")
+    words.append("[options]")
+    for a in args:
+        if not a.flags[0].startswith("-"):
+            metavar = a.keywords.get("metavar", a.flags[0].upper())
+            words.append(f"[{metavar}]" if a.keywords.get("nargs") == "?" else metavar)
+    return " ".join(words)
+
+
+def _command_list() -> str:
+    width = max(len(c.name) for c in REGISTRY.commands) + 2
+    sections: dict[str, list[str]] = {}
+    for c in REGISTRY.commands:
+        sections.setdefault(c.section, []).append(f"  {c.name:<{width}}{c.summary}")
+    return "\n\n".join(f"{heading}:\n" + "\n".join(lines) for heading, lines in sections.items())
+
+
+def build_parser() -> Parser:
+    top = Parser(prog=PROG, usage=f"{PROG} [options] COMMAND [ARGS]",
+                 description=SUMMARY, formatter_class=RawTextHelpFormatter,
+                 epilog=_command_list()
+                 + f"\n\nRun `{PROG} COMMAND --help` for the options of a command.")
+    top.add_argument("--version", action="version", version=f"{PROG} {__version__}",
+                     help="print the version and exit")
+    _add_globals(top, defaults=True)
+    subparsers: dict[str, argparse._SubParsersAction[Parser]] = {}
+    parents: dict[str, Parser] = {"": top}
+
+    def children(name: str) -> argparse._SubParsersAction[Parser]:
+        if name not in subparsers:
+            parent = parents[name]
+            subparsers[name] = parent.add_subparsers(
+                dest=f"command_{name or 'top'}", metavar="COMMAND", parser_class=Parser,
+                help=argparse.SUPPRESS)
+        return subparsers[name]
+
+    for cmd in REGISTRY.commands:
+        *path, leaf = cmd.name.split()
+        prefix = ""
+        for part in path:
+            key = f"{prefix} {part}".strip()
+            if key not in parents:
+                listing = "\n".join(f"  {c.name:<16}{c.summary}" for c in REGISTRY.commands
+                                     if c.name.startswith(key + " "))
+                sub = children(prefix).add_parser(
+                    part, prog=f"{PROG} {key}", usage=f"{PROG} {key} COMMAND [ARGS]",
+                    description=REGISTRY.groups[key], epilog=f"commands:\n{listing}",
+                    formatter_class=RawTextHelpFormatter)
+                _add_globals(sub, defaults=False)
+                sub.set_defaults(group_parser=sub)
+                parents[key] = sub
+            prefix = key
+        prog = f"{PROG} {cmd.name}"
+        sub = children(prefix).add_parser(leaf, prog=prog, description=cmd.description,
+                                          usage=_usage(prog, cmd.args))
+        for a in cmd.args:
+            sub.add_argument(*a.flags, **a.keywords)
+        _add_globals(sub, defaults=False)
+        sub.set_defaults(run=cmd.run, parser=sub)
+    return top
+
+
+class RawTextHelpFormatter(HelpFormatter):
+    """Descriptions and epilogs as written (the command list is laid out already)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def parse(argv: Sequence[str]) -> tuple[Globals, argparse.Namespace]:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    owner: Parser = getattr(args, "parser", None) or getattr(args, "group_parser", None) or parser
+    if extra:
+        word = extra[0]
+        what = f"unknown option {word}" if word.startswith("-") else f"unexpected argument {word!r}"
+        raise usage_error(what, owner.prog)
+    if getattr(args, "run", None) is None:
+        group = owner.prog.removeprefix(PROG).strip()
+        names = [c.name.split()[-1] for c in REGISTRY.commands if c.name.startswith(f"{group} ")]
+        raise usage_error(f"which command? {', '.join(names[:-1])} or {names[-1]}" if group
+                          else "no command given", owner.prog)
+    g = Globals(config=args.config, json=args.json, quiet=args.quiet, debug=args.debug,
+                disk=args.disk)
+    return g, args
+
+
+def run(argv: Sequence[str]) -> None:
+    g, args = parse(argv)
+    if g.debug:
+        _log_to_stderr(g)
+    args.run(g, args)
+
+
+def _log_to_stderr(g: Globals) -> None:
+    import logging
+
+    class JsonLines(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return json.dumps({"log": record.name, "level": record.levelname.lower(),
+                               "message": record.getMessage()})
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if g.json else
+                         logging.Formatter("abupgrade: %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG, handlers=[handler])
+
+
+# ------------------------------------------------------------------ output
+
+
+def print_error(exc: AbupgradeError, *, as_json: bool = False) -> None:
+    """The one line a failure prints on stderr; with --json that line is JSON and stdout
+    gets the same object, so a script needs one parser."""
+    if as_json:
+        line = json.dumps({"error": exc.message, "hint": exc.hint, "exit": exc.exit_code})
+        print(line, flush=True)
+    else:
+        line = f"abupgrade: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")
+    print(line.replace("\n", " "), file=sys.stderr, flush=True)
+
+
+def warn(g: Globals, message: str) -> None:
+    if g.json:
+        print(json.dumps({"warning": message}), file=sys.stderr, flush=True)
+    elif not g.quiet:
+        print(f"abupgrade: warning: {message}", file=sys.stderr, flush=True)
 
 
 class Result(Protocol):
@@ -99,19 +336,36 @@ def emit(g: Globals, result: Result | Sequence[Result], text: str | None = None)
     """Print a result: its JSON on stdout with --json, else `text` unless quiet."""
     if g.json:
         data = [r.to_json() for r in result] if isinstance(result, Sequence) else result.to_json()
-        print(json.dumps(data, indent=2, sort_keys=False))
+        print(json.dumps(data, indent=2))
     elif text is not None and not g.quiet:
-        stdout.print(text)
+        print(text)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain columns, every value in full (nothing is cut when piped or narrow)."""
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in (headers, *rows)]
+    return "\n".join(lines)
 
 
 class RichProgress:
-    """A bar with bytes, rate and ETA on the terminal."""
+    """A bar with bytes, rate and ETA on a terminal (rich is imported only here)."""
 
     def __init__(self) -> None:
-        self.bar = RichBar(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=stderr, transient=False,
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
         )
+        from rich.progress import Progress as Bar
+
+        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn(),
+                       console=Console(stderr=True, highlight=False), transient=False)
         self.task: Any = None
 
     def start(self, label: str, total: int) -> None:
@@ -135,7 +389,7 @@ class RichProgress:
 
 
 class JsonProgress:
-    """JSON lines on stderr, at most a few per second, for programs watching a run."""
+    """JSON lines on stderr, at most two a second, for programs watching a run."""
 
     def __init__(self) -> None:
         self.label = ""
@@ -165,9 +419,11 @@ class JsonProgress:
         pass
 
 
-@contextlib.contextmanager
+@contextmanager
 def progress_for(g: Globals) -> Iterator[Progress]:
     """The progress sink for these options, closed when the command's work ends."""
+    from abupgrade.progress import NullProgress
+
     sink: RichProgress | JsonProgress | NullProgress
     if g.json:
         sink = JsonProgress()
@@ -182,295 +438,7 @@ def progress_for(g: Globals) -> Iterator[Progress]:
             sink.close()
 
 
-# ------------------------------------------------------------------ keys and images
-
-
-@app.command()
-def keygen(ctx: typer.Context, prefix: Annotated[Path, typer.Argument(
-        help="Writes PREFIX.key (private, mode 0600) and PREFIX.pub.")]) -> None:
-    """Make an Ed25519 signing key pair; never overwrites."""
-    g = _globals(ctx)
-    made = ops.keygen(prefix)
-    emit(g, made, f"wrote {made.private} (private) and {made.public} (public), "
-         f"key id {made.key_id}")
-
-
-@image_app.command("build")
-def image_build(
-    ctx: typer.Context,
-    rootfs: Annotated[Path, typer.Option(help="Root filesystem image for the slot.")],
-    version: Annotated[str, typer.Option(help="Image version, e.g. 1.4.2.")],
-    compatible: Annotated[str, typer.Option(help="Machines this image is for.")],
-    key: Annotated[list[Path], typer.Option(help="Private key; repeat to sign with several.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The image file to write.")],
-    kernel: Annotated[Path | None, typer.Option(help="Kernel, installed on the boot partition.")] = None,
-    initrd: Annotated[Path | None, typer.Option(help="Initrd, installed beside the kernel.")] = None,
-    compress: Annotated[str, typer.Option(help="none, gzip, xz or zstd.")] = "none",
-) -> None:
-    """Make a signed image from a root filesystem image (and optional kernel and initrd)."""
-    g = _globals(ctx)
-    with progress_for(g) as progress:
-        info = ops.image_build(rootfs=rootfs, version=version, compatible=compatible,
-                               signing_keys=key, output=output, kernel=kernel, initrd=initrd,
-                               compression=compress, progress=progress)
-    emit(g, info, f"wrote {output}: version {version} for {compatible}, "
-         f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
-
-
-@image_app.command("verify")
-def image_verify(
-    ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, - for stdin, an http(s) URL or oci://HOST/REPO:TAG.")],
-    pubkey: Annotated[list[Path] | None, typer.Option(
-        help="Trusted public key; repeat for several [default: the configured keyring].")] = None,
-) -> None:
-    """Check the signature and every payload hash; writes nothing."""
-    g = _globals(ctx)
-    with progress_for(g) as progress:
-        verified = ops.image_verify(g.options(), image, pubkey or [], progress)
-    signers = ", ".join(s.key_id for s in verified.signatures if s.trusted)
-    emit(g, verified, f"OK: {image} version {verified.manifest.version} for "
-         f"{verified.manifest.compatible}, signed by {signers}")
-
-
-@image_app.command("inspect")
-def image_inspect(
-    ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, - for stdin, an http(s) URL or oci://HOST/REPO:TAG.")],
-    pubkey: Annotated[list[Path] | None, typer.Option(help="Public key to check signatures with.")] = None,
-) -> None:
-    """Show the manifest and the signature status."""
-    g = _globals(ctx)
-    info = ops.image_inspect(g.options(), image, pubkey or [])
-    manifest = info.manifest
-    table = Table(title=f"{image}: version {manifest.version}, compatible {manifest.compatible}")
-    for column in ("payload", "size", "compression", "sha256"):
-        table.add_column(column)
-    for p in manifest.payloads:
-        table.add_row(p.name, f"{p.size:,}", str(p.compression), p.sha256)
-    if g.json:
-        emit(g, info)
-    elif not g.quiet:
-        stdout.print(table)
-        for sig in info.signatures:
-            trust = {True: "trusted", False: "NOT trusted", None: "trust unknown (no keyring)"}
-            stdout.print(f"signature by key {sig.key_id}: {trust[sig.trusted]}")
-
-
-@image_app.command("push")
-def image_push(
-    ctx: typer.Context,
-    image: Annotated[Path, typer.Argument(help="The signed image file.")],
-    target: Annotated[str, typer.Argument(help="oci://HOST[:PORT]/REPO:TAG")],
-    pubkey: Annotated[list[Path] | None, typer.Option(
-        help="Verify the image with this key before pushing; repeat for several.")] = None,
-    ca_file: Annotated[Path | None, typer.Option(help="CA certificate(s) of the registry, PEM.")] = None,
-    auth_file: Annotated[Path | None, typer.Option(
-        help="docker-style config.json with the registry's credentials.")] = None,
-    insecure: Annotated[bool, typer.Option(
-        "--insecure", help="Allow plain HTTP to this registry.")] = False,
-) -> None:
-    """Publish a signed image to an OCI registry; payloads already there are not uploaded again."""
-    g = _globals(ctx)
-    with progress_for(g) as progress:
-        result = ops.image_push(image, target, pubkeys=pubkey or [], ca_file=ca_file,
-                                auth_file=auth_file, insecure=insecure, progress=progress)
-    emit(g, result, f"pushed {result.reference}")
-
-
-@app.command()
-def check(
-    ctx: typer.Context,
-    reference: Annotated[str, typer.Argument(help="oci://HOST[:PORT]/REPO:TAG")],
-) -> None:
-    """Exit 0 and print the version when the tag holds something newer than the committed
-    version; exit 6 when it does not."""
-    g = _globals(ctx)
-    result = ops.check(g.options(), reference)
-    emit(g, result, result.version)
-
-
-# ------------------------------------------------------------------ the running system
-
-
-@app.command()
-def status(ctx: typer.Context) -> None:
-    """Booted slot, each slot's state and version, what boots next, pending trial."""
-    g = _globals(ctx)
-    info = ops.status(g.options())
-    if g.json:
-        emit(g, info)
-        return
-    if g.quiet:
-        return
-    table = Table(title=f"abupgrade on {info.bootloader}")
-    for column in ("slot", "state", "version", "device", ""):
-        table.add_column(column)
-    for name, slot in info.slots.items():
-        marks = []
-        if name == info.booted:
-            marks.append("booted")
-        if name == info.next_boot:
-            marks.append("boots next")
-        if name == info.trial:
-            marks.append(f"trial, {info.trial_boots_left} boot(s) left")
-        table.add_row(str(name), str(slot.state), slot.version or "-", slot.device,
-                      ", ".join(marks))
-    stdout.print(table)
-    for note in info.notes:
-        stdout.print(note)
-
-
-@app.command()
-def apply(
-    ctx: typer.Context,
-    image: Annotated[str, typer.Argument(help="Image path, - for stdin, an http(s) URL or oci://HOST/REPO:TAG.")],
-    reboot: Annotated[bool, typer.Option("--reboot", help="Reboot into the trial when done.")] = False,
-    allow_downgrade: Annotated[bool, typer.Option(
-        "--allow-downgrade", help="Accept a version lower than the committed one.")] = False,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Verify everything, write nothing.")] = False,
-) -> None:
-    """Verify an image, write it to the inactive slot and arm a trial boot of it."""
-    g = _globals(ctx)
-    with progress_for(g) as progress:
-        result = ops.apply(g.options(), image, allow_downgrade=allow_downgrade, dry_run=dry_run,
-                           reboot=reboot, progress=progress)
-    if dry_run:
-        text = (f"dry run: {image} (version {result.version}) verified; it would go to "
-                f"slot {result.slot}; nothing was written")
-    else:
-        text = (f"slot {result.slot} now holds version {result.version} "
-                f"({result.written:,} bytes written, {result.seconds or 0:.1f} s); "
-                f"the next boot tries it ({result.tries} boot(s) before falling back)")
-    emit(g, result, text)
-
-
-@app.command()
-def rollback(
-    ctx: typer.Context,
-    reboot: Annotated[bool, typer.Option("--reboot", help="Reboot when done.")] = False,
-) -> None:
-    """Make the next boot go to the other slot, which must hold a good image."""
-    g = _globals(ctx)
-    result = ops.rollback(g.options(), reboot=reboot)
-    emit(g, result, f"the next boot goes to slot {result.slot} (version {result.version})")
-
-
-@app.command("mark-good")
-def mark_good(ctx: typer.Context) -> None:
-    """Commit the booted slot."""
-    g = _globals(ctx)
-    result = ops.mark_good(g.options())
-    emit(g, result, f"slot {result.slot} committed (version {result.version})")
-
-
-@app.command("mark-bad")
-def mark_bad(
-    ctx: typer.Context,
-    slot: Annotated[str | None, typer.Argument(help="A or B [default: the booted slot].")] = None,
-) -> None:
-    """Declare a slot unusable; it is never booted again until a new image is applied."""
-    g = _globals(ctx)
-    result = ops.mark_bad(g.options(), Slot.parse(slot) if slot else None)
-    emit(g, result, f"slot {result.slot} marked bad; the next boot goes to slot {result.next_boot}")
-
-
-@app.command()
-def history(
-    ctx: typer.Context,
-    n: Annotated[int | None, typer.Option("-n", help="Only the last N events.")] = None,
-) -> None:
-    """The persistent event log, newest last."""
-    g = _globals(ctx)
-    events = ops.history(g.options(), n)
-    if g.json:
-        emit(g, events)
-        return
-    if g.quiet:
-        return
-    table = Table()
-    for column in ("time", "event", "slot", "version", "detail"):
-        table.add_column(column)
-    for e in events:
-        table.add_row(e.time, str(e.event), str(e.slot or "-"), e.version or "-", e.detail)
-    stdout.print(table)
-
-
-@app.command("boot-hook")
-def boot_hook(
-    ctx: typer.Context,
-    no_reboot: Annotated[bool, typer.Option(
-        "--no-reboot", help="Do not reboot after a rollback (for tests).")] = False,
-) -> None:
-    """Run by init at every boot: trial -> health checks -> commit, or roll back and reboot."""
-    g = _globals(ctx)
-    result = ops.boot_hook(g.options(), reboot=not no_reboot)
-    emit(g, result, f"abupgrade boot-hook: {result.summary}")
-
-
-@app.command("install-hook")
-def install_hook(
-    ctx: typer.Context,
-    init: Annotated[str | None, typer.Option(
-        help="sysvinit, openrc, runit, busybox or systemd [default: detected].")] = None,
-    root: Annotated[Path, typer.Option(help="The root filesystem to install into.")] = Path("/"),
-    force: Annotated[bool, typer.Option("--force", help="Replace a different existing file.")] = False,
-) -> None:
-    """Make this system's init run `abupgrade boot-hook` once per boot."""
-    g = _globals(ctx)
-    result = ops.install_hook(init, root, force=force)
-    emit(g, result, f"{result.init}: "
-         + (", ".join(map(str, result.written)) or "already installed"))
-
-
-@app.command()
-def health(ctx: typer.Context) -> None:
-    """Run the health checks now and report."""
-    g = _globals(ctx)
-    report = ops.health(g.options())
-    if g.json:
-        emit(g, report)
-    elif not g.quiet:
-        table = Table()
-        for column in ("check", "kind", "result", "seconds", "output"):
-            table.add_column(column)
-        for c in report.results:
-            table.add_row(c.name, str(c.kind), c.verdict, f"{c.seconds:.1f}", c.output)
-        stdout.print(table)
-    if not report.healthy:
-        from abupgrade.errors import HealthFailed
-
-        raise HealthFailed(report.summary())
-
-
-@disk_app.command("init")
-def disk_init(
-    ctx: typer.Context,
-    target: Annotated[Path, typer.Argument(help="Disk image file (created) or unmounted device.")],
-    bootloader: Annotated[BootloaderKind, typer.Option(
-        help=" or ".join(BootloaderKind) + ".")],
-    size: Annotated[str | None, typer.Option(help="Size of a new image file, e.g. 2G.")] = None,
-    slot_size: Annotated[str, typer.Option(help="Size of each root slot.")] = "512M",
-    image: Annotated[str | None, typer.Option(help="Install this image in slot A and commit it.")] = None,
-    pubkey: Annotated[list[Path] | None, typer.Option(help="Trusted key for the disk's keyring.")] = None,
-    compatible: Annotated[str | None, typer.Option(
-        help="The machine's compatible string [default: the --image's].")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing partition table.")] = False,
-) -> None:
-    """Lay out an A/B disk: partitions, boot fs, bootloader, config and keyring."""
-    g = _globals(ctx)
-    with progress_for(g) as progress:
-        result = ops.disk_init(target, bootloader, size=_size(size) if size else None,
-                               slot_size=_size(slot_size), image=image, pubkeys=pubkey or [],
-                               compatible=compatible, force=force, progress=progress)
-    text = f"{target}: A/B disk with {bootloader}, slots of {result.slot_size:,} bytes"
-    if result.version:
-        text += f"; slot A holds version {result.version} (committed)"
-    emit(g, result, text)
-
-
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in units else ""
@@ -479,5 +447,333 @@ def _size(text: str) -> int:
     except ValueError:
         raise UsageError(f"not a size: {text!r}", hint="use bytes or a suffix: 512M, 2G") from None
     if value <= 0:
-        raise UsageError(f"not a size: {text!r}")
+        raise UsageError(f"not a size: {text!r}", hint="a size is more than 0")
     return int(value)
+
+
+# ------------------------------------------------------------------ the running system
+
+section("on this machine")
+
+
+@command("status", "Booted slot, each slot's state and version, what boots next")
+def status(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    info = ops.status(g.options())
+    if g.json or g.quiet:
+        emit(g, info)
+        return
+    rows = []
+    for name, slot in info.slots.items():
+        marks = []
+        if name == info.booted:
+            marks.append("booted")
+        if name == info.committed:
+            marks.append("committed")
+        if name == info.next_boot:
+            marks.append("boots next")
+        if name == info.trial:
+            marks.append(f"trial, {info.trial_boots_left} boot(s) left")
+        rows.append((str(name), str(slot.state), slot.version or "-", slot.device,
+                     ", ".join(marks)))
+    print(f"abupgrade on {info.bootloader}")
+    print(table(("slot", "state", "version", "device", ""), rows))
+    for note in info.notes:
+        print(note)
+
+
+@command("apply", "Write an image to the other slot and arm a trial boot of it",
+         arg("image", metavar="IMAGE", help=IMAGE_HELP),
+         arg("--reboot", help="reboot into the trial when done"),
+         arg("--allow-downgrade", help="accept a version lower than the committed one"),
+         arg("--dry-run", help="verify everything and say where it would go; write nothing"),
+         details="The image's signature is checked before anything is written, every byte "
+                 "is hashed as it streams into the slot that is not running and read back "
+                 "from the device; only then does the bootloader get a trial of the slot. "
+                 "The boot hook commits it once its health checks pass.")
+def apply(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    with progress_for(g) as progress:
+        result = ops.apply(g.options(), a.image, allow_downgrade=a.allow_downgrade,
+                           dry_run=a.dry_run, reboot=a.reboot, progress=progress)
+    if a.dry_run:
+        text = (f"dry run: {a.image} (version {result.version}) verified; it would go to "
+                f"slot {result.slot}; nothing was written")
+    else:
+        text = (f"slot {result.slot} now holds version {result.version} "
+                f"({result.written:,} bytes written, {result.seconds or 0:.1f} s); "
+                f"the next boot tries it ({result.tries} boot(s) before falling back)")
+    emit(g, result, text)
+
+
+def _version(version: str | None) -> str:
+    return f"version {version}" if version else "version unknown"
+
+
+@command("rollback", "Make the next boot go to the other, good slot",
+         arg("--reboot", help="reboot when done"),
+         details="The other slot must hold an image that booted healthy before.")
+def rollback(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    result = ops.rollback(g.options(), reboot=a.reboot)
+    emit(g, result, f"the next boot goes to slot {result.slot} ({_version(result.version)})")
+
+
+@command("mark-good", "Commit the booted slot: it becomes the default")
+def mark_good(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    result = ops.mark_good(g.options())
+    emit(g, result, f"slot {result.slot} committed ({_version(result.version)})")
+
+
+@command("mark-bad", "Declare a slot unusable until a new image is applied",
+         arg("slot", metavar="SLOT", nargs="?", help="A or B (default: the booted slot)"),
+         details="A pending trial of the slot is cancelled; the bootloader does not boot it "
+                 "again.")
+def mark_bad(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+    from abupgrade.model import Slot
+
+    result = ops.mark_bad(g.options(), Slot.parse(a.slot) if a.slot else None)
+    emit(g, result, f"slot {result.slot} marked bad; the next boot goes to slot {result.next_boot}")
+
+
+@command("history", "The persistent event log, newest last",
+         arg("-n", metavar="N", dest="limit", type=whole_number, help="only the last N events"))
+def history(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    events = ops.history(g.options(), a.limit)
+    if g.json or g.quiet:
+        emit(g, events)
+        return
+    print(table(("time", "event", "slot", "version", "detail"),
+                [(e.time, str(e.event), str(e.slot or "-"), e.version or "-", e.detail)
+                 for e in events]))
+
+
+@command("health", "Run the health checks now and report",
+         details="Exit 5 when a required check fails. Nothing changes.")
+def health(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+    from abupgrade.errors import HealthFailed
+
+    report = ops.health(g.options())
+    if g.json or g.quiet:
+        emit(g, report)
+    else:
+        print(table(("check", "kind", "result", "seconds", "output"),
+                    [(c.name, str(c.kind), c.verdict, f"{c.seconds:.1f}",
+                      " | ".join(c.output.strip().splitlines())) for c in report.results]))
+    if not report.healthy:
+        raise HealthFailed(report.summary())
+
+
+@command("boot-hook", "Run by init at every boot: commit a healthy trial, or roll back",
+         arg("--no-reboot", help="do not reboot after a rollback (for tests)"),
+         details="On a trial boot it runs the health checks: all required ones pass, the "
+                 "slot is committed; one fails, the slot is marked bad and the machine "
+                 "reboots into the previous slot (exit 5). Other boots are compared with the "
+                 "bootloader's state and what is safe is repaired.")
+def boot_hook(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    result = ops.boot_hook(g.options(), reboot=not a.no_reboot)
+    emit(g, result, f"abupgrade boot-hook: {result.summary}")
+
+
+@command("install-hook", "Make init run `abupgrade boot-hook` once per boot",
+         arg("--init", metavar="NAME", help="sysvinit, openrc, runit, busybox or systemd "
+             "(default: detected)"),
+         arg("--root", metavar="DIR", type=Path, default=Path("/"),
+             help="the root filesystem to install into (default: %(default)s)"),
+         arg("--force", help="replace a different file that is in the way"))
+def install_hook(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    result = ops.install_hook(a.init, a.root, force=a.force)
+    emit(g, result, f"{result.init}: "
+         + (", ".join(map(str, result.written)) or "already installed, nothing changed"))
+
+
+@command("check", "Exit 0 if REFERENCE holds a newer version, else 6",
+         arg("reference", metavar="REFERENCE", help="oci://HOST[:PORT]/REPO:TAG"),
+         details="Prints the newer version; compares with the committed one.")
+def check(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    result = ops.check(g.options(), a.reference)
+    emit(g, result, result.version)
+
+
+# ------------------------------------------------------------------ keys and images
+
+section("images and keys")
+group("image", "Make, check, inspect and publish signed OS images.")
+
+
+@command("keygen", "Make an Ed25519 key pair: PREFIX.key and PREFIX.pub",
+         arg("prefix", metavar="PREFIX", type=Path, help="path and name of the two files"),
+         details="PREFIX.key is the private key (mode 0600), PREFIX.pub the public one. "
+                 "Existing files are never overwritten.")
+def keygen(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    made = ops.keygen(a.prefix)
+    emit(g, made, f"wrote {made.private} (private) and {made.public} (public), "
+         f"key id {made.key_id}")
+
+
+@command("image build", "Make a signed image of a root filesystem",
+         arg("--rootfs", metavar="FILE", type=Path, required=True,
+             help="root filesystem image for the slot"),
+         arg("--version", metavar="VERSION", required=True, help="image version, e.g. 1.4.2"),
+         arg("--compatible", metavar="NAME", required=True,
+             help="the machines this image is for (their `compatible`)"),
+         arg("--key", metavar="FILE", type=Path, action="append", required=True,
+             help="private key (PREFIX.key); repeat to sign with several"),
+         arg("-o", "--output", metavar="FILE", type=Path, required=True,
+             help="the image file to write"),
+         arg("--kernel", metavar="FILE", type=Path, help="kernel, installed on the boot partition"),
+         arg("--initrd", metavar="FILE", type=Path, help="initrd, installed beside the kernel"),
+         arg("--compress", metavar="NAME", default="none",
+             choices=("none", "gzip", "xz", "zstd"),
+             help="compression of the rootfs payload: none, gzip, xz or zstd "
+                  "(default: %(default)s)"),
+         arg("--force", help="replace an existing output file"),
+         details="An existing output is never replaced without --force, and never when it "
+                 "is one of the inputs.")
+def image_build(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    with progress_for(g) as progress:
+        info = ops.image_build(rootfs=a.rootfs, version=a.version, compatible=a.compatible,
+                               signing_keys=a.key, output=a.output, kernel=a.kernel,
+                               initrd=a.initrd, compression=a.compress, force=a.force,
+                               progress=progress, warn=lambda text: warn(g, text))
+    emit(g, info, f"wrote {a.output}: version {a.version} for {a.compatible}, "
+         f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
+
+
+@command("image verify", "Check an image's signature and every payload hash",
+         arg("image", metavar="IMAGE", help=IMAGE_HELP),
+         arg("--pubkey", metavar="FILE", type=Path, action="append", default=[],
+             help="trusted public key; repeat for several (default: the configured keyring)"),
+         details="Writes nothing.")
+def image_verify(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    with progress_for(g) as progress:
+        verified = ops.image_verify(g.options(), a.image, a.pubkey, progress)
+    signers = ", ".join(s.key_id for s in verified.signatures if s.trusted)
+    emit(g, verified, f"OK: {a.image} version {verified.manifest.version} for "
+         f"{verified.manifest.compatible}, signed by {signers}")
+
+
+@command("image inspect", "Show an image's manifest and who signed it",
+         arg("image", metavar="IMAGE", help=IMAGE_HELP),
+         arg("--pubkey", metavar="FILE", type=Path, action="append", default=[],
+             help="public key to check the signatures with; repeat for several"),
+         details="Signatures are checked against --pubkey or, with --config or --disk, the "
+                 "keyring; otherwise their trust is not checked.")
+def image_inspect(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    info = ops.image_inspect(g.options(), a.image, a.pubkey)
+    if g.json or g.quiet:
+        emit(g, info)
+        return
+    manifest = info.manifest
+    print(f"{a.image}: version {manifest.version}, compatible {manifest.compatible}")
+    print(table(("payload", "size", "compression", "sha256"),
+                [(p.name, f"{p.size:,}", str(p.compression), p.sha256)
+                 for p in manifest.payloads]))
+    trust = {True: "trusted", False: "NOT trusted", None: "not checked (no --pubkey or keyring)"}
+    for sig in info.signatures:
+        print(f"signature by key {sig.key_id}: {trust[sig.trusted]}")
+
+
+@command("image push", "Publish a signed image to an OCI registry",
+         arg("image", metavar="IMAGE", type=Path, help="the signed image file"),
+         arg("target", metavar="REFERENCE", help="oci://HOST[:PORT]/REPO:TAG"),
+         arg("--pubkey", metavar="FILE", type=Path, action="append", default=[],
+             help="verify the image with this key before pushing; repeat for several"),
+         arg("--ca-file", metavar="FILE", type=Path, help="CA certificate(s) of the registry, PEM"),
+         arg("--auth-file", metavar="FILE", type=Path,
+             help="docker-style config.json with the registry's credentials"),
+         arg("--insecure", help="allow plain HTTP to this registry"),
+         details="Payloads the registry holds already are not uploaded again.")
+def image_push(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    with progress_for(g) as progress:
+        result = ops.image_push(a.image, a.target, pubkeys=a.pubkey, ca_file=a.ca_file,
+                                auth_file=a.auth_file, insecure=a.insecure, progress=progress)
+    emit(g, result, f"pushed {result.reference}")
+
+
+# ------------------------------------------------------------------ disks
+
+section("disks")
+group("disk", "Lay out A/B disks.")
+
+# The platform a disk is made for, from the registries in bootloader/base.py: a new member
+# of Firmware or Arch is a new choice here.
+PLATFORM_ARGS = (
+    arg("--firmware", metavar="NAME", choices=tuple(Firmware),
+        help=f"{' or '.join(Firmware)} (default: {Firmware.BIOS})"),
+    arg("--arch", metavar="NAME", choices=tuple(Arch),
+        help=f"{' or '.join(Arch)} (default: {Arch.AMD64})"),
+    arg("--secure-boot", help="a disk that boots with UEFI Secure Boot on"),
+)
+
+
+@command("disk init", "Lay out an A/B disk: partitions, bootloader, config, keyring",
+         arg("target", metavar="TARGET", type=Path,
+             help="disk image file (created) or unmounted block device"),
+         arg("--bootloader", metavar="NAME", required=True, choices=tuple(BootloaderKind),
+             help=" or ".join(BootloaderKind)),
+         *PLATFORM_ARGS,
+         arg("--size", metavar="SIZE", help="size of a new image file, e.g. 2G "
+             "(default: what the layout needs)"),
+         arg("--slot-size", metavar="SIZE", default="512M",
+             help="size of each root slot (default: %(default)s)"),
+         arg("--image", metavar="IMAGE", help="install this image in slot A and commit it"),
+         arg("--pubkey", metavar="FILE", type=Path, action="append", default=[],
+             help="trusted public key for the disk's keyring; repeat for several"),
+         arg("--compatible", metavar="NAME",
+             help="the machine's compatible string (default: the --image's)"),
+         arg("--force", help="replace an existing partition table and everything on the disk"),
+         details="TARGET is an image file (created) or an unmounted device. The boot "
+                 "filesystem gets the bootloader and its boot-selection script, the "
+                 "configuration (/boot/abupgrade/system.toml) and the keyring; the data "
+                 "partition the state. With --image, slot A gets a first image, committed.")
+def disk_init(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    kind = BootloaderKind(a.bootloader)
+    with progress_for(g) as progress:
+        result = ops.disk_init(a.target, kind, size=parse_size(a.size) if a.size else None,
+                               slot_size=parse_size(a.slot_size), image=a.image,
+                               pubkeys=a.pubkey, compatible=a.compatible, force=a.force,
+                               progress=progress, platform=_platform(a))
+    text = f"{a.target}: A/B disk with {kind}, slots of {result.slot_size:,} bytes"
+    if result.version:
+        text += f"; slot A holds version {result.version} (committed)"
+    emit(g, result, text)
+
+
+def _platform(a: argparse.Namespace) -> Platform | None:
+    """The Platform the flags ask for; None when none was given (the backend's default)."""
+    given: dict[str, Any] = {}
+    if a.firmware:
+        given["firmware"] = Firmware(a.firmware)
+    if a.arch:
+        given["arch"] = Arch(a.arch)
+    if a.secure_boot:
+        given["secure_boot"] = True
+    return Platform(**given) if given else None

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from abupgrade import mounts
 from abupgrade.bootloader import BootloaderKind, backend_class
+from abupgrade.bootloader.base import BOOT_POINT
 from abupgrade.errors import UsageError
 from abupgrade.model import Slot
 from abupgrade.mounts import MOUNTINFO
@@ -23,8 +24,11 @@ from abupgrade.schema import Table, absolute, error, refuse_unknown, section, to
 T = TypeVar("T", bound=Table)
 
 DEFAULT_PATH = Path("/etc/abupgrade/system.toml")
-# Where `disk init` puts the configuration, relative to the boot partition's root.
+# Where `disk init` and `adopt` put the configuration, relative to the boot partition's root:
+# shared by both slots, so a slot whose image carries no configuration still finds it.
 ON_DISK_PATH = Path("abupgrade/system.toml")
+# Where the running system looks when neither --config nor $ABUPGRADE_CONFIG says.
+SEARCH_PATH = (DEFAULT_PATH, BOOT_POINT / ON_DISK_PATH)
 
 
 @dataclass(frozen=True)
@@ -121,19 +125,26 @@ class Config:
 
 
 def config_path(explicit: Path | None) -> Path:
+    """The configuration to read: `explicit` (--config), else $ABUPGRADE_CONFIG, else the
+    first of SEARCH_PATH that exists (the first of them when none does)."""
     if explicit is not None:
         return explicit
     env = os.environ.get("ABUPGRADE_CONFIG")
-    return Path(env) if env else DEFAULT_PATH
+    if env:
+        return Path(env)
+    return next((path for path in SEARCH_PATH if path.exists()), SEARCH_PATH[0])
 
 
 def load(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
+        what = (f"no configuration: neither {' nor '.join(map(str, SEARCH_PATH))} exists"
+                if path == SEARCH_PATH[0] else f"no configuration at {path}")
         raise UsageError(
-            f"no configuration at {path}",
-            hint="pass --config FILE, set ABUPGRADE_CONFIG, or use --disk on a disk made by `disk init`",
+            what,
+            hint="pass --config FILE, set ABUPGRADE_CONFIG, bring this machine under "
+                 "abupgrade with `abupgrade adopt`, or use --disk on a disk made by `disk init`",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read configuration {path}: {exc}") from None

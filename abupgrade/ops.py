@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,13 +56,14 @@ def keygen(prefix: Path) -> KeyPair:
 
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
-                progress: Progress) -> ImageInfo:
+                force: bool, progress: Progress, warn: Callable[[str], None]) -> ImageInfo:
     for key in signing_keys:
+        keys.load_private(key)  # a public key or garbage fails here, before any warning
         warning = keys.permission_warning(key)
         if warning:
-            print(f"abupgrade: warning: {warning}", file=sys.stderr)
+            warn(warning)
     image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
-                        initrd=initrd, compression=compression, progress=progress)
+                        initrd=initrd, compression=compression, progress=progress, force=force)
     with open_source(str(output)) as stream:
         return inspect(stream, None)
 
@@ -71,6 +71,10 @@ def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Se
 def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
     if pubkeys:
         return keys.Keyring.from_files(pubkeys)
+    if options.config is None and options.disk is None and not config_path(None).exists():
+        raise UsageError("no key to check the signature with: no --pubkey given and no "
+                         "configuration (with its keyring) on this machine",
+                         hint="pass --pubkey FILE, the signer's .pub")
     with open_system(options, readonly=True) as system:
         return system.keyring()
 
@@ -154,7 +158,7 @@ def status(options: Options) -> Status:
             booted=system.booted,
             next_boot=boot.next_boot,
             trial=trial,
-            trial_boots_left=boot.tries_left if trial else 0,
+            trial_boots_left=boot.tries_left if trial else None,
             committed=boot.default,
             bootloader=system.bootloader.name,
             slots={slot: SlotStatus(device=system.device_text(slot),

@@ -57,7 +57,7 @@ class Status:
     booted: Slot | None
     next_boot: Slot
     trial: Slot | None  # a trial with boots left
-    trial_boots_left: int
+    trial_boots_left: int | None  # None when no trial is pending
     committed: Slot
     bootloader: str
     slots: Mapping[Slot, SlotStatus]

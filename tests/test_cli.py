@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from abupgrade.__main__ import hoist_global_options
+from abupgrade.cli import parse
 from fixtures.images import keypair
 from fixtures.machine import run_cli
 
 
-def test_global_options_are_hoisted() -> None:
-    assert hoist_global_options(["status", "--json", "--config", "x.toml"]) == [
-        "--json", "--config", "x.toml", "status"]
-    assert hoist_global_options(["apply", "img", "--disk=d.img", "--dry-run"]) == [
-        "--disk=d.img", "apply", "img", "--dry-run"]
-    assert hoist_global_options(["apply", "--", "--json"]) == ["apply", "--", "--json"]
+def test_global_options_stand_anywhere() -> None:
+    g, args = parse(["status", "--json", "--config", "x.toml"])
+    assert g.json and g.config == Path("x.toml") and args.run.__name__ == "status"
+    g, args = parse(["--disk=d.img", "apply", "img", "--dry-run", "-q"])
+    assert g.disk == Path("d.img") and g.quiet and args.image == "img" and args.dry_run
+    g, args = parse(["--json", "image", "--debug", "verify", "x.tar"])
+    assert g.json and g.debug and args.image == "x.tar" and not g.quiet
+    g, args = parse(["apply", "--", "--json"])  # after --, an image named --json
+    assert args.image == "--json" and not g.json
 
 
 def test_usage_error_is_exit_2_in_one_line(tmp_path: Path) -> None:
