@@ -21,9 +21,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
 from abupgrade import __version__
 from abupgrade.bootloader import BootloaderKind
@@ -42,8 +41,7 @@ IMAGE_HELP = "image file, - for stdin, an http(s):// URL or oci://HOST/REPO:TAG"
 # ------------------------------------------------------------------ global options
 
 
-@dataclass
-class Globals:
+class Globals(NamedTuple):
     config: Path | None = None
     json: bool = False
     quiet: bool = False
@@ -111,17 +109,16 @@ class Parser(argparse.ArgumentParser):
 def usage_error(message: str, prog: str) -> UsageError:
     """argparse's complaint about `prog`'s line as one line of ours."""
     where = prog.removeprefix(PROG).strip()
-    where = f"{where}: " if where else ""
-    choice = re.fullmatch(r"argument COMMAND: invalid choice: '([^']*)' \(choose from (.*)\)",
-                          message)
+    choice = re.fullmatch(r"argument COMMAND: invalid choice: '([^']*)' .*", message)
     if choice:
-        names = re.findall(r"'([^']*)'", choice[2])
+        names = [c.name.removeprefix(where).split()[0] for c in REGISTRY.commands
+                 if c.name.startswith(where)]
         close = difflib.get_close_matches(choice[1], names, n=1)
-        return UsageError(f"{where}unknown command {choice[1]!r}",
+        return UsageError(f"{where}: unknown command {choice[1]!r}".lstrip(": "),
                           hint=f"did you mean `{prog} {close[0]}`?" if close
                           else f"see `{prog} --help` for the commands")
     message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
-    return UsageError(f"{where}{message}", hint=f"see `{prog} --help`")
+    return UsageError(f"{where}: {message}".lstrip(": "), hint=f"see `{prog} --help`")
 
 
 def whole_number(text: str) -> int:
@@ -134,8 +131,7 @@ def whole_number(text: str) -> int:
     return number
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     flags: tuple[str, ...]
     keywords: dict[str, Any]
 
@@ -148,11 +144,10 @@ def arg(*flags: str, **keywords: Any) -> Arg:
     return Arg(flags, keywords)
 
 
-Run = Callable[[Globals, argparse.Namespace], None]
+Run = Callable[["Globals", argparse.Namespace], None]
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     name: str  # "status", "image build"
     summary: str  # one line for the command list, without a full stop
     details: str  # more for its --help
@@ -165,11 +160,13 @@ class Command:
         return f"{self.summary}." + (f" {self.details}" if self.details else "")
 
 
-@dataclass
 class Registry:
-    commands: list[Command] = field(default_factory=list)
-    groups: dict[str, str] = field(default_factory=dict)  # "image" -> its summary
-    section: str = "commands"  # the heading commands registered now go under
+    """The commands in the order of the command list, and the groups (`image`, `disk`)."""
+
+    def __init__(self) -> None:
+        self.commands: list[Command] = []
+        self.groups: dict[str, str] = {}  # "image" -> its summary
+        self.section = "commands"  # the heading commands registered now go under
 
 
 REGISTRY = Registry()
@@ -216,7 +213,9 @@ def _command_list() -> str:
     return "\n\n".join(f"{heading}:\n" + "\n".join(lines) for heading, lines in sections.items())
 
 
-def build_parser() -> Parser:
+def build_parser(argv: Sequence[str] | None = None) -> Parser:
+    """The parser of every command; with `argv`, of the commands whose words all appear in
+    it (a command not named cannot be the one run, and each parser costs start time)."""
     top = Parser(prog=PROG, usage=f"{PROG} [options] COMMAND [ARGS]",
                  description=SUMMARY, formatter_class=RawTextHelpFormatter,
                  epilog=_command_list()
@@ -224,41 +223,36 @@ def build_parser() -> Parser:
     top.add_argument("--version", action="version", version=f"{PROG} {__version__}",
                      help="print the version and exit")
     _add_globals(top, defaults=True)
-    subparsers: dict[str, argparse._SubParsersAction[Parser]] = {}
-    parents: dict[str, Parser] = {"": top}
-
-    def children(name: str) -> argparse._SubParsersAction[Parser]:
-        if name not in subparsers:
-            parent = parents[name]
-            subparsers[name] = parent.add_subparsers(
-                dest=f"command_{name or 'top'}", metavar="COMMAND", parser_class=Parser,
-                help=argparse.SUPPRESS)
-        return subparsers[name]
-
+    words = set(argv) if argv is not None else None
+    children = {"": _subcommands(top)}
+    for name, summary in REGISTRY.groups.items():
+        if words is None or name in words:
+            listing = "\n".join(f"  {c.name:<16}{c.summary}" for c in REGISTRY.commands
+                                 if c.name.startswith(name + " "))
+            sub = children[""].add_parser(
+                name, prog=f"{PROG} {name}", usage=f"{PROG} {name} COMMAND [ARGS]",
+                description=summary, epilog=f"commands:\n{listing}",
+                formatter_class=RawTextHelpFormatter)
+            _add_globals(sub, defaults=False)
+            sub.set_defaults(group_parser=sub)
+            children[name] = _subcommands(sub)
     for cmd in REGISTRY.commands:
         *path, leaf = cmd.name.split()
-        prefix = ""
-        for part in path:
-            key = f"{prefix} {part}".strip()
-            if key not in parents:
-                listing = "\n".join(f"  {c.name:<16}{c.summary}" for c in REGISTRY.commands
-                                     if c.name.startswith(key + " "))
-                sub = children(prefix).add_parser(
-                    part, prog=f"{PROG} {key}", usage=f"{PROG} {key} COMMAND [ARGS]",
-                    description=REGISTRY.groups[key], epilog=f"commands:\n{listing}",
-                    formatter_class=RawTextHelpFormatter)
-                _add_globals(sub, defaults=False)
-                sub.set_defaults(group_parser=sub)
-                parents[key] = sub
-            prefix = key
+        if words is not None and not words.issuperset(cmd.name.split()):
+            continue
         prog = f"{PROG} {cmd.name}"
-        sub = children(prefix).add_parser(leaf, prog=prog, description=cmd.description,
-                                          usage=_usage(prog, cmd.args))
+        sub = children[" ".join(path)].add_parser(leaf, prog=prog, description=cmd.description,
+                                                  usage=_usage(prog, cmd.args))
         for a in cmd.args:
             sub.add_argument(*a.flags, **a.keywords)
         _add_globals(sub, defaults=False)
         sub.set_defaults(run=cmd.run, parser=sub)
     return top
+
+
+def _subcommands(parent: Parser) -> argparse._SubParsersAction[Parser]:
+    return parent.add_subparsers(dest=f"{parent.prog} command", metavar="COMMAND",
+                                 parser_class=Parser, help=argparse.SUPPRESS)
 
 
 class RawTextHelpFormatter(HelpFormatter):
@@ -269,7 +263,7 @@ class RawTextHelpFormatter(HelpFormatter):
 
 
 def parse(argv: Sequence[str]) -> tuple[Globals, argparse.Namespace]:
-    parser = build_parser()
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(list(argv))
     owner: Parser = getattr(args, "parser", None) or getattr(args, "group_parser", None) or parser
     if extra:

@@ -167,22 +167,23 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
                          hint="use " + " or ".join(f'"{k}"' for k in BootloaderKind)) from None
 
     slots_raw = section(raw, "slots")
+    refuse_unknown(slots_raw, {s.value for s in Slot}, "[slots] ", what="slot")
     slots: dict[Slot, str] = {}
     for slot in Slot:
         slot_table = slots_raw.get(slot.value)
         if not isinstance(slot_table, Mapping):
-            raise UsageError(f"configuration: [slots.{slot}] is required")
+            raise UsageError(f"configuration: [slots.{slot}] is required",
+                             hint=f'[slots.{slot}] with device = "PARTLABEL=..." (or PARTUUID=, '
+                                  'LABEL=, UUID=, a /dev path)')
+        refuse_unknown(slot_table, {"device"}, f"[slots.{slot}] ")
         slots[slot] = value(slot_table, "device", str, f"[slots.{slot}] ")
-    extra = sorted(set(slots_raw) - {s.value for s in Slot})
-    if extra:
-        raise UsageError(f"configuration: unknown slot {extra[0]!r}", hint="slots are A and B")
 
     bootloaders = {
         each: backend_class(each).settings_type.from_toml(section(raw, each), f"[{each}] ")
         for each in BootloaderKind if each is kind or each in raw
     }
     mounts_raw = section(raw, "mounts")
-    hooks = raw.get("hooks_dir")
+    hooks = value(raw, "hooks_dir", str, "", "") or None
     return Config(
         compatible=value(raw, "compatible", str, ""),
         bootloader=kind,
@@ -194,7 +195,7 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
         system=SystemConfig.from_toml(section(raw, "system"), "[system] "),
         mounts={absolute(point, "[mounts]"): value(mounts_raw, point, str, "[mounts] ")
                 for point in mounts_raw},
-        hooks_dir=absolute(hooks, "hooks_dir") if isinstance(hooks, str) else None,
+        hooks_dir=absolute(hooks, "hooks_dir") if hooks else None,
         source=source,
         registry=RegistryConfig.from_toml(section(raw, "registry"), "[registry] "),
     )

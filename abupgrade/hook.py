@@ -5,7 +5,6 @@ Run once per boot by init; running it again in the same boot changes nothing."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import subprocess
 import sys
@@ -21,8 +20,6 @@ from abupgrade.model import Slot, SlotState
 from abupgrade.results import HookResult, Outcome
 from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase
 from abupgrade.system import System
-
-log = logging.getLogger(__name__)
 
 # The deadline timer: a program of its own that sleeps, says why, and runs the reboot command.
 _TIMER = ("import os, sys, time\n"

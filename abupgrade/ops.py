@@ -1,4 +1,9 @@
-"""What the commands do: apply, rollback, commit, status, history. Knows no bootloader by name."""
+"""What the commands do: apply, rollback, commit, status, history. Knows no bootloader by name.
+
+`boot-hook` runs on every boot and scripts poll `status`: what only some commands use
+(cryptography, image reading and building, HTTP, the slot writer, disk layout) is imported
+inside the functions that use it, so those two start about as fast as Python itself.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, diskinit, run
+from abupgrade import blockdev, run
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
-from abupgrade.bootloader.base import Platform
+from abupgrade.bootloader.base import BOOT_FILES, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
 from abupgrade.health import Report
-from abupgrade.image import build as image_builder
-from abupgrade.image import keys
-from abupgrade.image.manifest import BOOT_NAMES, Manifest, PayloadKind, compare_versions
-from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage, inspect, verify
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
 from abupgrade.progress import Progress
@@ -35,12 +36,13 @@ from abupgrade.results import (
     SlotVersion,
     Status,
 )
-from abupgrade.source import open_source
 from abupgrade.state import Event, EventName, SlotRecord, State, Trial, now
 from abupgrade.system import Options, System, open_system
-from abupgrade.writer import SlotWriter
 
 if TYPE_CHECKING:
+    from abupgrade.image.keys import Keyring
+    from abupgrade.image.manifest import Manifest
+    from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage
     from abupgrade.oci.push import PushResult
 
 __all__ = ["Options"]
@@ -50,6 +52,8 @@ __all__ = ["Options"]
 
 
 def keygen(prefix: Path) -> KeyPair:
+    from abupgrade.image import keys
+
     private, public = keys.generate(prefix)
     return KeyPair(private, public, keys.key_id(keys.load_public(public)))
 
@@ -57,6 +61,11 @@ def keygen(prefix: Path) -> KeyPair:
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
                 force: bool, progress: Progress, warn: Callable[[str], None]) -> ImageInfo:
+    from abupgrade.image import build as image_builder
+    from abupgrade.image import keys
+    from abupgrade.image.reader import inspect
+    from abupgrade.source import open_source
+
     for key in signing_keys:
         keys.load_private(key)  # a public key or garbage fails here, before any warning
         warning = keys.permission_warning(key)
@@ -68,9 +77,11 @@ def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Se
         return inspect(stream, None)
 
 
-def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
+def _keyring(options: Options, pubkeys: Sequence[Path]) -> Keyring:
+    from abupgrade.image.keys import Keyring
+
     if pubkeys:
-        return keys.Keyring.from_files(pubkeys)
+        return Keyring.from_files(pubkeys)
     if options.config is None and options.disk is None and not config_path(None).exists():
         raise UsageError("no key to check the signature with: no --pubkey given and no "
                          "configuration (with its keyring) on this machine",
@@ -92,15 +103,21 @@ def _registry(options: Options, spec: str) -> RegistryConfig | None:
 
 def image_verify(options: Options, spec: str, pubkeys: Sequence[Path],
                  progress: Progress) -> VerifiedImage:
+    from abupgrade.image.reader import verify
+    from abupgrade.source import open_source
+
     keyring = _keyring(options, pubkeys)
     with open_source(spec, registry=_registry(options, spec)) as stream:
         return verify(stream, keyring, progress)
 
 
 def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> ImageInfo:
-    keyring: keys.Keyring | None = None
+    from abupgrade.image.reader import inspect
+    from abupgrade.source import open_source
+
+    keyring: Keyring | None = None
     if pubkeys:
-        keyring = keys.Keyring.from_files(pubkeys)
+        keyring = _keyring(options, pubkeys)
     elif options.config is not None or options.disk is not None:
         keyring = _keyring(options, [])
     with open_source(spec, registry=_registry(options, spec)) as stream:
@@ -110,12 +127,13 @@ def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> Image
 def image_push(image: Path, target: str, *, pubkeys: Sequence[Path], ca_file: Path | None,
                auth_file: Path | None, insecure: bool, progress: Progress) -> PushResult:
     from abupgrade import oci
+    from abupgrade.image.keys import Keyring
     from abupgrade.oci.reference import parse_reference
 
     host = parse_reference(target, need_tag=True).host
     settings = RegistryConfig(insecure=(host,) if insecure else (), ca_file=ca_file,
                               auth_file=auth_file)
-    keyring = keys.Keyring.from_files(pubkeys) if pubkeys else None
+    keyring = Keyring.from_files(pubkeys) if pubkeys else None
     return oci.push(image, target, settings=settings, keyring=keyring, progress=progress)
 
 
@@ -221,6 +239,8 @@ def check_policy(manifest: Manifest, target: Slot, *, compatible: str, committed
     """Refuse (PolicyRefusal, exit 4) an image this machine must not install into `target`
     (a slot of `room` bytes): another machine's, older than the `committed` version unless
     allowed, too large, or without the boot files the bootloader boots. Reads nothing."""
+    from abupgrade.image.manifest import compare_versions
+
     if manifest.compatible != compatible:
         raise PolicyRefusal(f"image is for {manifest.compatible!r}, this machine is {compatible!r}",
                             hint="use an image built for this machine")
@@ -239,6 +259,9 @@ def check_policy(manifest: Manifest, target: Slot, *, compatible: str, committed
 def _install(system: System, state: State, spec: str, target: Slot, *, progress: Progress,
              dry_run: bool, allow_downgrade: bool, committed: str | None) -> Installed:
     """Verify the image and write it into `target`, which is left unbootable until armed."""
+    from abupgrade.image.reader import ImageReader
+    from abupgrade.source import open_source
+
     device = system.device(target)
     if not system.offline and system.booted == target:
         raise PolicyRefusal(f"slot {target} is the booted slot", hint="abupgrade never writes it")
@@ -290,6 +313,9 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
                     progress: Progress) -> int:
     """Every payload to its place (the rootfs to the slot, boot files to the bootloader's
     place); the bytes written. A failure leaves no boot file behind and is in the history."""
+    from abupgrade.image.manifest import PayloadKind
+    from abupgrade.writer import SlotWriter
+
     written = 0
     version = reader.manifest.version
     try:
@@ -317,7 +343,7 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in BOOT_NAMES:
+    for name in BOOT_FILES:
         with contextlib.suppress(FileNotFoundError):
             system.bootloader.boot_file_path(target, name).unlink()
 
@@ -420,6 +446,10 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,
               image: str | None, pubkeys: Sequence[Path], compatible: str | None, force: bool,
               progress: Progress, platform: Platform | None = None) -> DiskMade:
+    from abupgrade import diskinit
+    from abupgrade.image.reader import inspect
+    from abupgrade.source import open_source
+
     if compatible is None:
         if image is None:
             raise UsageError("disk init needs --compatible or an --image to take it from")

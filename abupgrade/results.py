@@ -7,10 +7,12 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from abupgrade.health import Report
 from abupgrade.model import Slot, SlotState
+
+if TYPE_CHECKING:
+    from abupgrade.health import Report
 
 
 def _text(item: object | None) -> str | None:

@@ -7,15 +7,18 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from abupgrade import config as configuration
 from abupgrade import slots
 from abupgrade.bootloader import Bootloader, backend
 from abupgrade.config import Config
-from abupgrade.image.keys import Keyring
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot
 from abupgrade.state import EventName, State, Store
+
+if TYPE_CHECKING:
+    from abupgrade.image.keys import Keyring
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class System:
         return slots.is_mounted(device, self.config.system.mountinfo)
 
     def keyring(self) -> Keyring:
+        from abupgrade.image.keys import Keyring  # cryptography: only where keys are used
+
         return Keyring.from_dir(self.config.keyring)
 
     def transition(self, event: EventName, slot: Slot | None, version: str | None, detail: str,

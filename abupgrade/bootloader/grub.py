@@ -31,7 +31,6 @@ import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
@@ -426,7 +425,7 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
         values[f"{slot.value}_ROOT"] = roots[slot]
         values[f"{slot.value}_KERNEL"] = f"{slots_dir}/{slot.value}/{BOOT_FILES['kernel']}"
         values[f"{slot.value}_INITRD"] = f"{slots_dir}/{slot.value}/{BOOT_FILES['initrd']}"
-    template = resources.files("abupgrade.bootloader").joinpath("grub.cfg.in").read_text()
+    template = (Path(__file__).parent / "grub.cfg.in").read_text()
     text = re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m[1]], template)
     return text
 
