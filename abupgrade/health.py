@@ -16,6 +16,7 @@ from abupgrade import run
 from abupgrade.errors import OperationalError
 
 OUTPUT_TAIL = 600  # characters of a check's output kept for history and reports
+SUMMARY_LINES = 3  # lines of a failed check's output in the summary (the console line)
 
 
 class Kind(enum.StrEnum):
@@ -67,8 +68,9 @@ class Report:
             extra = f"; wanted checks failed: {', '.join(wanted)}" if wanted else ""
             return f"healthy: {passed} of {len(self.results)} checks passed{extra}"
         why = "timed out" if failed.timed_out else "failed"
-        tail = failed.output.strip().splitlines()[-1:] or [""]
-        return f"{failed.kind} check {failed.name} {why}" + (f": {tail[0]}" if tail[0] else "")
+        lines = [line.strip() for line in failed.output.splitlines() if line.strip()]
+        tail = " | ".join(lines[-SUMMARY_LINES:])
+        return f"{failed.kind} check {failed.name} {why}" + (f": {tail}" if tail else "")
 
     def to_json(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "summary": self.summary(),

@@ -15,7 +15,7 @@ from types import TracebackType
 
 from abupgrade import health, mounts, notify, run
 from abupgrade.bootloader import Bootloader, BootState
-from abupgrade.errors import HealthFailed, OperationalError, UsageError
+from abupgrade.errors import AbupgradeError, HealthFailed, OperationalError, UsageError
 from abupgrade.model import Slot, SlotState
 from abupgrade.results import HookResult, Outcome
 from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase
@@ -198,7 +198,10 @@ def boot(system: System, *, reboot: bool) -> HookResult:
         _notify(system, result.outcome, state, trial)
     if result.outcome is Outcome.ROLLED_BACK:
         if reboot:
-            run.run(system.config.system.reboot, timeout=60)
+            try:
+                system.reboot()
+            except AbupgradeError as exc:  # still exit 5: the rollback itself is done
+                raise HealthFailed(f"{result.summary}; {exc.message}", hint=exc.hint) from None
         raise HealthFailed(result.summary, hint="see `abupgrade history` for the check's output")
     return result
 
@@ -223,7 +226,7 @@ def _trial_boot(system: System, state: State, trial: Trial, *, reboot: bool) -> 
                         + (" again (the last boot died during them)"
                            if earlier is TrialPhase.CHECKING else ""))
     cfg = system.config
-    with Deadline(cfg.health.deadline, cfg.system.reboot, cfg.health.watchdog):
+    with Deadline(cfg.health.deadline, system.reboot_command(), cfg.health.watchdog):
         report = health.run_all(cfg.health.dir, timeout=cfg.health.timeout,
                                 env=_check_env(slot, state, trial),
                                 builtins=_builtins(system, slot))

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, run
+from abupgrade import blockdev
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
 from abupgrade.bootloader.base import BOOT_FILES, Platform
 from abupgrade.config import RegistryConfig, config_path
@@ -198,12 +198,6 @@ def history(options: Options, limit: int | None) -> list[Event]:
 # ------------------------------------------------------------------ apply
 
 
-def _reboot(system: System) -> None:
-    if system.offline:
-        raise UsageError("--reboot makes no sense with --disk")
-    run.run(system.config.system.reboot, timeout=60)
-
-
 def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, reboot: bool,
           progress: Progress) -> Installed:
     with open_system(options) as system, system.store.lock():
@@ -230,7 +224,7 @@ def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, 
                 trial=Trial(slot=target, version=result.version,
                             previous=now_.slots[active].version, armed=now())))
         if reboot:
-            _reboot(system)
+            system.reboot()
         return replace(result, tries=tries)
 
 
@@ -436,7 +430,7 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
         system.transition(EventName.MANUAL_ROLLBACK, target, version,
                           f"by hand, from slot {active}", bootloader=switch, state=update)
         if reboot:
-            _reboot(system)
+            system.reboot()
         return SlotVersion(target, version)
 
 
@@ -483,7 +477,7 @@ def install_hook(init: str | None, root: Path, *, force: bool) -> HookInstalled:
 def boot_hook(options: Options, *, reboot: bool) -> HookResult:
     from abupgrade import hook
 
-    with open_system(options) as system, system.store.lock():
+    with open_system(options, mount=True) as system, system.store.lock():
         return hook.boot(system, reboot=reboot)
 
 

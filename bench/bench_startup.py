@@ -13,6 +13,8 @@ and the ratio to the bare start, against the budget:
 The machine is a disk made by `disk init --image` (slot A committed), attached and mounted as
 if it ran from slot A (fixtures.machine), so the commands read a real GRUB environment, the
 state folder and the configuration as on a booted system. Needs root and loop devices.
+The package's bytecode is compiled first, as `pip install` does (with PYTHONDONTWRITEBYTECODE
+set, every run would otherwise compile abupgrade from source).
 
     python bench/bench_startup.py [--runs 10] [--importtime] [--json]
 
@@ -108,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("bench_startup needs root (it attaches a loop disk)")
 
     command = abupgrade_command()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "abupgrade")],
+                   check=True)
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as scratch:
         work = Path(scratch)
         key = keypair(work / "keys")

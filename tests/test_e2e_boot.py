@@ -75,14 +75,13 @@ def cli(*args: str) -> Any:
 
 
 def set_test_config(disk: Path) -> None:
-    """On the disk's own configuration: GRUB gives a trial TRIES boots, and the guest
-    reboots with busybox (read by `apply` and by the guest's boot hook)."""
+    """On the disk's own configuration: GRUB gives a trial TRIES boots (read by `apply`)."""
     with open_disk(disk) as session:
         path = session.boot / configuration.ON_DISK_PATH
         cfg = configuration.parse(tomllib.loads(path.read_text()))
         tables = {kind: replace(table, tries=TRIES) if isinstance(table, GrubConfig) else table
                   for kind, table in cfg.bootloaders.items()}
-        cfg = replace(cfg, bootloaders=tables, system=replace(cfg.system, reboot=pyguest.REBOOT))
+        cfg = replace(cfg, bootloaders=tables)
         atomic_write(path, configuration.render(cfg).encode())
 
 

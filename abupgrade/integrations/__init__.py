@@ -127,7 +127,8 @@ def detect(root: Path) -> str:
 
 def install(kind: str, root: Path, *, force: bool = False) -> list[Path]:
     """Install the `kind` integration into the root filesystem at `root`; the paths written
-    or linked. A different file already in the way is refused unless `force`."""
+    or linked now (none when it was installed already). A different file already in the
+    way is refused unless `force`."""
     integration = _get(kind)
     if not root.is_dir():
         raise UsageError(f"root filesystem {root} is not a folder")
@@ -137,18 +138,19 @@ def install(kind: str, root: Path, *, force: bool = False) -> list[Path]:
         return _install_inittab(target, text.strip())
     written = _write(target, text, integration.mode, force=force)
     if kind == "sysvinit":
-        written += [_link(root / f"etc/rc{level}.d/S90{SERVICE}", f"../init.d/{SERVICE}",
-                          force=force) for level in SYSV_RUNLEVELS]
+        for level in SYSV_RUNLEVELS:
+            written += _link(root / f"etc/rc{level}.d/S90{SERVICE}", f"../init.d/{SERVICE}",
+                             force=force)
     elif kind == "openrc":
-        written.append(_link(root / "etc/runlevels/default" / SERVICE, f"/etc/init.d/{SERVICE}",
-                             force=force))
+        written += _link(root / "etc/runlevels/default" / SERVICE, f"/etc/init.d/{SERVICE}",
+                         force=force)
     elif kind == "runit":
         where = next((d for d in RUNIT_SERVICE_DIRS if _exists(root, d)), RUNIT_SERVICE_DIRS[1])
         resolved = _resolve(root, where) or PurePosixPath(where)
-        written.append(_link(root / resolved / SERVICE, f"/etc/sv/{SERVICE}", force=force))
+        written += _link(root / resolved / SERVICE, f"/etc/sv/{SERVICE}", force=force)
     elif kind == "systemd":
-        written.append(_link(root / "etc/systemd/system/multi-user.target.wants"
-                             / f"{SERVICE}.service", f"../{SERVICE}.service", force=force))
+        written += _link(root / "etc/systemd/system/multi-user.target.wants"
+                         / f"{SERVICE}.service", f"../{SERVICE}.service", force=force)
     return written
 
 
@@ -159,6 +161,8 @@ def _write(path: Path, text: str, mode: int, *, force: bool) -> list[Path]:
         except (OSError, UnicodeDecodeError):
             same = False
         if same:
+            if path.stat().st_mode & 0o7777 == mode:
+                return []
             path.chmod(mode)
             return [path]
         if not force:
@@ -171,9 +175,10 @@ def _write(path: Path, text: str, mode: int, *, force: bool) -> list[Path]:
     return [path]
 
 
-def _link(path: Path, target: str, *, force: bool) -> Path:
+def _link(path: Path, target: str, *, force: bool) -> list[Path]:
+    """`path` made a symlink to `target`: [path], or [] when it is one already."""
     if path.is_symlink() and os.readlink(path) == target:
-        return path
+        return []
     if path.is_symlink() or path.exists():
         if not force:
             raise PolicyRefusal(f"{path} exists and is not the abupgrade integration's link",
@@ -185,7 +190,7 @@ def _link(path: Path, target: str, *, force: bool) -> Path:
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(target)
     os.replace(temporary, path)
-    return path
+    return [path]
 
 
 def _install_inittab(path: Path, line: str) -> list[Path]:
@@ -198,7 +203,7 @@ def _install_inittab(path: Path, line: str) -> list[Path]:
         current = BUSYBOX_DEFAULT_INITTAB
     lines = current.splitlines()
     if line in (entry.strip() for entry in lines):
-        return [path]
+        return []
     sysinit = [i for i, entry in enumerate(lines) if _action(entry) == "sysinit"]
     at = sysinit[-1] + 1 if sysinit else 0
     lines.insert(at, line)
