@@ -308,7 +308,7 @@ def print_error(exc: AbupgradeError, *, as_json: bool = False) -> None:
     """The one line a failure prints on stderr; with --json that line is JSON and stdout
     gets the same object, so a script needs one parser."""
     if as_json:
-        line = json.dumps({"error": exc.message, "hint": exc.hint, "exit": exc.exit_code})
+        line = json.dumps(exc.to_json())
         print(line, flush=True)
     else:
         line = f"abupgrade: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")
@@ -557,14 +557,13 @@ def health(g: Globals, a: argparse.Namespace) -> None:
     from abupgrade.errors import HealthFailed
 
     report = ops.health(g.options())
-    if g.json or g.quiet:
-        emit(g, report)
-    else:
+    if not g.json and not g.quiet:
         print(table(("check", "kind", "result", "seconds", "output"),
                     [(c.name, str(c.kind), c.verdict, f"{c.seconds:.1f}",
                       " | ".join(c.output.strip().splitlines())) for c in report.results]))
-    if not report.healthy:
-        raise HealthFailed(report.summary())
+    if not report.healthy:  # with --json the error document carries the report
+        raise HealthFailed(report.summary(), report=report)
+    emit(g, report)
 
 
 @command("boot-hook", "Run by init at every boot: commit a healthy trial, or roll back",

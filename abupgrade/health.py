@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from abupgrade import run
-from abupgrade.errors import OperationalError
+from abupgrade.errors import AbupgradeError, OperationalError
 
 OUTPUT_TAIL = 600  # characters of a check's output kept for history and reports
 SUMMARY_LINES = 3  # lines of a failed check's output in the summary (the console line)
@@ -118,7 +118,7 @@ def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
         started = time.monotonic()
         try:
             problem = check()
-        except OSError as exc:
+        except (OSError, AbupgradeError) as exc:  # a check that cannot be made has failed
             problem = str(exc)
         results.append(Result(name, Kind.BUILTIN, problem is None, time.monotonic() - started,
                               problem or ""))

@@ -201,8 +201,10 @@ def boot(system: System, *, reboot: bool) -> HookResult:
             try:
                 system.reboot()
             except AbupgradeError as exc:  # still exit 5: the rollback itself is done
-                raise HealthFailed(f"{result.summary}; {exc.message}", hint=exc.hint) from None
-        raise HealthFailed(result.summary, hint="see `abupgrade history` for the check's output")
+                raise HealthFailed(f"{result.summary}; {exc.message}", hint=exc.hint,
+                                   report=result.health) from None
+        raise HealthFailed(result.summary, hint="see `abupgrade history` for the check's output",
+                           report=result.health)
     return result
 
 
