@@ -80,9 +80,11 @@ def test_defaults_are_shown(helps: dict[str, str]) -> None:
     """Every option with a value that has a default says which; switches do not."""
     parser = cli.build_parser()
     for name in COMMANDS:
-        sub = parser
+        sub: argparse.ArgumentParser = parser
         for word in name.split():
-            sub = next(a for a in sub._actions if a.dest.endswith(" command")).choices[word]
+            choices = next(a for a in sub._actions if a.dest.endswith(" command")).choices
+            assert isinstance(choices, dict)
+            sub = choices[word]
         described = dict(options_of(helps[name]))
         for action in sub._actions:
             if (not action.option_strings or action.nargs == 0
