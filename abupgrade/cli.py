@@ -154,6 +154,7 @@ class Command(NamedTuple):
     args: tuple[Arg, ...]
     run: Run
     section: str  # its heading in the command list
+    usage: str | None  # the usage line's arguments, where the options alone do not say it
 
     @property
     def description(self) -> str:
@@ -182,11 +183,14 @@ def group(name: str, summary: str) -> None:
     REGISTRY.groups[name] = summary
 
 
-def command(name: str, summary: str, *args: Arg, details: str = "") -> Callable[[Run], Run]:
+def command(name: str, summary: str, *args: Arg, details: str = "",
+            usage: str | None = None) -> Callable[[Run], Run]:
     """Register a command: `summary` is its line in the command list, `details` follow it
-    in its --help, `args` are its arguments."""
+    in its --help, `args` are its arguments; `usage` replaces the arguments of the usage line
+    made from them."""
     def register(run: Run) -> Run:
-        REGISTRY.commands.append(Command(name, summary, details, args, run, REGISTRY.section))
+        REGISTRY.commands.append(Command(name, summary, details, args, run, REGISTRY.section,
+                                         usage))
         return run
     return register
 
@@ -241,8 +245,9 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
         if words is not None and not words.issuperset(cmd.name.split()):
             continue
         prog = f"{PROG} {cmd.name}"
+        usage = f"{prog} {cmd.usage}" if cmd.usage else _usage(prog, cmd.args)
         sub = children[" ".join(path)].add_parser(leaf, prog=prog, description=cmd.description,
-                                                  usage=_usage(prog, cmd.args))
+                                                  usage=usage)
         for a in cmd.args:
             sub.add_argument(*a.flags, **a.keywords)
         _add_globals(sub, defaults=False)
@@ -601,6 +606,64 @@ def check(g: Globals, a: argparse.Namespace) -> None:
 
     result = ops.check(g.options(), a.reference)
     emit(g, result, result.version)
+
+
+@command("adopt", "Bring this GRUB machine with two root slots under abupgrade",
+         arg("--compatible", metavar="NAME", help="this machine's compatible string: images "
+             "must carry it (required)"),
+         arg("--pubkey", metavar="FILE", type=Path, action="append", default=[],
+             help="the images' signer's public key; repeat for several (required)"),
+         arg("--version", metavar="VERSION",
+             help="the running system's version (default: unknown; an image of any version "
+                  "may follow)"),
+         arg("--other", metavar="DEVICE", help="the other root partition "
+             "(default: the one unmounted partition that fits); the next apply overwrites it"),
+         arg("--state-dir", metavar="DIR", type=Path, help="where state and history go "
+             "(default: /data/abupgrade where /data is a partition, else /boot/abupgrade/state)"),
+         arg("--kernel", metavar="FILE", type=Path,
+             help="the running kernel (default: /boot/vmlinuz-RELEASE)"),
+         arg("--initrd", metavar="FILE", type=Path,
+             help="its initrd (default: /boot/initrd.img-RELEASE, when there is one)"),
+         arg("--cmdline", metavar="TEXT", help="the kernel command line both slots boot with "
+             "(default: the running one's, without root= and BOOT_IMAGE=)"),
+         arg("--tries", metavar="N", type=whole_number, default=3,
+             help="boots a trial gets before GRUB falls back (default: %(default)s)"),
+         arg("--init", metavar="NAME", help="the boot hook's init integration: sysvinit, "
+             "openrc, runit, busybox or systemd (default: detected)"),
+         arg("--no-hook", help="do not install the boot hook's init integration"),
+         arg("--dry-run", help="check the machine and say what would be done; write nothing"),
+         arg("--undo", help="take the machine out from under abupgrade again (on the slot "
+             "that was adopted; the history stays)"),
+         details="The checks come first: the running root and a second root partition on one "
+                 "disk, /boot on a partition of its own, GRUB's grub.cfg sourcing custom.cfg. "
+                 "Then the configuration, keyring, GRUB's environment blocks with the running "
+                 "slot committed, abupgrade's boot-selection script and the running kernel go "
+                 "to /boot/abupgrade, a hand-over block to /boot/grub/custom.cfg (which "
+                 "update-grub keeps), and the boot hook into init.",
+         usage="--compatible NAME --pubkey FILE [options]\n       abupgrade adopt --undo")
+def adopt(g: Globals, a: argparse.Namespace) -> None:
+    from abupgrade import ops
+
+    if a.undo:
+        undone = ops.adopt_undo(g.options())
+        emit(g, undone, f"removed {len(undone.removed)} file(s); GRUB boots the machine as "
+             "it did before adopt" + "".join(f"; kept {p}" for p in undone.kept))
+        return
+    for flag, value in (("--compatible", a.compatible), ("--pubkey", a.pubkey)):
+        if not value:
+            raise usage_error(f"{flag} is required", f"{PROG} adopt")
+    result = ops.adopt(compatible=a.compatible, pubkeys=a.pubkey, version=a.version,
+                       other=a.other, state_dir=a.state_dir, kernel=a.kernel, initrd=a.initrd,
+                       cmdline=a.cmdline, tries=a.tries, init=a.init, hook=not a.no_hook,
+                       dry_run=a.dry_run)
+    other = result.booted.other
+    text = (f"{'would bring' if result.dry_run else 'brought'} this machine under abupgrade: "
+            f"slot {result.booted} ({result.slots[result.booted]}) is running and committed, "
+            f"slot {other} ({result.slots[other]}) is empty until `abupgrade apply`; "
+            f"configuration {result.config}, state {result.state_dir}")
+    if result.hook is not None:
+        text += f"; boot hook: {result.hook.init}"
+    emit(g, result, text)
 
 
 # ------------------------------------------------------------------ keys and images

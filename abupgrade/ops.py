@@ -40,6 +40,7 @@ from abupgrade.state import Event, EventName, SlotRecord, State, Trial, now
 from abupgrade.system import Options, System, open_system
 
 if TYPE_CHECKING:
+    from abupgrade.adopt import Adopted, Undone
     from abupgrade.image.keys import Keyring
     from abupgrade.image.manifest import Manifest
     from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage
@@ -486,3 +487,32 @@ def health(options: Options) -> Report:
 
     with open_system(options, readonly=True) as system:
         return hook.check_now(system)
+
+
+# ------------------------------------------------------------------ existing machines
+
+
+def adopt(*, compatible: str, pubkeys: Sequence[Path], version: str | None, other: str | None,
+          state_dir: Path | None, kernel: Path | None, initrd: Path | None,
+          cmdline: str | None, tries: int, init: str | None, hook: bool,
+          dry_run: bool) -> Adopted:
+    """Bring this running GRUB machine under abupgrade (adopt.py)."""
+    from abupgrade import adopt as adoption
+
+    running = adoption.Running()
+    layout = adoption.inspect_machine(running, other=other, state_dir=state_dir, kernel=kernel,
+                                      initrd=initrd, cmdline=cmdline)
+    return adoption.adopt(running, layout, compatible=compatible, pubkeys=pubkeys,
+                          version=version, tries=tries, init=init, hook=hook, dry_run=dry_run)
+
+
+def adopt_undo(options: Options) -> Undone:
+    """Take this machine out from under abupgrade again (adopt.py)."""
+    from abupgrade import adopt as adoption
+
+    with open_system(options) as system, system.store.lock():
+        if system.offline:
+            raise UsageError("adopt --undo works on the running machine, not with --disk")
+        boot = system.bootloader.read()
+        pending = boot.trial is not None and boot.tries_left > 0
+        return adoption.undo(adoption.Running(), system.booted, trial_pending=pending)

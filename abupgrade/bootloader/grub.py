@@ -404,11 +404,16 @@ def create_blocks(env: Path) -> None:
         atomic_write(path, fresh.block(generation))
 
 
+# The console of a disk abupgrade laid out: the first serial port.
+SERIAL_CONSOLE = "serial --unit=0 --speed=115200\nterminal_output serial"
+
+
 def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
-               roots: Mapping[Slot, str], cmdline: str) -> str:
+               roots: Mapping[Slot, str], cmdline: str, console: str = SERIAL_CONSOLE) -> str:
     """grub.cfg from grub.cfg.in. `boot_device` is GRUB's name of the boot partition
     ("(hd0,gpt2)"), `env_rel` the env block's path inside it, `parts` GRUB's names of the
-    slot partitions, `roots` the kernel's root= of each slot."""
+    slot partitions, `roots` the kernel's root= of each slot, `console` the commands that set
+    up GRUB's terminal (none where the machine's own grub.cfg did, for `adopt`)."""
     for what, text in (("kernel command line", cmdline), *((f"root of slot {s}", r)
                                                           for s, r in roots.items())):
         if not _SAFE_WORDS.fullmatch(text):
@@ -419,7 +424,8 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
                          hint="use letters, digits and _.+- in the GRUB environment's path")
     env0 = f"{boot_device}/{env_rel}"
     slots_dir = f"{boot_device}/{Path(env_rel).parent.as_posix()}/slots".replace("/./", "/")
-    values = {"ENV0": env0, "ENV1": env0 + ".1", "CMDLINE": cmdline}
+    values = {"ENV0": env0, "ENV1": env0 + ".1", "CMDLINE": cmdline,
+              "CONSOLE": console or "# the console: as the machine's own grub.cfg set it up"}
     for slot in Slot:
         values[f"{slot.value}_PART"] = parts[slot]
         values[f"{slot.value}_ROOT"] = roots[slot]

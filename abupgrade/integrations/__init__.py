@@ -6,6 +6,7 @@ or an image tree) by `install`. `detect` tells which init system a root filesyst
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -152,6 +153,52 @@ def install(kind: str, root: Path, *, force: bool = False) -> list[Path]:
         written += _link(root / "etc/systemd/system/multi-user.target.wants"
                          / f"{SERVICE}.service", f"../{SERVICE}.service", force=force)
     return written
+
+
+def remove(kind: str, root: Path) -> list[Path]:
+    """Take the `kind` integration out of the root filesystem at `root`: the files and links
+    `install` makes, where they are still what it made (anything else is left alone), or
+    the inittab line; the paths removed."""
+    integration = _get(kind)
+    target = root / integration.path
+    if kind == "busybox":
+        return _remove_inittab_line(target, data(kind).strip())
+    links = []
+    if kind == "sysvinit":
+        links = [(root / f"etc/rc{level}.d/S90{SERVICE}", f"../init.d/{SERVICE}")
+                 for level in SYSV_RUNLEVELS]
+    elif kind == "openrc":
+        links = [(root / "etc/runlevels/default" / SERVICE, f"/etc/init.d/{SERVICE}")]
+    elif kind == "runit":
+        links = [(root / (_resolve(root, d) or PurePosixPath(d)) / SERVICE, f"/etc/sv/{SERVICE}")
+                 for d in RUNIT_SERVICE_DIRS if _exists(root, d)]
+    elif kind == "systemd":
+        links = [(root / "etc/systemd/system/multi-user.target.wants" / f"{SERVICE}.service",
+                  f"../{SERVICE}.service")]
+    removed = []
+    for path, link in links:
+        if path.is_symlink() and os.readlink(path) == link:
+            path.unlink()
+            removed.append(path)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if target.is_file() and not target.is_symlink() and target.read_text() == data(kind):
+            target.unlink()
+            removed.append(target)
+            if kind == "runit":
+                target.parent.rmdir()
+    return removed
+
+
+def _remove_inittab_line(path: Path, line: str) -> list[Path]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    kept = [entry for entry in lines if entry.strip() != line]
+    if kept == lines:
+        return []
+    atomic_write(path, ("\n".join(kept) + "\n").encode(), mode=path.stat().st_mode & 0o7777)
+    return [path]
 
 
 def _write(path: Path, text: str, mode: int, *, force: bool) -> list[Path]:
