@@ -14,7 +14,6 @@ command accepts anywhere on the line. Usage errors are one line on stderr and ex
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 import sys
@@ -111,6 +110,8 @@ def usage_error(message: str, prog: str) -> UsageError:
     where = prog.removeprefix(PROG).strip()
     choice = re.fullmatch(r"argument COMMAND: invalid choice: '([^']*)' .*", message)
     if choice:
+        import difflib
+
         names = [c.name.removeprefix(where).split()[0] for c in REGISTRY.commands
                  if c.name.startswith(where)]
         close = difflib.get_close_matches(choice[1], names, n=1)

@@ -20,7 +20,6 @@ from abupgrade.bootloader.base import BOOT_FILES, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
-from abupgrade.health import Report
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
 from abupgrade.progress import Progress
@@ -41,6 +40,7 @@ from abupgrade.system import Options, System, open_system
 
 if TYPE_CHECKING:
     from abupgrade.adopt import Adopted, Undone
+    from abupgrade.health import Report
     from abupgrade.image.keys import Keyring
     from abupgrade.image.manifest import Manifest
     from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage

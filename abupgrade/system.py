@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +65,8 @@ class System:
     def reboot_command(self) -> tuple[str, ...]:
         """The configured reboot command; for the default (`reboot`) on a root that has
         none (a minimal Debian or busybox root), the kernel's restart after a sync."""
+        import shutil
+
         command = self.config.system.reboot
         if command == SystemConfig().reboot and shutil.which(command[0]) is None:
             return (sys.executable, "-I", "-c", KERNEL_REBOOT)
@@ -85,7 +85,7 @@ class System:
             if command != SystemConfig().reboot:
                 raise
             run.run([sys.executable, "-I", "-c", KERNEL_REBOOT], timeout=60,
-                    hint=f"{shlex.join(command)} failed too ({exc.message}); reboot by hand: "
+                    hint=f"{' '.join(command)} failed too ({exc.message}); reboot by hand: "
                          "the bootloader boots the good slot")
 
     def transition(self, event: EventName, slot: Slot | None, version: str | None, detail: str,
