@@ -205,7 +205,7 @@ def test_adopt_refuses_what_cannot_work(machine: ExistingMachine, tmp_path: Path
         with pytest.raises(UsageError, match="/boot is on the root filesystem"):
             adoption.inspect_machine(no_boot)
         run_as = running(root, parts, machine, tmp_path, points=EVERYWHERE)
-        with pytest.raises(UsageError, match="smaller"):
+        with pytest.raises(UsageError, match="it is mounted"):
             adoption.inspect_machine(run_as, other=str(parts[DATA]))
         with pytest.raises(UsageError, match="running root or /boot"):
             adoption.inspect_machine(run_as, other=str(parts[BOOT]))
@@ -216,6 +216,8 @@ def test_adopt_refuses_what_cannot_work(machine: ExistingMachine, tmp_path: Path
         # without a data partition the state goes to /boot
         no_data = running(root, parts, machine, tmp_path, points={"/": ROOT_1, "/boot": BOOT})
         assert adoption.inspect_machine(no_data).state_dir == Path("/boot/abupgrade/state")
+        with pytest.raises(UsageError, match="smaller"):
+            adoption.inspect_machine(no_data, other=str(parts[DATA]))
 
 
 # ---------------------------------------------------------------- the story in QEMU
