@@ -481,6 +481,8 @@ def status(g: Globals, a: argparse.Namespace) -> None:
     print(table(("slot", "state", "version", "device", ""), rows))
     for note in info.notes:
         print(note)
+    if info.security_floor is not None:
+        print(f"security floor: {info.security_floor} (no older image is accepted)")
 
 
 @command("apply", "Write an image to the other slot and arm a trial boot of it",
@@ -701,6 +703,8 @@ def keygen(g: Globals, a: argparse.Namespace) -> None:
              choices=("none", "gzip", "xz", "zstd"),
              help="compression of the rootfs payload: none, gzip, xz or zstd "
                   "(default: %(default)s)"),
+         arg("--security-floor", metavar="VERSION", help="once an image of this one is "
+             "committed, machines accept no image older than VERSION"),
          arg("--force", help="replace an existing output file"),
          details="An existing output is never replaced without --force, and never when it "
                  "is one of the inputs.")
@@ -711,7 +715,8 @@ def image_build(g: Globals, a: argparse.Namespace) -> None:
         info = ops.image_build(rootfs=a.rootfs, version=a.version, compatible=a.compatible,
                                signing_keys=a.key, output=a.output, kernel=a.kernel,
                                initrd=a.initrd, compression=a.compress, force=a.force,
-                               progress=progress, warn=lambda text: warn(g, text))
+                               progress=progress, warn=lambda text: warn(g, text),
+                               security_floor=a.security_floor)
     emit(g, info, f"wrote {a.output}: version {a.version} for {a.compatible}, "
          f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 
@@ -749,9 +754,14 @@ def image_inspect(g: Globals, a: argparse.Namespace) -> None:
     print(table(("payload", "size", "compression", "sha256"),
                 [(p.name, f"{p.size:,}", str(p.compression), p.sha256)
                  for p in manifest.payloads]))
+    if manifest.security_floor is not None:
+        print(f"security floor: {manifest.security_floor} (once committed, nothing older is "
+              "accepted)")
     trust = {True: "trusted", False: "NOT trusted", None: "not checked (no --pubkey or keyring)"}
     for sig in info.signatures:
-        print(f"signature by key {sig.key_id}: {trust[sig.trusted]}")
+        said = "REVOKED (the keyring's revocation list names it)" if sig.revoked else \
+            trust[sig.trusted]
+        print(f"signature by key {sig.key_id}: {said}")
 
 
 @command("image push", "Publish a signed image to an OCI registry",

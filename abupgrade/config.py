@@ -13,10 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from abupgrade import mounts
+from abupgrade import mounts, trust
 from abupgrade.bootloader import BootloaderKind, backend_class
 from abupgrade.bootloader.base import BOOT_POINT
 from abupgrade.errors import UsageError
+from abupgrade.image.manifest import is_version
 from abupgrade.model import Slot
 from abupgrade.mounts import MOUNTINFO
 from abupgrade.schema import Table, absolute, error, refuse_unknown, section, toml_value, value
@@ -77,6 +78,18 @@ class RegistryConfig(Table):
 
 
 @dataclass(frozen=True)
+class SecurityConfig(Table):
+    """The security floor: no image older than `min_version` is accepted, whatever the flags.
+    Images raise the machine's floor above it when committed (kept in state_dir)."""
+
+    min_version: str | None = field(default=None, metadata={"what": 'a version such as "2.0"'})
+
+    def check(self, where: str) -> None:
+        if self.min_version is not None and not is_version(self.min_version):
+            raise self.invalid("min_version", where)
+
+
+@dataclass(frozen=True)
 class Config:
     compatible: str
     bootloader: BootloaderKind
@@ -94,6 +107,7 @@ class Config:
     hooks_dir: Path | None = None
     source: Path | None = None
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def settings(self) -> Table:
@@ -136,8 +150,13 @@ def config_path(explicit: Path | None) -> Path:
 
 
 def load(path: Path) -> Config:
+    """The configuration at `path`, which must pass the strict-mode checks (it names the
+    keyring, the checks and what runs as root)."""
+    real = trust.check(path, "configuration", trust.Kind.FILE)
     try:
-        raw = tomllib.loads(path.read_text())
+        if real is None:
+            raise FileNotFoundError(path)
+        raw = tomllib.loads(real.read_text())
     except FileNotFoundError:
         what = (f"no configuration: neither {' nor '.join(map(str, SEARCH_PATH))} exists"
                 if path == SEARCH_PATH[0] else f"no configuration at {path}")
@@ -154,7 +173,7 @@ def load(path: Path) -> Config:
 
 
 _TOP = {"compatible", "bootloader", "keyring", "state_dir", "slots", "health", "system",
-        "mounts", "hooks_dir", "registry"}
+        "mounts", "hooks_dir", "registry", "security"}
 
 
 def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
@@ -198,6 +217,7 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
         hooks_dir=absolute(hooks, "hooks_dir") if hooks else None,
         source=source,
         registry=RegistryConfig.from_toml(section(raw, "registry"), "[registry] "),
+        security=SecurityConfig.from_toml(section(raw, "security"), "[security] "),
     )
 
 
@@ -220,6 +240,8 @@ def render(config: Config) -> str:
     tables: dict[str, Table] = {str(kind): table for kind, table in config.bootloaders.items()}
     tables.setdefault(str(config.bootloader), config.settings)
     tables |= {"health": config.health, "system": config.system, "registry": config.registry}
+    if config.security.min_version is not None:
+        tables["security"] = config.security
     for name, table in tables.items():
         lines += ["", f"[{name}]"]
         lines += [f"{key} = {toml_value(item)}" for key, item in table.to_toml()]

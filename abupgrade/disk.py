@@ -209,7 +209,10 @@ def open_disk(target: Path, *, readonly: bool = False) -> Iterator[DiskSession]:
                     mounts[point] = stack.enter_context(mounted(device, readonly=readonly))
             slots = {slot: str(resolve(spec, within=disk.device))
                      for slot, spec in loaded.slots.items()}
+            on_disk = loaded.rebased(mounts)
+            tables = {kind: table.resolved(lambda spec: str(resolve(spec, within=disk.device)))
+                      for kind, table in on_disk.bootloaders.items()}
         except UsageError as exc:
             raise UsageError(f"{target}: {exc.message}", hint=exc.hint) from None
-        rebased = dataclasses.replace(loaded.rebased(mounts), slots=slots)
+        rebased = dataclasses.replace(on_disk, slots=slots, bootloaders=tables)
         yield DiskSession(disk, rebased, mounts, boot)

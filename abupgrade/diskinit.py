@@ -46,6 +46,18 @@ class InitResult:
     slot_size: int
 
 
+def _root_folder(root: Path, relative: Path) -> Path:
+    """`root/relative`, it and each folder on the way 0755 whatever the umask:
+    the configuration, keyring and state must pass the strict-mode checks (trust.py)."""
+    folders = [root]
+    for part in relative.parts:
+        folders.append(folders[-1] / part)
+    for folder in folders:
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o755)
+    return folders[-1]
+
+
 def _round_mib(size: int) -> int:
     return -(-size // MiB) * MiB
 
@@ -119,7 +131,8 @@ def init_disk(
     if is_file:
         with open(target, "ab") as f:
             f.truncate(final)
-    table = create_table(target, plan.table, [p.spec for p in plan.partitions])
+    table = create_table(target, plan.table, [p.spec for p in plan.partitions],
+                         disk_id=plan.disk_id)
     if not is_file:
         run(["partx", "--update", target])  # the kernel's view of the new table
 
@@ -142,13 +155,13 @@ def init_disk(
         mkfs_ext4(disk.partitions[boot_nr], "boot", block_size=4096)
         mkfs_ext4(disk.partitions[data_nr], "data", block_size=4096)
         with mounted(disk.partitions[boot_nr]) as boot, mounted(disk.partitions[data_nr]) as data:
-            keyring = boot / KEYRING
-            keyring.mkdir(parents=True)
+            keyring = _root_folder(boot, KEYRING)
             for key in pubkeys:
                 shutil.copyfile(key, keyring / key.name)
                 (keyring / key.name).chmod(0o644)
+            _root_folder(boot, ON_DISK_PATH.parent)
             atomic_write(boot / ON_DISK_PATH, render(config).encode())
-            (data / STATE_DIR).mkdir(parents=True)
+            _root_folder(data, STATE_DIR)
             on_disk = config.rebased({boot_point: boot, data_point: data})
             backend(on_disk.settings).install(DiskLayout(
                 disk=disk.device,

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import enum
 import os
-import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abupgrade import run
+from abupgrade import run, trust
 from abupgrade.errors import AbupgradeError, OperationalError
 
 OUTPUT_TAIL = 600  # characters of a check's output kept for history and reports
@@ -77,21 +76,6 @@ class Report:
                 "checks": [r.to_json() for r in self.results]}
 
 
-def executables(directory: Path) -> Iterator[Path]:
-    """The executables of a folder in name order; a missing folder has none."""
-    try:
-        entries = sorted(directory.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in entries:
-        try:
-            st = entry.stat()
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 and not entry.name.startswith("."):
-            yield entry
-
-
 def run_check(path: Path, *, kind: Kind, timeout: float, env: Mapping[str, str]) -> Result:
     """Run one check in a session of its own; its whole group is killed at the timeout and
     at its end."""
@@ -123,6 +107,9 @@ def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
         results.append(Result(name, Kind.BUILTIN, problem is None, time.monotonic() - started,
                               problem or ""))
     for kind in (Kind.REQUIRED, Kind.WANTED):
-        for path in executables(directory / f"{kind}.d"):
-            results.append(run_check(path, kind=kind, timeout=timeout, env=env))
+        for path, refusal in trust.executables(directory / f"{kind}.d", f"{kind} check"):
+            if refusal is not None:  # anyone could have put it there: failed, never skipped
+                results.append(Result(path.name, kind, False, 0.0, refusal.line()))
+            else:
+                results.append(run_check(path, kind=kind, timeout=timeout, env=env))
     return Report(tuple(results))

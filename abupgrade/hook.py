@@ -18,7 +18,7 @@ from abupgrade.bootloader import Bootloader, BootState
 from abupgrade.errors import AbupgradeError, HealthFailed, OperationalError, UsageError
 from abupgrade.model import Slot, SlotState
 from abupgrade.results import HookResult, Outcome
-from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase
+from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase, highest
 from abupgrade.system import System
 
 # The deadline timer: a program of its own that sleeps, says why, and runs the reboot command.
@@ -101,13 +101,13 @@ def _load_or_rebuild(system: System, boot: BootState) -> State:
         return system.store.load()
     except OperationalError as exc:
         kept = system.store.quarantine()
-        installed = _installed_from_history(system)
+        installed, floor = _from_history(system)
         state = State(slots={
             slot: SlotRecord(state=SlotState.GOOD, version=installed[slot][0],
                              installed=installed[slot][1]) if slot in boot.bootable
             else SlotRecord(state=SlotState.BAD)
             for slot in Slot
-        })
+        }, security_floor=floor)
         system.store.save(state)
         system.store.record(EventName.REPAIRED, None, None,
                             f"{exc.message}; kept as {kept.name}, rebuilt from the bootloader "
@@ -115,18 +115,22 @@ def _load_or_rebuild(system: System, boot: BootState) -> State:
         return state
 
 
-def _installed_from_history(system: System) -> dict[Slot, tuple[str | None, str | None]]:
-    """(version, time) of each slot's last complete install, by the history."""
+def _from_history(system: System) -> tuple[dict[Slot, tuple[str | None, str | None]], str | None]:
+    """(version, time) of each slot's last complete install, and the security floor committed
+    images raised, by the history."""
     found: dict[Slot, tuple[str | None, str | None]] = {slot: (None, None) for slot in Slot}
+    floor: str | None = None
     with contextlib.suppress(OperationalError):
         for event in system.store.history():
+            if event.event == EventName.SECURITY_FLOOR:
+                floor = highest(floor, event.version)
             if event.slot is None:
                 continue
             if event.event == EventName.INSTALLED:
                 found[event.slot] = (event.version, event.time)
             elif event.event in (EventName.INSTALL_FAILED, EventName.INTERRUPTED):
                 found[event.slot] = (None, None)
-    return found
+    return found, floor
 
 
 def _builtins(system: System, slot: Slot) -> dict[str, health.Builtin]:
@@ -236,7 +240,8 @@ def _trial_boot(system: System, state: State, trial: Trial, *, reboot: bool) -> 
         system.transition(
             EventName.COMMITTED, slot, trial.version, report.summary(),
             bootloader=lambda loader: loader.commit(slot),
-            state=lambda now: replace(now.with_slot(slot, state=SlotState.GOOD), trial=None))
+            state=lambda now: replace(now.committed(slot), trial=None))
+        system.store.record_floor(state, slot)
         return HookResult(slot, Outcome.COMMITTED,
                           f"slot {slot} (version {trial.version}) is healthy and committed",
                           health=report)

@@ -12,9 +12,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from abupgrade import run
+from abupgrade import run, trust
 from abupgrade.errors import OperationalError
-from abupgrade.health import executables
 
 TIMEOUT = 30.0  # seconds per hook
 
@@ -34,8 +33,11 @@ def run_hooks(directory: Path | None, event: str, env: Mapping[str, str], *,
         return [f"not running hooks for {event!r}: not an event name"]
     problems: list[str] = []
     hook_env = {**os.environ, **env, "ABUPGRADE_EVENT": event}
-    for path in executables(directory / f"{event}.d"):
+    for path, refusal in trust.executables(directory / f"{event}.d", f"{event} hook"):
         what = f"{event} hook {path.name}"
+        if refusal is not None:  # anyone could have put it there: never run as root
+            problems.append(f"{what} not run: {refusal.line()}")
+            continue
         try:
             done = run.supervise([path], timeout=timeout, env=hook_env)
         except OperationalError as exc:

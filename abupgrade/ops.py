@@ -20,6 +20,7 @@ from abupgrade.bootloader.base import BOOT_FILES, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_writer
+from abupgrade.image.manifest import Manifest, PayloadKind, compare_versions
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
 from abupgrade.progress import Progress
@@ -35,14 +36,13 @@ from abupgrade.results import (
     SlotVersion,
     Status,
 )
-from abupgrade.state import Event, EventName, SlotRecord, State, Trial, now
+from abupgrade.state import Event, EventName, SlotRecord, State, Trial, highest, now
 from abupgrade.system import Options, System, open_system
 
 if TYPE_CHECKING:
     from abupgrade.adopt import Adopted, Undone
     from abupgrade.health import Report
     from abupgrade.image.keys import Keyring
-    from abupgrade.image.manifest import Manifest
     from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage
     from abupgrade.oci.push import PushResult
 
@@ -61,7 +61,8 @@ def keygen(prefix: Path) -> KeyPair:
 
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
-                force: bool, progress: Progress, warn: Callable[[str], None]) -> ImageInfo:
+                force: bool, progress: Progress, warn: Callable[[str], None],
+                security_floor: str | None = None) -> ImageInfo:
     from abupgrade.image import build as image_builder
     from abupgrade.image import keys
     from abupgrade.image.reader import inspect
@@ -73,7 +74,8 @@ def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Se
         if warning:
             warn(warning)
     image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
-                        initrd=initrd, compression=compression, progress=progress, force=force)
+                        initrd=initrd, compression=compression, progress=progress,
+                        security_floor=security_floor, force=force)
     with open_source(str(output)) as stream:
         return inspect(stream, None)
 
@@ -139,15 +141,28 @@ def image_push(image: Path, target: str, *, pubkeys: Sequence[Path], ca_file: Pa
 
 
 def check(options: Options, reference: str) -> CheckResult:
-    """Whether `reference` holds a version newer than the committed one (NothingNewer if not)."""
+    """Whether `reference` holds a version newer than the committed one (NothingNewer if not)
+    that this machine would install: signed by a trusted key that is not revoked (exit 3),
+    for this machine and not below the security floor (exit 4). Only the signed head of the
+    image is downloaded."""
     from abupgrade import oci
+    from abupgrade.image.reader import ImageReader
+    from abupgrade.source import open_source
 
     with open_system(options, readonly=True) as system:
         boot = system.bootloader.read()
-        committed = system.store.load().slots[boot.default].version
-        version = oci.check(reference, committed, compatible=system.config.compatible,
-                            settings=system.config.registry)
-    return CheckResult(reference, version, committed)
+        state = system.store.load()
+        committed = state.slots[boot.default].version
+        settings = system.config.registry
+        oci.check(reference, committed, compatible=system.config.compatible, settings=settings)
+        with open_source(reference, registry=settings) as stream:
+            manifest = ImageReader(stream, system.keyring()).manifest  # the signature
+        if manifest.compatible != system.config.compatible:
+            raise PolicyRefusal(f"{reference} holds an image for {manifest.compatible!r}, "
+                                f"this machine is {system.config.compatible!r}")
+        _above_floor(manifest.version, security_floor(system, state), f"{reference} holds")
+        oci.check_newer(reference, manifest.version, committed)
+    return CheckResult(reference, manifest.version, committed)
 
 
 # ------------------------------------------------------------------ state of the machine
@@ -186,6 +201,8 @@ def status(options: Options) -> Status:
                                     installed=state.slots[slot].installed)
                    for slot in Slot},
             notes=system.bootloader.notes(),
+            security_floor=security_floor(system, state),
+            counters=system.bootloader.counters(),
         )
 
 
@@ -229,16 +246,33 @@ def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, 
         return replace(result, tries=tries)
 
 
-def check_policy(manifest: Manifest, target: Slot, *, compatible: str, committed: str | None,
-                 allow_downgrade: bool, room: int, bootloader: type[Bootloader]) -> None:
-    """Refuse (PolicyRefusal, exit 4) an image this machine must not install into `target`
-    (a slot of `room` bytes): another machine's, older than the `committed` version unless
-    allowed, too large, or without the boot files the bootloader boots. Reads nothing."""
-    from abupgrade.image.manifest import compare_versions
+def security_floor(system: System, state: State) -> str | None:
+    """The machine's security floor: the configured one, or higher where committed images
+    raised it (see State.committed)."""
+    return highest(system.config.security.min_version, state.security_floor)
 
+
+def _above_floor(version: str | None, floor: str | None, what: str) -> None:
+    """Refuse (exit 4) a version below the security floor; an unknown one too, when there is
+    a floor. No flag lets it through: a validly signed image with a known hole stays out."""
+    if floor is None or version is not None and compare_versions(version, floor) >= 0:
+        return
+    raise PolicyRefusal(f"{what} version {version or 'unknown'}, below the security floor {floor}",
+                        hint=f"nothing older than {floor} is installed or booted, not even with "
+                             f"--allow-downgrade; use version {floor} or newer")
+
+
+def check_policy(manifest: Manifest, target: Slot, *, compatible: str, committed: str | None,
+                 allow_downgrade: bool, room: int, bootloader: type[Bootloader],
+                 floor: str | None = None) -> None:
+    """Refuse (PolicyRefusal, exit 4) an image this machine must not install into `target`
+    (a slot of `room` bytes): another machine's, below the security `floor` (whatever the
+    flags), older than the `committed` version unless allowed, too large, or without the boot
+    files the bootloader boots. Reads nothing."""
     if manifest.compatible != compatible:
         raise PolicyRefusal(f"image is for {manifest.compatible!r}, this machine is {compatible!r}",
                             hint="use an image built for this machine")
+    _above_floor(manifest.version, floor, "image has")
     if (committed is not None and not allow_downgrade
             and compare_versions(manifest.version, committed) < 0):
         raise PolicyRefusal(f"image version {manifest.version} is older than the committed "
@@ -270,7 +304,7 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
         manifest = reader.manifest
         check_policy(manifest, target, compatible=system.config.compatible, committed=committed,
                      allow_downgrade=allow_downgrade, room=blockdev.capacity(device),
-                     bootloader=type(system.bootloader))
+                     bootloader=type(system.bootloader), floor=security_floor(system, state))
         if dry_run:
             reader.verify()
             return Installed(target, manifest.version, manifest.compatible, 0, dry_run=True)
@@ -281,7 +315,8 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
             f"{manifest.slot.size:,} bytes to {device}, read back and verified",
             state=lambda now_: now_.with_slot(target, state=SlotState.BAD,
                                               version=manifest.version, installed=now(),
-                                              sha256=manifest.slot.sha256))
+                                              sha256=manifest.slot.sha256,
+                                              security_floor=manifest.security_floor))
     return Installed(target, manifest.version, manifest.compatible, written, dry_run=False,
                      seconds=round(time.monotonic() - started, 3))
 
@@ -299,7 +334,8 @@ def _make_unbootable(system: System, state: State, target: Slot) -> None:
         if target in bootable and target.other in bootable:
             system.bootloader.disable(target)
         system.store.save(replace(state.with_slot(target, state=SlotState.EMPTY, version=None,
-                                                  installed=None, sha256=None),
+                                                  installed=None, sha256=None,
+                                                  security_floor=None),
                                   trial=None))
         _drop_boot_files(system, target)
 
@@ -308,7 +344,6 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
                     progress: Progress) -> int:
     """Every payload to its place (the rootfs to the slot, boot files to the bootloader's
     place); the bytes written. A failure leaves no boot file behind and is in the history."""
-    from abupgrade.image.manifest import PayloadKind
     from abupgrade.writer import SlotWriter
 
     written = 0
@@ -368,12 +403,13 @@ def mark_good(options: Options) -> SlotVersion:
 
 
 def _commit(system: System, slot: Slot, detail: str) -> SlotVersion:
-    version = system.store.load().slots[slot].version
+    state = system.store.load()
+    version = state.slots[slot].version
     system.transition(
         EventName.COMMITTED, slot, version, detail,
         bootloader=lambda loader: loader.commit(slot),
-        state=lambda now_: replace(now_.with_slot(slot, state=SlotState.GOOD),
-                                   trial=_trial_without(now_, slot)))
+        state=lambda now_: replace(now_.committed(slot), trial=_trial_without(now_, slot)))
+    system.store.record_floor(state, slot)
     return SlotVersion(slot, version)
 
 
@@ -394,6 +430,9 @@ def mark_bad(options: Options, slot: Slot | None) -> MarkedBad:
         if slot == boot.default and not other_ok:
             raise PolicyRefusal(f"slot {slot} is the only good slot",
                                 hint="marking it bad would leave nothing to boot")
+        if slot == boot.default:
+            _above_floor(state.slots[other].version, security_floor(system, state),
+                         f"marking slot {slot} bad would boot slot {other},")
         bad = slot
         system.transition(
             EventName.MARKED_BAD, bad, state.slots[bad].version, "marked bad by hand",
@@ -414,6 +453,8 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
                 f"slot {target} holds no good image "
                 f"({_slot_state(target, state.slots[target], boot)})",
                 hint="rollback goes only to a slot that booted healthy before")
+        _above_floor(state.slots[target].version, security_floor(system, state),
+                     f"slot {target} holds")
         # A trial running on the active slot ends with it: it is not going to be committed.
         abandoned = state.trial is not None and state.trial.slot == active
 

@@ -67,6 +67,7 @@ class PartitionSpec:
     type: str
     name: str | None = None
     bootable: bool = False
+    start: int | None = None  # bytes from the start of the disk; None: right after the last
 
 
 def _guid(raw: bytes) -> str:
@@ -164,12 +165,19 @@ def _read_gpt(fd: int, path: Path, sector: int) -> PartitionTable:
     return PartitionTable(TableKind.GPT, disk_guid, sector, tuple(parts))
 
 
-def create_table(target: Path, kind: TableKind, specs: Sequence[PartitionSpec]) -> PartitionTable:
-    """Write a new table with sfdisk (old signatures wiped) and return it as read back."""
+def create_table(target: Path, kind: TableKind, specs: Sequence[PartitionSpec], *,
+                 disk_id: str | None = None) -> PartitionTable:
+    """Write a new table with sfdisk (old signatures wiped) and return it as read back;
+    `disk_id` is the GPT disk GUID or the MBR signature (0x12345678), random if None."""
     sfdisk = require_tool("sfdisk", package="fdisk")
-    lines = [f"label: {kind}", ""]
+    lines = [f"label: {kind}"] + ([f"label-id: {disk_id}"] if disk_id else []) + [""]
     for spec in specs:
         fields = [f"type={spec.type}"]
+        if spec.start is not None:
+            if spec.start <= 0 or spec.start % 1024:
+                raise UsageError(f"partition start {spec.start} is not a positive multiple "
+                                 "of 1 KiB")
+            fields.insert(0, f"start={spec.start // 1024}KiB")
         if spec.size is not None:
             if spec.size <= 0 or spec.size % 1024:
                 raise UsageError(f"partition size {spec.size} is not a positive multiple of 1 KiB")

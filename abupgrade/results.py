@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,9 +64,11 @@ class Status:
     bootloader: str
     slots: Mapping[Slot, SlotStatus]
     notes: tuple[str, ...]
+    security_floor: str | None = None  # no image below it is accepted (ops.security_floor)
+    counters: Mapping[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "booted": _text(self.booted),
             "next_boot": str(self.next_boot),
             "trial": _text(self.trial),
@@ -75,7 +77,11 @@ class Status:
             "bootloader": self.bootloader,
             "slots": {str(slot): self.slots[slot].to_json() for slot in Slot},
             "notes": list(self.notes),
+            "security_floor": self.security_floor,
         }
+        if self.counters:
+            found[self.bootloader] = dict(self.counters)
+        return found
 
 
 @dataclass(frozen=True)

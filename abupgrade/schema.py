@@ -1,10 +1,10 @@
 """TOML tables as frozen dataclasses: each field is a key, its annotation says what it holds.
 
 A section of the configuration (`[health]`, `[grub]`, ...) is a frozen dataclass that derives
-from `Table`. Its fields may be `str`, `int`, `float`, `bool`, `Path` (absolute), `Path | None`
-or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` reads a section
-(refusing unknown keys and wrong types with one-line exit-2 errors), renders it back as TOML
-and moves its paths under mount points. Range checks go in `check`.
+from `Table`. Its fields may be `str`, `str | None`, `int`, `float`, `bool`, `Path` (absolute),
+`Path | None` or `tuple[str, ...]` (a TOML list of strings), each with a default. `Table` reads
+a section (refusing unknown keys and wrong types with one-line exit-2 errors), renders it back
+as TOML and moves its paths under mount points. Range checks go in `check`.
 
 Field metadata may say how to word a type error (`what`: "a command as a list of strings")
 and whether a bare string stands for a one-element list (`single`).
@@ -128,10 +128,18 @@ class Table:
         return dataclasses.replace(self, **changes)
 
 
+    def resolved(self, resolve: Callable[[str], str]) -> Self:
+        """The same table with the device specs it holds resolved by `resolve` (`--disk`
+        resolves them on the disk it services); a table without any returns itself."""
+        return self
+
+
 def _read(table: Mapping[str, Any], field: dataclasses.Field[Any], hint: Any, where: str) -> Any:
     key, found = field.name, table[field.name]
     if hint in (Path, Path | None):
         return absolute(value(table, key, str, where), where + key)
+    if hint == str | None:
+        return value(table, key, str, where)
     if typing.get_origin(hint) is tuple:
         if isinstance(found, str) and field.metadata.get("single"):
             found = [found]

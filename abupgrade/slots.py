@@ -24,7 +24,8 @@ from abupgrade.model import Slot
 from abupgrade.partitions import PartitionTable, read_table
 from abupgrade.run import run
 
-SPEC_KEYS = ("PARTLABEL", "PARTUUID", "LABEL", "UUID")
+# PTUUID names a whole disk by its partition table's id (GPT disk GUID, MBR signature).
+SPEC_KEYS = ("PARTLABEL", "PARTUUID", "LABEL", "UUID", "PTUUID")
 SYSFS_BLOCK = Path("/sys/class/block")
 
 
@@ -120,7 +121,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     key, sep, value = spec.partition("=")
     if not sep or key.upper() not in SPEC_KEYS or not value:
         raise UsageError(f"device spec {spec!r} is not understood",
-                         hint="use PARTLABEL=, PARTUUID=, LABEL=, UUID= or a /dev path")
+                         hint="use PARTLABEL=, PARTUUID=, LABEL=, UUID=, PTUUID= or a /dev path")
     return key.upper(), value
 
 
@@ -134,6 +135,9 @@ class _Prober:
     def value(self, dev: BlockDevice, key: str) -> str | None:
         if key in ("PARTLABEL", "PARTUUID"):
             return self._partition_value(dev, key)
+        if key == "PTUUID":
+            table = self._table(dev.node) if dev.parent is None else None
+            return table.disk_id if table is not None else None
         udev = dev.properties.get(f"ID_FS_{key}")
         if udev is not None:
             return udev
@@ -147,18 +151,21 @@ class _Prober:
             return dev.properties[udev_key]
         if key == "PARTLABEL" and "PARTNAME" in dev.properties:
             return dev.properties["PARTNAME"]
-        if dev.parent not in self._tables:
-            try:
-                self._tables[dev.parent] = read_table(dev.parent)
-            except OperationalError:
-                self._tables[dev.parent] = None
-        table = self._tables[dev.parent]
+        table = self._table(dev.parent)
         if table is None:
             return None
         for part in table.partitions:
             if part.number == dev.number:
                 return part.name if key == "PARTLABEL" else part.partuuid
         return None
+
+    def _table(self, disk: Path) -> PartitionTable | None:
+        if disk not in self._tables:
+            try:
+                self._tables[disk] = read_table(disk)
+            except OperationalError:
+                self._tables[disk] = None
+        return self._tables[disk]
 
     def blkid(self, node: Path) -> dict[str, str]:
         if node not in self._blkid:
@@ -170,7 +177,7 @@ class _Prober:
 
 
 def _same(key: str, a: str, b: str) -> bool:
-    return a.lower() == b.lower() if key in ("PARTUUID", "UUID") else a == b
+    return a.lower() == b.lower() if key in ("PARTUUID", "UUID", "PTUUID") else a == b
 
 
 def resolve(spec: str, *, within: Path | None = None) -> Path:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from abupgrade import trust
 from abupgrade.errors import OperationalError, PolicyRefusal
 from abupgrade.fsutil import atomic_write, fsync_dir
+from abupgrade.image.manifest import compare_versions
 from abupgrade.model import Slot, SlotState
 
 STATE_FILE = "state.json"
@@ -46,6 +48,7 @@ class EventName(enum.StrEnum):
     MARKED_BAD = "marked-bad"
     REPAIRED = "repaired"  # the hook put state.json and the bootloader in agreement
     HOOK_FAILED = "hook-failed"  # a notification hook failed
+    SECURITY_FLOOR = "security-floor"  # a committed image raised the floor (the event's version)
 
 
 class TrialPhase(enum.StrEnum):
@@ -63,6 +66,7 @@ class SlotRecord:
     version: str | None = None
     installed: str | None = None
     sha256: str | None = None
+    security_floor: str | None = None  # the installed image's: the floor once it is committed
 
 
 @dataclass(frozen=True)
@@ -83,11 +87,24 @@ class State:
         default_factory=lambda: {slot: SlotRecord() for slot in Slot}
     )
     trial: Trial | None = None
+    # Raised when a slot whose image declares a floor is committed; never lowered. Lives here,
+    # on storage both slots share, because the configuration may be part of a slot's image.
+    security_floor: str | None = None
 
     def with_slot(self, slot: Slot, **changes: Any) -> State:
         slots = dict(self.slots)
         slots[slot] = replace(slots[slot], **changes)
         return replace(self, slots=slots)
+
+    def committed(self, slot: Slot) -> State:
+        """`slot` good, and the floor raised to what its image declares (never lowered)."""
+        return replace(self.with_slot(slot, state=SlotState.GOOD),
+                       security_floor=highest(self.security_floor, self.slots[slot].security_floor))
+
+    def raises_floor(self, slot: Slot) -> str | None:
+        """The floor committing `slot` would raise this state's to; None if it stays."""
+        raised = self.committed(slot).security_floor
+        return raised if raised != self.security_floor else None
 
     def to_json(self) -> dict[str, Any]:
         trial = None
@@ -101,10 +118,12 @@ class State:
             "format": FORMAT,
             "slots": {
                 str(slot): {"state": str(rec.state), "version": rec.version,
-                            "installed": rec.installed, "sha256": rec.sha256}
+                            "installed": rec.installed, "sha256": rec.sha256,
+                            "security_floor": rec.security_floor}
                 for slot, rec in self.slots.items()
             },
             "trial": trial,
+            "security_floor": self.security_floor,
         }
 
     @classmethod
@@ -117,6 +136,7 @@ class State:
             slots[slot] = SlotRecord(
                 state=SlotState(rec["state"]), version=_opt_str(rec.get("version")),
                 installed=_opt_str(rec.get("installed")), sha256=_opt_str(rec.get("sha256")),
+                security_floor=_opt_str(rec.get("security_floor")),
             )
         trial = None
         if raw.get("trial") is not None:
@@ -126,7 +146,16 @@ class State:
                 previous=_opt_str(t.get("previous")), armed=str(t["armed"]),
                 phase=TrialPhase(t.get("phase", TrialPhase.ARMED)), boots=int(t.get("boots", 0)),
             )
-        return cls(slots=slots, trial=trial)
+        return cls(slots=slots, trial=trial, security_floor=_opt_str(raw.get("security_floor")))
+
+
+def highest(*versions: str | None) -> str | None:
+    """The newest of `versions` that are not None (a floor from several sources)."""
+    found: str | None = None
+    for version in versions:
+        if version is not None and (found is None or compare_versions(version, found) > 0):
+            found = version
+    return found
 
 
 def _opt_str(value: Any) -> str | None:
@@ -167,11 +196,13 @@ class Store:
 
     def ensure(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
             raise OperationalError(f"cannot create state folder {self.dir}: {exc.strerror}") from None
 
     def load(self) -> State:
+        # It holds the security floor and says which slot is good: strict modes apply.
+        trust.check(self.state_path, "state file", trust.Kind.FILE)
         try:
             raw = json.loads(self.state_path.read_bytes())
         except FileNotFoundError:
@@ -224,7 +255,16 @@ class Store:
             ) from None
         return entry
 
+    def record_floor(self, before: State, slot: Slot) -> None:
+        """After `slot` was committed: record it when its image raised the floor of `before`."""
+        raised = before.raises_floor(slot)
+        if raised is not None:
+            self.record(EventName.SECURITY_FLOOR, slot, raised,
+                        f"version {before.slots[slot].version} of slot {slot} raised the security "
+                        f"floor from {before.security_floor or 'none'} to {raised}")
+
     def history(self, limit: int | None = None) -> list[Event]:
+        trust.check(self.history_path, "history", trust.Kind.FILE)  # a corrupt state is rebuilt from it
         try:
             text = self.history_path.read_bytes()
         except FileNotFoundError:

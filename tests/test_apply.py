@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from abupgrade.disk import attached, mounted
+from abupgrade.disk import attached, boot_partition, mounted
 from abupgrade.model import Slot
 from abupgrade.partitions import read_table
 from abupgrade.state import Store
@@ -50,12 +50,12 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem: the bootloader's whole state."""
-    out: dict[str, str] = {}
+    """sha256 of every file on the boot filesystem and of the disk's first 2 MiB (where
+    U-Boot's environment is): the bootloader's whole state."""
+    with open(disk, "rb") as f:
+        out = {"<first 2 MiB>": hashlib.sha256(f.read(2 << 20)).hexdigest()}
     with attached(disk) as d:
-        table = d.table
-        assert table is not None
-        boot_nr = min(p.number for p in table.partitions if p.size >= 64 << 20)
+        boot_nr = boot_partition(d.table, disk)
         with mounted(d.partitions[boot_nr], readonly=True) as root:
             for path in sorted(root.rglob("*")):
                 if path.is_file() and "lost+found" not in path.parts:

@@ -73,7 +73,9 @@ def test_bootloader_tables_belong_to_their_backend() -> None:
     assert syslinux.settings == SyslinuxConfig() and syslinux.section(GrubConfig).tries == 5
     with pytest.raises(UsageError, match=r"unknown key \[syslinux\] 'tries'"):
         config.parse({**GOOD, "syslinux": {"tries": 3}})
-    with pytest.raises(UsageError, match="unknown key 'uboot'"):
+    with pytest.raises(UsageError, match="unknown key 'lilo'"):
+        config.parse({**GOOD, "lilo": {"env": []}})
+    with pytest.raises(UsageError, match=r"^configuration: \[uboot\] env has 0 line"):
         config.parse({**GOOD, "uboot": {"env": []}})
     with pytest.raises(UsageError) as caught:
         config.parse({**GOOD, "bootloader": "lilo"})

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from abupgrade import fat
 from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.uboot import UBootConfig
 from abupgrade.config import ON_DISK_PATH
 from abupgrade.disk import attached, mounted, open_disk
 from abupgrade.diskinit import init_disk
@@ -68,6 +70,16 @@ def test_init_image_file(kind: BootloaderKind, tmp_path: Path) -> None:
                                                       "data"]
         assert table.get(1).type == BIOS_GRUB and table.get(1).size == MiB
         assert result.config.slots == {Slot.A: "PARTLABEL=rootfs_a", Slot.B: "PARTLABEL=rootfs_b"}
+    elif kind is BootloaderKind.UBOOT:
+        assert table.kind is TableKind.GPT and ref["label"] == "gpt"
+        assert [p.name for p in table.partitions] == ["uboot", "boot", "rootfs_a", "rootfs_b",
+                                                      "data"]
+        assert table.get(1).start == 2 * MiB and table.get(1).bootable
+        env = result.config.section(UBootConfig).env
+        assert env == (f"PTUUID={table.disk_id} 0x100000 0x4000",
+                       f"PTUUID={table.disk_id} 0x104000 0x4000")
+        with fat.MtoolsFat(image, table.get(1).start) as fs:
+            assert fs.read("boot.scr")[:4] == bytes.fromhex("27051956")  # U-Boot image magic
     else:
         assert table.kind is TableKind.MBR and ref["label"] == "dos"
         assert [p.bootable for p in table.partitions] == [True, False, False, False]

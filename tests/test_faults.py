@@ -21,6 +21,7 @@ import pytest
 
 from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.bootloader.syslinux import SyslinuxConfig
+from abupgrade.bootloader.uboot import UBoot, UBootConfig
 from abupgrade.model import Slot
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
@@ -46,6 +47,12 @@ def boot_files(m: Machine) -> dict[str, str]:
     if m.config.bootloader == "grub":
         env = m.config.section(GrubConfig).env
         paths = [env, env.with_name(env.name + ".1"), *(env.parent / "slots").rglob("*")]
+    elif m.config.bootloader == "uboot":
+        settings = m.config.section(UBootConfig)
+        paths = list((settings.dir / "slots").rglob("*"))
+        copies = {line: hashlib.sha256(data).hexdigest() for line, data in zip(
+            settings.env, UBoot(settings).environment().read_raw(), strict=True)}
+        return copies | {str(p): digest(p) for p in sorted(paths) if p.is_file()}
     else:
         d = m.config.section(SyslinuxConfig).dir
         paths = [d / "extlinux.conf", d / "ldlinux.sys", *(d / "slots").rglob("*")]
@@ -205,9 +212,10 @@ def mount_point(path: Path) -> Path:
 
 @case
 def test_read_only_boot_partition(machine: Machine, make_image: Callable[..., Path]) -> None:
-    state_dir = machine.config.section(GrubConfig).env if machine.config.bootloader == "grub" \
-        else machine.config.section(SyslinuxConfig).dir
-    boot = mount_point(state_dir)
+    on_boot = {"grub": lambda: machine.config.section(GrubConfig).env,
+               "syslinux": lambda: machine.config.section(SyslinuxConfig).dir,
+               "uboot": lambda: machine.config.section(UBootConfig).dir}
+    boot = mount_point(on_boot[machine.config.bootloader]())
     subprocess.run(["mount", "-o", "remount,ro", str(boot)], check=True)
     try:
         with unchanged(machine):
@@ -236,9 +244,10 @@ def path_without(tmp_path: Path, *tools: str) -> str:
 @case
 def test_missing_bootloader_tools(machine: Machine, make_image: Callable[..., Path],
                                   tmp_path: Path) -> None:
-    """apply and the hook need neither grub-editenv nor extlinux (the state is written
-    natively); disk init needs its bootloader's tools and says which package is missing."""
-    tools = ("grub-editenv", "grub-mkimage", "extlinux")
+    """apply and the hook need neither grub-editenv, extlinux nor mkimage (the state is
+    written natively); disk init needs its bootloader's tools and says which package is
+    missing."""
+    tools = ("grub-editenv", "grub-mkimage", "extlinux", "mkimage")
     env = dict(os.environ, PATH=path_without(tmp_path, *tools))
     cmd = [sys.executable, "-m", "abupgrade", "--config", str(machine.config_path)]
     proc = subprocess.run([*cmd, "apply", str(make_image("2.0"))], env=env,

@@ -372,14 +372,14 @@ def test_inspect_without_and_with_keyring(
         info = reader.inspect(stream, None).to_json()
         assert stream.tell() < 4096, "inspect reads only manifest and signatures"
     assert info["version"] == "1.2.3" and info["compatible"] == "acme-box"
-    assert info["signatures"] == [{"key_id": kid, "trusted": None}]
+    assert info["signatures"] == [{"key_id": kid, "trusted": None, "revoked": None}]
     assert [p["name"] for p in info["payloads"]] == ["rootfs", "kernel", "initrd"]
     assert set(info["payloads"][0]) >= {"name", "size", "sha256", "compression"}
     json.dumps(info)
     stranger = keys.generate(tmp_path / "stranger")
     with image.open("rb") as stream:
         info = reader.inspect(stream, Keyring.from_files([stranger[1]])).to_json()
-    assert info["signatures"] == [{"key_id": kid, "trusted": False}]
+    assert info["signatures"] == [{"key_id": kid, "trusted": False, "revoked": False}]
 
 
 # --- sources ----------------------------------------------------------------------------------

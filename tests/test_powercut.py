@@ -36,6 +36,8 @@ from abupgrade.bootloader import BootloaderKind
 from abupgrade.bootloader.adv import Adv
 from abupgrade.bootloader.grub import GrubConfig, block_paths, create_blocks
 from abupgrade.bootloader.syslinux import SyslinuxConfig, fresh_config
+from abupgrade.bootloader.uboot import EnvState, UBootConfig, updated
+from abupgrade.bootloader.ubootenv import format_copy
 from abupgrade.config import Config, HealthConfig, SystemConfig
 from abupgrade.errors import AbupgradeError, HealthFailed
 from abupgrade.image import build
@@ -50,11 +52,14 @@ from fixtures.powercut import Recorder, cut_points, read_tree, tree_digest, writ
 from fixtures.reliability import record
 from fixtures.syslinux_model import Disk, model_boot
 from fixtures.tiers import guest_skips, needs
+from fixtures.uboot_model import power_on as uboot_power_on
 
 SLOT_SIZE = 256 << 10
 COMPATIBLE = "pc-box"
 GRUB_ENV = "boot/grub/grubenv"
 EXTLINUX = "boot/extlinux"
+UBOOT_ENV = "boot/uboot.env"  # both copies of the U-Boot environment, UBOOT_SIZE each
+UBOOT_SIZE = 0x4000
 STATE = "data/abupgrade"
 
 
@@ -128,13 +133,18 @@ class Bench:
             (root / "slots" / f"{slot.value}.img").write_bytes(bytes(SLOT_SIZE))
         if self.kind is BootloaderKind.GRUB:
             create_blocks(root / GRUB_ENV)
+        elif self.kind is BootloaderKind.UBOOT:
+            fresh = updated({}, EnvState(default=Slot.A, good=frozenset({Slot.A})))
+            (root / UBOOT_ENV).write_bytes(b"".join(format_copy(fresh, UBOOT_SIZE, flags)
+                                                    for flags in (1, 2)))
         else:
             (root / EXTLINUX / "ldlinux.sys").write_bytes(b"\x90" * 4096 + Adv().encode_pair())
             roots = {s: f"/dev/vda{n}" for s, n in ((Slot.A, 2), (Slot.B, 3))}
             (root / EXTLINUX / "extlinux.conf").write_text(fresh_config(roots, "console=ttyS0"))
 
     def boot_dir(self, root: Path) -> Path:
-        return (root / GRUB_ENV).parent if self.kind is BootloaderKind.GRUB else root / EXTLINUX
+        return {BootloaderKind.GRUB: (root / GRUB_ENV).parent, BootloaderKind.SYSLINUX:
+                root / EXTLINUX, BootloaderKind.UBOOT: root / "boot"}[self.kind]
 
     def config(self, root: Path, checks: Path) -> Config:
         return Config(
@@ -142,7 +152,11 @@ class Bench:
             slots={s: f"/dev/plain-file-{s.value}" for s in Slot},
             keyring=self.keyring, state_dir=root / STATE,
             bootloaders={BootloaderKind.GRUB: GrubConfig(env=root / GRUB_ENV, tries=3),
-                         BootloaderKind.SYSLINUX: SyslinuxConfig(dir=root / EXTLINUX)},
+                         BootloaderKind.SYSLINUX: SyslinuxConfig(dir=root / EXTLINUX),
+                         BootloaderKind.UBOOT: UBootConfig(
+                             env=tuple(f"{root / UBOOT_ENV} {off:#x} {UBOOT_SIZE:#x}"
+                                       for off in (0, UBOOT_SIZE)),
+                             dir=root / "boot", tries=3)},
             health=HealthConfig(dir=checks, timeout=10, deadline=120,
                                 watchdog=self.work / "no-watchdog"),
             system=SystemConfig(cmdline=self.host / "cmdline", mountinfo=self.host / "mountinfo",
@@ -203,6 +217,9 @@ class Bench:
             if slot is not None and not self.loads(root, slot):
                 slot = decision.fallback
             return slot, f"GRUB chose {decision}"
+        if self.kind is BootloaderKind.UBOOT:
+            chosen = uboot_power_on(root / UBOOT_ENV, UBOOT_SIZE, lambda s: self.loads(root, s))
+            return chosen.boot, f"boot.scr chose {chosen}"
         loader = root / EXTLINUX / "ldlinux.sys"
         raw = loader.read_bytes()
         disk = Disk((root / EXTLINUX / "extlinux.conf").read_text(), raw[-1024:],

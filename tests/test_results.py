@@ -57,6 +57,7 @@ def test_status() -> None:
             "B": {"device": "/dev/sda4", "state": "trial", "version": "2.0", "installed": None},
         },
         "notes": [],
+        "security_floor": None,
     })
     offline = Status(booted=None, next_boot=Slot.A, trial=None, trial_boots_left=None,
                      committed=Slot.A, bootloader="syslinux",
@@ -78,7 +79,8 @@ def test_history_event() -> None:
           "detail": ""})
     assert [str(e) for e in EventName] == [
         "installed", "install-failed", "interrupted", "trial-armed", "trial-boot", "committed",
-        "rolled-back", "fallback", "manual-rollback", "marked-bad", "repaired", "hook-failed"]
+        "rolled-back", "fallback", "manual-rollback", "marked-bad", "repaired", "hook-failed",
+        "security-floor"]
 
 
 def test_apply() -> None:
@@ -131,12 +133,12 @@ def test_image_documents(tmp_path: Path) -> None:
     assert list(verified) == ["version", "compatible", "payloads", "signatures"]
     inspected = json.loads(run_cli("image", "inspect", str(image), "--json").stdout)
     assert list(inspected) == ["version", "compatible", "format", "created", "payloads",
-                               "signatures"]
+                               "signatures", "security_floor"]
     for document in (verified, inspected):
         assert (document["version"], document["compatible"]) == ("1.2", "acme-box")
         assert [list(p) for p in document["payloads"]] == [
             ["name", "kind", "size", "sha256", "compression"]]
         assert document["payloads"][0]["compression"] == "zstd"
-        assert [list(s) for s in document["signatures"]] == [["key_id", "trusted"]]
+        assert [list(s) for s in document["signatures"]] == [["key_id", "trusted", "revoked"]]
     assert verified["signatures"][0]["trusted"] is True
     assert inspected["signatures"][0]["trusted"] is None

@@ -22,6 +22,7 @@ __all__ = ["Bootloader", "BootState", "BootloaderKind", "backend", "backend_clas
 class BootloaderKind(enum.StrEnum):
     GRUB = "grub"
     SYSLINUX = "syslinux"
+    UBOOT = "uboot"
 
 
 def backend_class(kind: BootloaderKind) -> type[Bootloader]:

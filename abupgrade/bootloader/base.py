@@ -83,6 +83,16 @@ class BootState:
             return self.trial
         return self.default
 
+    @classmethod
+    def of(cls, default: Slot, good: frozenset[Slot], trial: Slot | None,
+           tries_left: int) -> BootState:
+        """What a selection that boots `default` if it is good, else the other slot if
+        that one is, and a trial while it has boots left, does (grub.cfg, boot.scr)."""
+        if default not in good and default.other in good:
+            default = default.other
+        bootable = set(good) | ({trial} if trial is not None and tries_left > 0 else set())
+        return cls(default, frozenset(bootable), trial, tries_left if trial is not None else 0)
+
 
 # ---------------------------------------------------------------- disks a backend boots
 
@@ -93,6 +103,7 @@ class Firmware(enum.StrEnum):
 
 class Arch(enum.StrEnum):
     AMD64 = "amd64"
+    ARM64 = "arm64"
 
 
 @dataclass(frozen=True)
@@ -134,10 +145,11 @@ class DiskPlan:
 
     table: TableKind
     partitions: tuple[PlannedPartition, ...]
+    disk_id: str | None = None  # the table's id (GPT disk GUID), when the backend needs it
 
     @classmethod
     def ab(cls, table: TableKind, *, slot_size: int, boot_size: int, boot_bootable: bool = False,
-           before: tuple[PlannedPartition, ...] = ()) -> DiskPlan:
+           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None) -> DiskPlan:
         """`before`, then boot, slot A, slot B and data (the rest): on GPT named boot,
         rootfs_a, rootfs_b and data, on MBR of type 83."""
         gpt = table is TableKind.GPT
@@ -152,7 +164,7 @@ class DiskPlan:
                            part(Role.BOOT, boot_size, "boot", BOOT_POINT, boot_bootable),
                            part(Role.SLOT_A, slot_size, SLOT_NAMES[Slot.A]),
                            part(Role.SLOT_B, slot_size, SLOT_NAMES[Slot.B]),
-                           part(Role.DATA, None, "data", DATA_POINT)))
+                           part(Role.DATA, None, "data", DATA_POINT)), disk_id)
 
     def number(self, role: Role) -> int:
         for number, part in enumerate(self.partitions, start=1):
@@ -281,3 +293,8 @@ class Bootloader(abc.ABC):
     def notes(self) -> tuple[str, ...]:
         """What `status` should tell about this bootloader's behaviour."""
         return ()
+
+    def counters(self) -> Mapping[str, object]:
+        """The bootloader's own boot-counting state, for `status --json` under the
+        bootloader's name (U-Boot's bootcount, bootlimit, ...); empty when it has none."""
+        return {}

@@ -51,12 +51,14 @@ def build(
     initrd: Path | None = None,
     compression: str | Compression = Compression.ZSTD,
     progress: Progress | None = None,
+    security_floor: str | None = None,
     force: bool = False,
 ) -> Manifest:
     """Write a signed image of `rootfs` (plus optional kernel and initrd) to `out` atomically.
 
     `compression` applies to the slot payload; kernel and initrd are stored as they are (they
-    come compressed already).
+    come compressed already). `security_floor`: once this image is committed on a machine, the
+    machine accepts no image older than that version any more.
     """
     sink: Progress = progress or NullProgress()
     codec = compression if isinstance(compression, Compression) else Compression.parse(compression)
@@ -72,7 +74,7 @@ def build(
 
     payloads = tuple(_hash(item, sink) for item in inputs)
     try:
-        manifest = Manifest.create(version, compatible, payloads)
+        manifest = Manifest.create(version, compatible, payloads, security_floor=security_floor)
     except ImageRejected as e:
         raise UsageError(e.message, hint=e.hint) from None
     manifest_bytes = manifest.serialize()

@@ -1,10 +1,17 @@
-"""Ed25519 signing keys: generate, load, identify, and the keyring of trusted public keys."""
+"""Ed25519 signing keys: generate, load, identify, and the keyring of trusted public keys.
+
+A keyring folder holds the trusted keys (every `*.pub`) and, optionally, the revocation list
+`revoked`: one key id per line (16 hex digits, as `image inspect` shows them), `#` starts a
+comment. A revoked key signs nothing any more, whether its `.pub` is still there or not, so a
+key is revoked on a machine before (or without) its file being removed everywhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -15,8 +22,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from abupgrade import trust
 from abupgrade.errors import OperationalError, UsageError
 from abupgrade.fsutil import fsync_dir, open_input
+
+REVOKED_NAME = "revoked"  # the revocation list, in the keyring folder
+KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 
 def key_paths(prefix: Path) -> tuple[Path, Path]:
@@ -123,15 +134,35 @@ def load_public(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def load_revoked(path: Path) -> frozenset[str]:
+    """The key ids of a revocation list; a line that is not one is an error, never skipped."""
+    revoked: set[str] = set()
+    for number, line in enumerate(_read(path, "revocation list").decode(errors="replace")
+                                  .splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not KEY_ID_RE.fullmatch(text):
+            raise UsageError(
+                f"revocation list {path} line {number}: {text[:40]!r} is not a key id",
+                hint="one key id per line (16 hex digits, as `abupgrade image inspect` shows); "
+                     "# starts a comment")
+        revoked.add(text)
+    return frozenset(revoked)
+
+
 @dataclass(frozen=True)
 class Keyring:
-    """The trusted public keys, by key id."""
+    """The trusted public keys, by key id, and the ids of revoked keys."""
 
     keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
     sources: Mapping[str, Path] = field(default_factory=dict)
+    revoked: frozenset[str] = frozenset()
+    revocation_list: Path | None = None
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path]) -> Keyring:
+    def from_files(cls, paths: Iterable[Path], *, revoked: frozenset[str] = frozenset(),
+                   revocation_list: Path | None = None) -> Keyring:
         keys: dict[str, Ed25519PublicKey] = {}
         sources: dict[str, Path] = {}
         for path in paths:
@@ -139,29 +170,43 @@ class Keyring:
             kid = key_id(public)
             keys[kid] = public
             sources.setdefault(kid, path)
-        return cls(keys, sources)
+        return cls(keys, sources, revoked, revocation_list)
 
     @classmethod
     def from_dir(cls, directory: Path) -> Keyring:
-        """Every *.pub in `directory`."""
-        if not directory.is_dir():
+        """Every *.pub in `directory`, less the keys its revocation list names. The folder, each
+        key and the list must pass the strict-mode checks: whoever writes them decides trust."""
+        real = trust.check(directory, "keyring", trust.Kind.FOLDER)
+        if real is None:
             raise UsageError(
                 f"keyring {directory} is not a directory",
                 hint="set `keyring` in the configuration or pass --pubkey",
             )
-        return cls.from_files(sorted(directory.glob("*.pub")))
+        checked = (trust.check(path, "key", trust.Kind.FILE) for path in sorted(real.glob("*.pub")))
+        keys = [path for path in checked if path is not None]
+        listed = trust.check(real / REVOKED_NAME, "revocation list", trust.Kind.FILE)
+        revoked = load_revoked(listed) if listed is not None else frozenset()
+        return cls.from_files(keys, revoked=revoked, revocation_list=directory / REVOKED_NAME)
 
     def get(self, kid: str) -> Ed25519PublicKey | None:
-        return self.keys.get(kid)
+        """The key with id `kid` when it is trusted: in the keyring and not revoked."""
+        return None if kid in self.revoked else self.keys.get(kid)
+
+    def is_revoked(self, kid: str) -> bool:
+        return kid in self.revoked
 
     def __contains__(self, kid: object) -> bool:
-        return kid in self.keys
+        return kid in self.keys and kid not in self.revoked
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def describe(self) -> str:
         """Where the keys came from, for hints."""
-        if not self.sources:
-            return "the keyring is empty"
-        return "trusted: " + ", ".join(f"{k} ({p.name})" for k, p in sorted(self.sources.items()))
+        trusted = {k: p for k, p in self.sources.items() if k not in self.revoked}
+        text = ("trusted: " + ", ".join(f"{k} ({p.name})" for k, p in sorted(trusted.items()))
+                if trusted else "the keyring is empty" if not self.sources
+                else "every key of the keyring is revoked")
+        if self.revoked:
+            text += f"; revoked by {self.revocation_list}: " + ", ".join(sorted(self.revoked))
+        return text

@@ -6,6 +6,7 @@ import datetime
 import enum
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,8 @@ class Manifest:
     compatible: str
     created: str  # ISO-8601, UTC
     payloads: tuple[Payload, ...]
+    # Once this image is committed, no image older than this version is accepted any more.
+    security_floor: str | None = None
 
     @property
     def slot(self) -> Payload:
@@ -81,24 +84,28 @@ class Manifest:
         return next((p for p in self.payloads if p.kind is PayloadKind.BOOT and p.name == name), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format": self.format,
             "version": self.version,
             "compatible": self.compatible,
             "created": self.created,
             "payloads": [p.to_json() for p in self.payloads],
         }
+        if self.security_floor is not None:
+            doc["security_floor"] = self.security_floor
+        return doc
 
     def serialize(self) -> bytes:
         """Canonical bytes: sorted keys, no whitespace, ASCII. These bytes are what is signed."""
         return canonical_json(self.to_json())
 
     @classmethod
-    def create(cls, version: str, compatible: str, payloads: tuple[Payload, ...]) -> Manifest:
+    def create(cls, version: str, compatible: str, payloads: tuple[Payload, ...], *,
+               security_floor: str | None = None) -> Manifest:
         """A new manifest, checked by the same rules the reader applies."""
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         created = now.isoformat().replace("+00:00", "Z")
-        manifest = cls(FORMAT, version, compatible, created, payloads)
+        manifest = cls(FORMAT, version, compatible, created, payloads, security_floor)
         return parse(manifest.serialize())
 
 
@@ -135,6 +142,7 @@ def parse(data: bytes) -> Manifest:
         strict_json(data, "manifest"),
         "manifest",
         {"format", "version", "compatible", "created", "payloads"},
+        optional=("security_floor",),
     )
     if _int(doc["format"], "manifest format") != FORMAT:
         raise ImageRejected(
@@ -159,7 +167,13 @@ def parse(data: bytes) -> Manifest:
     slots = [p for p in payloads if p.kind is PayloadKind.SLOT]
     if len(slots) != 1:
         raise ImageRejected(f"manifest has {len(slots)} slot payloads; exactly one is required")
-    return Manifest(FORMAT, version, compatible, created, payloads)
+    floor = doc.get("security_floor")
+    if floor is not None:
+        floor = _text(floor, "security_floor", _VERSION_RE)
+        if compare_versions(floor, version) > 0:
+            raise ImageRejected(f"manifest security_floor {floor} is above the image's own "
+                                f"version {version}")
+    return Manifest(FORMAT, version, compatible, created, payloads, floor)
 
 
 def _payload(item: Any, index: int) -> Payload:
@@ -187,10 +201,10 @@ def _payload(item: Any, index: int) -> Payload:
     return Payload(name, kind, size, sha256, compression)
 
 
-def _object(value: Any, what: str, keys: set[str]) -> dict[str, Any]:
+def _object(value: Any, what: str, keys: set[str], optional: Collection[str] = ()) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ImageRejected(f"{what} must be a JSON object")
-    unknown = sorted(set(value) - keys)
+    unknown = sorted(set(value) - keys - set(optional))
     missing = sorted(keys - set(value))
     if unknown:
         raise ImageRejected(f"{what} has unknown key {unknown[0]!r}")
@@ -216,6 +230,11 @@ def _text(value: Any, what: str, pattern: re.Pattern[str]) -> str:
     if not pattern.fullmatch(text):
         raise ImageRejected(f"{what} {text[:80]!r} is not allowed (expected {pattern.pattern})")
     return text
+
+
+def is_version(text: str) -> bool:
+    """Whether `text` may be an image version (and so a security floor)."""
+    return _VERSION_RE.fullmatch(text) is not None
 
 
 def compare_versions(a: str, b: str) -> int:

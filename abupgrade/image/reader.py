@@ -321,6 +321,7 @@ class ImageInfo:
             "created": self.manifest.created,
             "payloads": [p.to_json() for p in self.manifest.payloads],
             "signatures": [s.to_json() for s in self.signatures],
+            "security_floor": self.manifest.security_floor,
         }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +12,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from abupgrade.errors import ImageRejected
-from abupgrade.image.keys import Keyring, key_id
+from abupgrade.image.keys import KEY_ID_RE, Keyring, key_id
 from abupgrade.image.manifest import canonical_json, strict_json
 
 MAX_SIGNATURES = 16
 MAX_SIGNATURES_BYTES = 64 << 10
-_KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -31,9 +29,10 @@ class Signature:
 class SignatureStatus:
     key_id: str
     trusted: bool | None  # None: no keyring was given, nothing was checked
+    revoked: bool | None = None  # the keyring's revocation list names the key
 
     def to_json(self) -> dict[str, Any]:
-        return {"key_id": self.key_id, "trusted": self.trusted}
+        return {"key_id": self.key_id, "trusted": self.trusted, "revoked": self.revoked}
 
 
 def sign(manifest_bytes: bytes, keys: Sequence[Ed25519PrivateKey]) -> bytes:
@@ -64,7 +63,7 @@ def parse(data: bytes) -> tuple[Signature, ...]:
         if not isinstance(entry, dict) or set(entry) != {"key_id", "signature"}:
             raise ImageRejected("manifest.sig entries must be {key_id, signature} objects")
         kid, text = entry["key_id"], entry["signature"]
-        if not isinstance(kid, str) or not _KEY_ID_RE.fullmatch(kid):
+        if not isinstance(kid, str) or not KEY_ID_RE.fullmatch(kid):
             raise ImageRejected(f"manifest.sig has a malformed key id {str(kid)[:40]!r}")
         if not isinstance(text, str):
             raise ImageRejected(f"signature by key {kid} is not a string")
@@ -83,11 +82,16 @@ def parse(data: bytes) -> tuple[Signature, ...]:
 def check(
     manifest_bytes: bytes, signatures: Sequence[Signature], keyring: Keyring | None, *, strict: bool
 ) -> tuple[SignatureStatus, ...]:
-    """Each signature's trust. With `strict`, demand one trusted signature and no bad one."""
+    """Each signature's trust. With `strict`, demand one trusted signature and no bad one.
+
+    A signature by a revoked key is never trusted and never checked: the key may be in the
+    hands of anyone by now, so what it signed means nothing.
+    """
     if keyring is None:
         return tuple(SignatureStatus(s.key_id, None) for s in signatures)
     statuses: list[SignatureStatus] = []
     for sig in signatures:
+        revoked = keyring.is_revoked(sig.key_id)
         public = keyring.get(sig.key_id)
         trusted = False
         if public is not None:
@@ -99,11 +103,18 @@ def check(
                     raise ImageRejected(
                         f"bad signature by trusted key {sig.key_id}: the manifest was altered"
                     ) from None
-        statuses.append(SignatureStatus(sig.key_id, trusted))
+        statuses.append(SignatureStatus(sig.key_id, trusted, revoked))
     if strict and not any(s.trusted for s in statuses):
-        ids = ", ".join(s.key_id for s in signatures)
-        raise ImageRejected(
-            f"no trusted signature: image is signed by key {ids}, none in the keyring",
-            hint=keyring.describe(),
-        )
+        revoked_ids = [s.key_id for s in statuses if s.revoked]
+        unknown_ids = [s.key_id for s in statuses if not s.revoked]
+        if not unknown_ids:
+            raise ImageRejected(
+                f"image is signed only by revoked key(s) {', '.join(revoked_ids)}",
+                hint=f"{keyring.revocation_list or 'the revocation list'} revokes them; "
+                     "use an image signed by a key that is still trusted")
+        what = f"key(s) {', '.join(unknown_ids)}, none in the keyring"
+        if revoked_ids:
+            what += f", and by revoked key(s) {', '.join(revoked_ids)}"
+        raise ImageRejected(f"no trusted signature: image is signed by {what}",
+                            hint=keyring.describe())
     return tuple(statuses)

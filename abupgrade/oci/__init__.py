@@ -12,9 +12,9 @@ pull       stream an image back (digests checked as bytes pass, broken connectio
            and read a tag's version without downloading payloads
 """
 
-from abupgrade.oci.pull import Tagged, check, describe, open_image
+from abupgrade.oci.pull import Tagged, check, check_newer, describe, open_image
 from abupgrade.oci.push import PushResult, push
 from abupgrade.oci.reference import Reference, parse_reference
 
-__all__ = ["PushResult", "Reference", "Tagged", "check", "describe", "open_image", "parse_reference",
-           "push"]
+__all__ = ["PushResult", "Reference", "Tagged", "check", "check_newer", "describe", "open_image",
+           "parse_reference", "push"]

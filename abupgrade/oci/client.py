@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from abupgrade import trust
 from abupgrade.config import RegistryConfig
 from abupgrade.errors import OperationalError, UsageError
 
@@ -61,8 +62,12 @@ def load_credentials(path: Path | None, host: str) -> Credentials | None:
     """The credentials for `host` in a docker-style config.json, or None."""
     if path is None:
         return None
+    # whoever can write it decides which registry account the machine uses (strict modes)
+    real = trust.check(path, "registry credentials", trust.Kind.FILE)
     try:
-        data = json.loads(path.read_text())
+        if real is None:
+            raise FileNotFoundError(path)
+        data = json.loads(real.read_text())
     except FileNotFoundError:
         raise UsageError(f"registry auth file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -145,6 +150,8 @@ class Registry:
         if self._context is None:
             context = ssl.create_default_context()
             if self.settings.ca_file is not None:
+                # whoever can write it decides who the registry is (strict modes)
+                trust.check(self.settings.ca_file, "registry CA file", trust.Kind.FILE)
                 try:
                     context.load_verify_locations(cafile=str(self.settings.ca_file))
                 except (OSError, ssl.SSLError) as exc:

@@ -91,17 +91,22 @@ def check(reference: str, committed_version: str | None, *, compatible: str | No
     """The version `reference` holds when it is newer than `committed_version`.
 
     Raises NothingNewer (exit 6) when it is not, PolicyRefusal when `compatible` is given and
-    the tag holds an image for another machine. Nothing is verified here: the signature is
-    checked by `apply`, before anything is written.
+    the tag holds an image for another machine. Nothing is verified here (the registry's
+    annotations say it): `abupgrade check` then reads the signed head (ops.check).
     """
     tagged = describe(reference, settings=settings)
     if compatible is not None and tagged.compatible not in (None, compatible):
         raise PolicyRefusal(f"{reference} holds an image for {tagged.compatible!r}, "
                             f"this machine is {compatible!r}")
-    if committed_version is not None and compare_versions(tagged.version, committed_version) <= 0:
-        raise NothingNewer(f"{reference} holds {tagged.version}; the committed version is "
-                           f"{committed_version}: nothing newer")
+    check_newer(reference, tagged.version, committed_version)
     return tagged.version
+
+
+def check_newer(reference: str, version: str, committed_version: str | None) -> None:
+    """NothingNewer (exit 6) unless `version`, which `reference` holds, is newer."""
+    if committed_version is not None and compare_versions(version, committed_version) <= 0:
+        raise NothingNewer(f"{reference} holds {version}; the committed version is "
+                           f"{committed_version}: nothing newer")
 
 
 @contextlib.contextmanager
