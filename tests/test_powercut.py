@@ -170,7 +170,7 @@ class Bench:
         cfg = self.config(root, checks or self.no_checks)
         devices = {s: root / "slots" / f"{s.value}.img" for s in Slot}
 
-        def open_files(options: Options, *, readonly: bool = False) -> Any:
+        def open_files(options: Options, *, readonly: bool = False, mount: bool = False) -> Any:
             return contextlib.nullcontext(FileSystem(cfg, booted, booted is None, bootloader_of(cfg),
                                                      Store(cfg.state_dir), dict(devices)))
 
