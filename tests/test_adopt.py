@@ -54,19 +54,6 @@ abupgrade --json adopt --compatible {COMPATIBLE} --pubkey /etc/release.pub --ver
 echo "{MARKER} adopt-rc=$? $(tr -d '\\n' < /tmp/adopt.json) $(tail -c 400 /tmp/adopt.err)"
 """
 
-RCS = f"""#!/bin/sh
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -a
-slot=$(sed -n 's/.*abupgrade\\.slot=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
-root=$(awk '$2=="/"{{print $1}}' /proc/mounts | tail -n 1)
-echo "{MARKER} slot=${{slot:-none}} version=$(cat /{pyguest.GUEST_DIR}/version) root=$root"
-"""
-
 INITTAB = f"""::sysinit:/{pyguest.GUEST_DIR}/rcS
 ::sysinit:/{pyguest.GUEST_DIR}/adopt-once
 ::wait:/{pyguest.GUEST_DIR}/report
@@ -85,7 +72,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, release_key: KeyPair) -> Exi
     work = tmp_path_factory.mktemp("existing")
     files = {
         "etc/release.pub": (release_key.public.read_text(), 0o644),
-        f"{pyguest.GUEST_DIR}/rcS": (RCS, 0o755),
+        f"{pyguest.GUEST_DIR}/rcS": (pyguest.rc_script(fstab=True), 0o755),
         f"{pyguest.GUEST_DIR}/adopt-once": (ADOPT_ONCE, 0o755),
         f"{pyguest.GUEST_DIR}/report": (pyguest.report_script(), 0o755),
     }
