@@ -107,11 +107,12 @@ def running(root: Path, disk_partitions: dict[int, Path], machine: ExistingMachi
 
 
 def files_of(folder: Path, *, skip: tuple[str, ...] = ("lost+found",)) -> dict[str, str]:
-    """Every file under `folder` (relative path -> sha256; symlinks -> their target)."""
+    """Every file under `folder` (relative path -> sha256; symlinks -> their target), but
+    what is under `skip` and the fixture's device.map (it names this session's loop device)."""
     found = {}
     for path in sorted(folder.rglob("*")):
         relative = str(path.relative_to(folder))
-        if relative.split("/")[0] in skip:
+        if relative.split("/")[0] in skip or path.name == "device.map":
             continue
         if path.is_symlink():
             found[relative] = "-> " + os.readlink(path)
