@@ -344,18 +344,46 @@ def adopt(running: Running, layout: Layout, *, compatible: str, pubkeys: Sequenc
                          hint="give /boot a filesystem UUID (tune2fs -U random)")
     block = handover(layout.boot_uuid)
     kind = init if init is not None or not hook else integrations.detect(running.prefix)
+    for folder, why in ((boot, "the boot partition"),
+                        (running.at(layout.state_dir).parent, "the state folder's place"),
+                        *(((running.at(Path("/etc")), "the root filesystem"),) if hook else ())):
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            raise OperationalError(f"{why} ({folder}) is not writable",
+                                   hint="mount it read-write (mount -o remount,rw ...) first")
     config_path = BOOT_POINT / ON_DISK_PATH
     if dry_run:
         return Adopted(layout.booted, config_path, layout.state_dir,
                        {s: p.spec for s, p in layout.slots.items()}, (), None, dry_run=True)
 
-    written: list[Path] = []
+    written: list[Path] = []  # machine paths, for the record and to take back on a failure
+    hooked: list[Path] = []
+    state_made = not running.at(layout.state_dir).exists()
+    try:
+        installed = _write_all(running, layout, written, hooked, config=config, script=script,
+                               pubkeys=pubkeys, version=version, tries=tries, kind=kind,
+                               hook=hook, block=block)
+    except BaseException as exc:
+        _take_back(running, written, hooked, layout.state_dir if state_made else None, kind)
+        if isinstance(exc, OSError):
+            raise OperationalError(f"adopt failed and was undone: {exc.strerror}: "
+                                   f"{exc.filename}") from None
+        raise
+    return Adopted(layout.booted, config_path, layout.state_dir,
+                   {s: p.spec for s, p in layout.slots.items()}, tuple(written), installed)
+
+
+def _write_all(running: Running, layout: Layout, written: list[Path], hooked: list[Path], *,
+               config: Config, script: str, pubkeys: Sequence[Path], version: str | None,
+               tries: int, kind: str | None, hook: bool, block: str) -> HookInstalled | None:
+    """The writes of `adopt`, in an order where a failure (or a power cut) before the last
+    leaves GRUB booting the machine as before; `written` and `hooked` say what is done."""
+    boot = running.at(BOOT_POINT)
 
     def write(relative: Path, data: bytes, mode: int = 0o644) -> None:
         path = boot / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, data, mode)
         written.append(BOOT_POINT / relative)
+        atomic_write(path, data, mode)
 
     for key in pubkeys:
         write(HOME / "keys" / key.name, key.read_bytes())
@@ -365,24 +393,18 @@ def adopt(running: Running, layout: Layout, *, compatible: str, pubkeys: Sequenc
         if source is not None:
             target = backend.boot_file_path(layout.booted, name)
             write(target.relative_to(boot), running.at(source).read_bytes())
-    env = boot / HOME / "grubenv"
-    create_blocks(env)
     written += [BOOT_POINT / HOME / "grubenv", BOOT_POINT / HOME / "grubenv.1"]
+    create_blocks(boot / HOME / "grubenv")
     if layout.booted is Slot.B:
         backend.commit(Slot.B)
         backend.disable(Slot.A)
     backend.preflight()
     write(HOME / "grub.cfg", script.encode())
     write(ON_DISK_PATH, render(config).encode())
-    store = Store(running.at(layout.state_dir))
-    store.ensure()
-    store.save(State().with_slot(layout.booted, state=SlotState.GOOD, version=version))
-    store.record(EventName.COMMITTED, layout.booted, version,
-                 f"brought under abupgrade by `abupgrade adopt`; slot {layout.booted.other} "
-                 "is empty until an image is applied to it")
     installed = None
     if hook:
         assert kind is not None
+        hooked.append(running.prefix)
         installed = HookInstalled(kind, running.prefix,
                                   tuple(integrations.install(kind, running.prefix)))
     custom = boot / CUSTOM_CFG
@@ -390,20 +412,55 @@ def adopt(running: Running, layout: Layout, *, compatible: str, pubkeys: Sequenc
               "custom_cfg_created": not custom.exists(), "state_dir": str(layout.state_dir),
               "hook": installed.to_json() if installed else None}
     write(RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    store = Store(running.at(layout.state_dir))
+    store.ensure()
+    store.save(State().with_slot(layout.booted, state=SlotState.GOOD, version=version))
+    store.record(EventName.COMMITTED, layout.booted, version,
+                 f"brought under abupgrade by `abupgrade adopt`; slot {layout.booted.other} "
+                 "is empty until an image is applied to it")
     # The hand-over last: until it is on the disk, GRUB boots the machine as before.
     current = custom.read_text() if custom.exists() else ""
     atomic_write(custom, (strip_block(current) + block).encode())
     fsync_dir(custom.parent)
     os.sync()
     written.append(BOOT_POINT / CUSTOM_CFG)
-    return Adopted(layout.booted, config_path, layout.state_dir,
-                   {s: p.spec for s, p in layout.slots.items()}, tuple(written), installed)
+    return installed
+
+
+def _take_back(running: Running, written: Sequence[Path], hooked: Sequence[Path],
+               state_dir: Path | None, kind: str | None) -> None:
+    """Remove what a failed adopt wrote (the hand-over is never among it); `state_dir` when
+    adopt made it."""
+    import contextlib
+    import shutil
+
+    with contextlib.suppress(Exception):
+        if hooked and kind is not None:
+            integrations.remove(kind, running.prefix)
+    for name in written:
+        with contextlib.suppress(OSError):
+            running.at(name).unlink()
+    if state_dir is not None:
+        shutil.rmtree(running.at(state_dir), ignore_errors=True)
+    _drop_empty_folders(running, written)
+
+
+def _drop_empty_folders(running: Running, files: Sequence[Path]) -> None:
+    """The folders `files` were in, where they are empty now, up to the boot partition."""
+    boot = running.at(BOOT_POINT)
+    for folder in sorted({running.at(Path(f)).parent for f in files},
+                         key=lambda p: -len(p.parts)):
+        while folder != boot and boot in folder.parents and folder.is_dir() \
+                and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def handover(boot_uuid: str) -> str:
     """The block of custom.cfg that finds the boot filesystem and runs abupgrade's script in
-    a menu context of its own (its two entries, numbered 0 and 1 as it expects); GRUB's
-    `timeout` goes along, so the menu waits as the machine's own did."""
+    a menu context of its own (its two entries, numbered 0 and 1 as it expects: GRUB's
+    `fallback` takes numbers only). The disk's GRUB name goes along for the script's
+    fallback paths into the slots."""
     return (f"{BEGIN}\n"
             f"if search --no-floppy --fs-uuid --set=ab_bootfs {boot_uuid}; then\n"
             "  regexp --set=1:ab_disk '^(.*),[^,]*$' \"$ab_bootfs\"\n"
@@ -466,11 +523,7 @@ def undo(running: Running, booted: Slot | None, *, trial_pending: bool) -> Undon
         path.unlink(missing_ok=True)
         removed.append(Path(name))
     state = Path(record["state_dir"])
-    for folder in sorted({running.at(Path(n)).parent for n in record["files"]},
-                         key=lambda p: -len(p.parts)):
-        while folder != boot and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-            folder = folder.parent
+    _drop_empty_folders(running, [Path(n) for n in record["files"]])
     kept = [state] if running.at(state).exists() else []
     home = boot / HOME
     if home.is_dir() and not any(home.iterdir()):

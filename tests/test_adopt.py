@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from abupgrade import adopt as adoption
-from abupgrade.errors import PolicyRefusal, UsageError
+from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.model import Slot
 from fixtures import existing, pyguest
 from fixtures.existing import BOOT, DATA, ROOT_1, ROOT_2, ExistingMachine
@@ -66,9 +65,17 @@ def release_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, release_key: KeyPair) -> ExistingMachine:
-    """The machine, built once (a test copies its disk before changing it)."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This tree's abupgrade, for the machine and for the update (built once)."""
     needs(loop=True, tools=TOOLS)
+    with guest_skips():
+        return pyguest.build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, release_key: KeyPair,
+          wheel: Path) -> ExistingMachine:
+    """The machine, built once (a test copies its disk before changing it)."""
     work = tmp_path_factory.mktemp("existing")
     files = {
         "etc/release.pub": (release_key.public.read_text(), 0o644),
@@ -77,7 +84,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, release_key: KeyPair) -> Exi
         f"{pyguest.GUEST_DIR}/report": (pyguest.report_script(), 0o755),
     }
     with guest_skips():
-        return existing.build(work, inittab=INITTAB, files=files)
+        return existing.build(work, inittab=INITTAB, files=files, wheel=wheel)
 
 
 @pytest.fixture
@@ -186,6 +193,32 @@ def test_adopt_then_update_grub_then_undo(machine: ExistingMachine, release_key:
 
 
 @pytest.mark.loop
+def test_a_failed_adopt_takes_back_what_it_wrote(machine: ExistingMachine, release_key: KeyPair,
+                                                tmp_path: Path) -> None:
+    """The boot hook's integration cannot be written (its inittab is a folder): what adopt
+    wrote before goes again, so GRUB boots as before and adopt can run again."""
+    with machine.mounted() as (disk, root):
+        run_as = running(root, dict(disk.partitions), machine, tmp_path, points=EVERYWHERE)
+        before = files_of(root / "boot")
+        inittab = root / "etc/inittab"
+        inittab.rename(root / "etc/inittab.real")
+        inittab.mkdir()
+        try:
+            with pytest.raises(OperationalError, match="adopt failed and was undone"):
+                adoption.adopt(run_as, adoption.inspect_machine(run_as), compatible=COMPATIBLE,
+                               pubkeys=[release_key.public], version="1.0", tries=3, init=None,
+                               hook=True)
+        finally:
+            inittab.rmdir()
+            (root / "etc/inittab.real").rename(inittab)
+        assert files_of(root / "boot") == before
+        assert not (root / "data/abupgrade").exists()
+        adoption.adopt(run_as, adoption.inspect_machine(run_as), compatible=COMPATIBLE,
+                       pubkeys=[release_key.public], version="1.0", tries=3, init=None,
+                       hook=True)
+
+
+@pytest.mark.loop
 def test_adopt_refuses_what_cannot_work(machine: ExistingMachine, tmp_path: Path) -> None:
     with machine.mounted() as (disk, root):
         parts = dict(disk.partitions)
@@ -216,7 +249,7 @@ ONE_BOOT = 150  # seconds for one boot of the Python guest under TCG
 @pytest.mark.boot
 @pytest.mark.loop
 def test_an_existing_machine_adopts_itself_and_takes_an_update(
-        machine: ExistingMachine, release_key: KeyPair, tmp_path: Path) -> None:
+        machine: ExistingMachine, release_key: KeyPair, wheel: Path, tmp_path: Path) -> None:
     """Boot 1: the machine's own GRUB menu boots Debian, which runs `abupgrade adopt`. Then an
     administrator runs update-grub. Boot 2: GRUB hands over to abupgrade's script, which boots
     slot A; the hook finds a committed boot. The host applies version 2.0 to slot B with
@@ -246,7 +279,7 @@ def test_an_existing_machine_adopts_itself_and_takes_an_update(
 
     with guest_skips():
         image = pyguest.signed_guest_image(tmp_path / "v2.tar", release_key, version="2.0",
-                                           compatible=COMPATIBLE)
+                                           compatible=COMPATIBLE, wheel=wheel)
     proc = run_cli("--disk", str(machine.image), "apply", str(image))
     assert proc.returncode == 0, proc.stderr
 
@@ -257,7 +290,6 @@ def test_an_existing_machine_adopts_itself_and_takes_an_update(
     status = json.loads(run_cli("--disk", str(machine.image), "status", "--json").stdout)
     assert status["committed"] == "B" and status["slots"]["B"]["version"] == "2.0"
     assert status["slots"]["A"]["state"] == "good" and status["slots"]["A"]["version"] == "1.0"
-    shutil.rmtree(tmp_path / "v2.tar.ext4.tree", ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
