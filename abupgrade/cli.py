@@ -2,9 +2,10 @@
 
 Commands are plain functions registered with `@command(...)`: their arguments are declared
 next to them with `arg(...)` (argparse's own keywords), their body calls ops and renders the
-typed result. Parsing is argparse (no import beyond the standard library before a command
-runs), so `boot-hook` and `status --json` start about as fast as Python does. Nothing here
-imports the logic at module level: each command imports what it uses.
+typed result. Parsing is argparse, and parsers are made only for the commands named on the
+line; at module level this imports nothing but the standard library and the registries its
+choices come from (bootloader kinds, platforms). Each command imports what it uses, so
+`boot-hook` and `status --json` start only a few times slower than Python itself.
 
 Help reads like git's: `usage:` with the command's required options and arguments, its
 options with metavars (IMAGE, FILE, SLOT) and defaults, then the global options, which every
@@ -86,10 +87,6 @@ class HelpFormatter(argparse.HelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
 
-    def _format_usage(self, usage: str | None, actions: Any, groups: Any,
-                      prefix: str | None) -> str:
-        return super()._format_usage(usage, actions, groups, "usage: ")
-
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are UsageErrors (one line, exit 2, a hint)."""
@@ -108,6 +105,7 @@ class Parser(argparse.ArgumentParser):
 def usage_error(message: str, prog: str) -> UsageError:
     """argparse's complaint about `prog`'s line as one line of ours."""
     where = prog.removeprefix(PROG).strip()
+    command = f"{where}: " if where else ""
     choice = re.fullmatch(r"argument COMMAND: invalid choice: '([^']*)' .*", message)
     if choice:
         import difflib
@@ -115,11 +113,11 @@ def usage_error(message: str, prog: str) -> UsageError:
         names = [c.name.removeprefix(where).split()[0] for c in REGISTRY.commands
                  if c.name.startswith(where)]
         close = difflib.get_close_matches(choice[1], names, n=1)
-        return UsageError(f"{where}: unknown command {choice[1]!r}".lstrip(": "),
+        return UsageError(f"{command}unknown command {choice[1]!r}",
                           hint=f"did you mean `{prog} {close[0]}`?" if close
                           else f"see `{prog} --help` for the commands")
     message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
-    return UsageError(f"{where}: {message}".lstrip(": "), hint=f"see `{prog} --help`")
+    return UsageError(f"{command}{message}", hint=f"see `{prog} --help`")
 
 
 def whole_number(text: str) -> int:
