@@ -54,11 +54,11 @@ def sector_size(fd: int) -> int:
     return size
 
 
-def zero_out(fd: int, length: int) -> bool:
-    """Make the first `length` bytes of an open block device read zeros (BLKZEROOUT);
-    False when the device refuses."""
+def zero_out(fd: int, length: int, *, offset: int = 0) -> bool:
+    """Make `length` bytes from `offset` of an open block device read zeros (BLKZEROOUT;
+    both sector-aligned); False when the device refuses."""
     try:
-        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", 0, length))
+        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
     except OSError:
         return False
     return True
@@ -120,12 +120,16 @@ def _read_devno(sysdir: Path) -> int:
 
 
 def loops_backed_by(image: Path) -> list[str]:
-    """The loop devices whose backing file is `image`."""
+    """The loop devices whose backing file is `image` (by its path, or by its inode when it
+    was attached under another name)."""
     real = os.path.realpath(image)
+    st = os.stat(image)
     found = []
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
-            if backing.read_text().strip() == real:
+            name = backing.read_text().strip()
+            other = os.stat(name) if name != real else st
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
                 found.append("/dev/" + backing.parent.parent.name)
         except OSError:
             continue

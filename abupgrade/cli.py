@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
 from abupgrade import __version__
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.base import Arch, Firmware, Platform
+from abupgrade.bootloader.base import Arch, Firmware
 from abupgrade.errors import AbupgradeError, UsageError
 
 if TYPE_CHECKING:
@@ -475,7 +475,8 @@ def status(g: Globals, a: argparse.Namespace) -> None:
             marks.append(f"trial, {info.trial_boots_left} boot(s) left")
         rows.append((str(name), str(slot.state), slot.version or "-", slot.device,
                      ", ".join(marks)))
-    print(f"abupgrade on {info.bootloader}")
+    print(f"abupgrade on {info.bootloader}, {info.firmware} firmware"
+          + (" with Secure Boot" if info.secure_boot else ""))
     print(table(("slot", "state", "version", "device", ""), rows))
     for note in info.notes:
         print(note)
@@ -790,10 +791,14 @@ group("disk", "Lay out A/B disks.")
 # of Firmware or Arch is a new choice here.
 PLATFORM_ARGS = (
     arg("--firmware", metavar="NAME", choices=tuple(Firmware),
-        help=f"{' or '.join(Firmware)} (default: {Firmware.BIOS})"),
+        help=f"the machine's firmware: {' or '.join(Firmware)} (default: the bootloader's "
+             f"own: {Firmware.UEFI} for systemd-boot and with --secure-boot, else "
+             f"{Firmware.BIOS})"),
     arg("--arch", metavar="NAME", choices=tuple(Arch),
-        help=f"{' or '.join(Arch)} (default: {Arch.AMD64})"),
-    arg("--secure-boot", help="a disk that boots with UEFI Secure Boot on"),
+        help=f"the CPU the disk boots on (uboot): {' or '.join(Arch)} "
+             f"(default: {Arch.AMD64})"),
+    arg("--secure-boot", help="UEFI Secure Boot: Debian's signed shim and GRUB on the ESP; "
+                              "images must then carry signed kernels"),
 )
 
 
@@ -821,24 +826,15 @@ def disk_init(g: Globals, a: argparse.Namespace) -> None:
     from abupgrade import ops
 
     kind = BootloaderKind(a.bootloader)
+    platform = ops.platform_for(kind, firmware=a.firmware and Firmware(a.firmware),
+                                arch=a.arch and Arch(a.arch), secure_boot=a.secure_boot)
     with progress_for(g) as progress:
         result = ops.disk_init(a.target, kind, size=parse_size(a.size) if a.size else None,
                                slot_size=parse_size(a.slot_size), image=a.image,
                                pubkeys=a.pubkey, compatible=a.compatible, force=a.force,
-                               progress=progress, platform=_platform(a))
-    text = f"{a.target}: A/B disk with {kind}, slots of {result.slot_size:,} bytes"
+                               progress=progress, platform=platform)
+    text = f"{a.target}: A/B disk with {kind} for {platform}, slots of {result.slot_size:,} bytes"
     if result.version:
         text += f"; slot A holds version {result.version} (committed)"
     emit(g, result, text)
 
-
-def _platform(a: argparse.Namespace) -> Platform | None:
-    """The Platform the flags ask for; None when none was given (the backend's default)."""
-    given: dict[str, Any] = {}
-    if a.firmware:
-        given["firmware"] = Firmware(a.firmware)
-    if a.arch:
-        given["arch"] = Arch(a.arch)
-    if a.secure_boot:
-        given["secure_boot"] = True
-    return Platform(**given) if given else None

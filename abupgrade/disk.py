@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import stat
@@ -18,10 +19,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from abupgrade import blockdev
+from abupgrade import blockdev, mounts
 from abupgrade import config as configuration
 from abupgrade.config import Config
-from abupgrade.errors import OperationalError, UsageError
+from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.partitions import PartitionTable, TableKind, read_table
 from abupgrade.run import require_tool, run
 from abupgrade.slots import resolve
@@ -29,6 +30,8 @@ from abupgrade.slots import resolve
 log = logging.getLogger(__name__)
 
 NODE_TIMEOUT = 10.0
+MOUNT_PREFIX = "abupgrade-mnt-"  # our temporary mount points, in TEMP_DIR
+TEMP_DIR = Path(tempfile.gettempdir()).resolve()
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,86 @@ def _wait_for_nodes(device: Path, numbers: list[int]) -> dict[int, Path]:
 
 
 @contextlib.contextmanager
+def locked(target: Path) -> Iterator[None]:
+    """`target` (image file or device) held for this run, before anything attaches it: a
+    second abupgrade on it is refused, and so is a disk with a partition mounted anywhere,
+    through any loop device of the same file too (two mounts of one ext4 corrupt it)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"{target} does not exist") from None
+    except OSError as exc:
+        raise OperationalError(f"cannot open {target}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PolicyRefusal(f"another abupgrade is working on {target}",
+                                hint="wait for it to finish") from None
+        if mounted_anywhere(target):
+            _clear_leftovers(target)
+        busy = [f"{m.source} is mounted on {m.point}" for m in mounted_anywhere(target)]
+        if busy:
+            raise PolicyRefusal(f"{target} is in use: {busy[0]}",
+                                hint="unmount it first; abupgrade never works on a mounted disk")
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear_leftovers(target: Path) -> None:
+    """What a killed abupgrade left of `target` (we hold its lock, so none is running): its
+    mounts on temporary folders of ours in this namespace are unmounted, the loop devices of
+    an image file that nothing mounts any more are detached. Anything else stays, and refuses."""
+    for mount in mounted_anywhere(target):
+        if mount.point.name.startswith(MOUNT_PREFIX) and mount.point.parent == TEMP_DIR \
+                and mount in mounts.parse(Path("/proc/self/mountinfo").read_text()):
+            log.debug("unmounting %s, left by a killed run", mount.point)
+            run(["umount", mount.point], check=False)
+            with contextlib.suppress(OSError):
+                mount.point.rmdir()
+    if stat.S_ISREG(target.stat().st_mode) and not mounted_anywhere(target):
+        for loop in blockdev.loops_backed_by(target):
+            log.debug("detaching %s, left by a killed run", loop)
+            run([require_tool("partx", package="util-linux"), "--delete", loop], check=False)
+            run([require_tool("losetup", package="mount"), "--detach", loop], check=False)
+
+
+def mounted_anywhere(target: Path) -> list[mounts.Mount]:
+    """Each mount, in every mount namespace this process can see, of `target`'s block
+    devices: the device (or, for an image file, every loop device backed by it), their
+    partitions and what is stacked on them."""
+    st = target.stat()
+    disks = [st.st_rdev] if stat.S_ISBLK(st.st_mode) else \
+        [os.stat(loop).st_rdev for loop in blockdev.loops_backed_by(target)]
+    devices = {devno for disk in disks for devno in blockdev.related(disk)}
+    if not devices:
+        return []
+    seen_ns: set[int] = set()
+    found: list[mounts.Mount] = []
+    for proc in [Path("/proc/self"), *Path("/proc").glob("[0-9]*")]:
+        try:
+            ns = os.stat(proc / "ns/mnt").st_ino
+            if ns in seen_ns:
+                continue
+            seen_ns.add(ns)
+            listed = mounts.parse((proc / "mountinfo").read_text())
+        except OSError:
+            continue
+        found += [m for m in listed if m.devno in devices and m not in found]
+    return found
+
+
+@contextlib.contextmanager
 def attached(target: Path) -> Iterator[Disk]:
-    """The disk `target` (image file or block device) with a node for each partition."""
+    """The disk `target` (image file or block device) with a node for each partition; the
+    target is `locked` meanwhile."""
     try:
         mode = target.stat().st_mode
     except FileNotFoundError:
         raise UsageError(f"{target} does not exist") from None
     with contextlib.ExitStack() as stack:
+        stack.enter_context(locked(target))
         image = None
         if stat.S_ISBLK(mode):
             device = Path(os.path.realpath(target))
@@ -122,7 +198,7 @@ def _partx_added(device: Path, numbers: list[int]) -> Iterator[None]:
 @contextlib.contextmanager
 def mounted(device: Path, *, readonly: bool = False) -> Iterator[Path]:
     """`device` mounted on a fresh temporary folder; unmounted and removed afterwards."""
-    point = Path(tempfile.mkdtemp(prefix="abupgrade-mnt-"))
+    point = Path(tempfile.mkdtemp(prefix=MOUNT_PREFIX, dir=TEMP_DIR))
     try:
         run(["mount", "-o", "ro" if readonly else "rw", device, point],
             hint=f"is there a filesystem on {device}?")
@@ -210,8 +286,11 @@ def open_disk(target: Path, *, readonly: bool = False) -> Iterator[DiskSession]:
             slots = {slot: str(resolve(spec, within=disk.device))
                      for slot, spec in loaded.slots.items()}
             on_disk = loaded.rebased(mounts)
+            # the configured bootloader's table too when the file leaves it to defaults:
+            # a default device spec must name this disk's partition, never the host's
             tables = {kind: table.resolved(lambda spec: str(resolve(spec, within=disk.device)))
-                      for kind, table in on_disk.bootloaders.items()}
+                      for kind, table in {**on_disk.bootloaders,
+                                          on_disk.bootloader: on_disk.settings}.items()}
         except UsageError as exc:
             raise UsageError(f"{target}: {exc.message}", hint=exc.hint) from None
         rebased = dataclasses.replace(on_disk, slots=slots, bootloaders=tables)

@@ -2,7 +2,8 @@
 
 The backend plans the partition table (`Bootloader.plan`: table kind, partitions and what
 each is for, e.g. GRUB's GPT with a bios_grub partition, syslinux's MBR with the boot
-partition flagged bootable). The boot and data partitions get ext4; the boot filesystem gets
+partition flagged bootable). The boot and data partitions get ext4, an EFI system partition
+FAT32 (filled by the backend through abupgrade.fat); the boot filesystem gets
 the configuration (config.ON_DISK_PATH) and the keyring; the backend installs itself with
 slot A as the default and nothing bootable yet.
 """
@@ -22,6 +23,7 @@ from abupgrade.bootloader.base import DiskLayout, Platform, Role
 from abupgrade.config import ON_DISK_PATH, Config, render
 from abupgrade.disk import attached, mkfs_ext4, mounted
 from abupgrade.errors import PolicyRefusal, UsageError
+from abupgrade.fat import mkfs_fat32
 from abupgrade.fsutil import atomic_write
 from abupgrade.model import Slot
 from abupgrade.partitions import PartitionTable, create_table, read_table
@@ -123,7 +125,7 @@ def init_disk(
                              hint="pass the .pub file `abupgrade keygen` wrote")
     slot_size, boot_size = _round_mib(slot_size), _round_mib(boot_size)
     backend = bootloader.backend_class(kind)
-    platform = platform or Platform()
+    platform = platform or backend.platforms[0]
     plan = backend.plan(platform, slot_size=slot_size, boot_size=boot_size)
     needed = 2 * MiB + sum(p.spec.size or 0 for p in plan.partitions) + MIN_DATA_SIZE
     final = _check_target(target, size, needed, force)
@@ -151,9 +153,12 @@ def init_disk(
                 data_point: plan.device_spec(Role.DATA, table)},
     )
 
+    esp_nr = plan.number(Role.ESP) if plan.has(Role.ESP) else None
     with attached(target) as disk:
         mkfs_ext4(disk.partitions[boot_nr], "boot", block_size=4096)
         mkfs_ext4(disk.partitions[data_nr], "data", block_size=4096)
+        if esp_nr is not None:
+            mkfs_fat32(disk.partitions[esp_nr], label="ESP")
         with mounted(disk.partitions[boot_nr]) as boot, mounted(disk.partitions[data_nr]) as data:
             keyring = _root_folder(boot, KEYRING)
             for key in pubkeys:
@@ -170,6 +175,8 @@ def init_disk(
                 slot_partitions=slot_nrs,
                 slot_roots=slots,
                 platform=platform,
+                partitions=disk.partitions,
+                esp_partition=esp_nr,
             ))
             os.sync()
     return InitResult(target, config, table, boot_nr, slot_nrs, data_nr, slot_size)

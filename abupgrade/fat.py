@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 
 NEW_SUFFIX = ".abupgrade-new"
 _NAME = re.compile(r"[A-Za-z0-9._+\-~@=,]+")
-MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 @dataclass(frozen=True)
@@ -334,7 +333,7 @@ def kernel_has_vfat() -> bool:
     return any(modules.glob("vfat.ko*"))
 
 
-def mount_point_of(device: Path, mountinfo: Path = MOUNTINFO) -> Path | None:
+def mount_point_of(device: Path, mountinfo: Path = mounts.MOUNTINFO) -> Path | None:
     """Where the kernel has `device` (a block device) mounted, if it has."""
     try:
         devno = device.stat().st_rdev
@@ -342,12 +341,12 @@ def mount_point_of(device: Path, mountinfo: Path = MOUNTINFO) -> Path | None:
         return None
     for m in mounts.read(mountinfo):
         if m.devno == devno:
-            return Path(m.point)
+            return m.point
     return None
 
 
 @contextlib.contextmanager
-def open_fat(device: Path, *, offset: int = 0, mountinfo: Path = MOUNTINFO) -> Iterator[Fat]:
+def open_fat(device: Path, *, offset: int = 0, mountinfo: Path = mounts.MOUNTINFO) -> Iterator[Fat]:
     """The FAT filesystem on `device`: its mount if the kernel has it mounted; else mounted
     here if the kernel has vfat; else mtools (also for an image file, at `offset` bytes)."""
     try:

@@ -88,6 +88,22 @@ class Deadline:
             self.timer.wait()
 
 
+def bootloader_marks(system: System) -> dict[str, Slot]:
+    """What the bootloader could not do, from the kernel command line (see grub.cfg.in):
+    "fallback": it could not load that slot and booted its fallback entry; "unsaved": a
+    trial of that slot was due but its boot count could not be saved."""
+    try:
+        words = system.config.system.cmdline.read_text().split()
+    except OSError:
+        return {}
+    found = {}
+    for word in words:
+        key, _, value = word.partition("=")
+        if key in ("abupgrade.fallback", "abupgrade.unsaved") and value in ("A", "B"):
+            found[key.removeprefix("abupgrade.")] = Slot(value)
+    return found
+
+
 def _boot_id(system: System) -> str:
     try:
         return system.config.system.boot_id.read_text().strip()
@@ -190,12 +206,13 @@ def boot(system: System, *, reboot: bool) -> HookResult:
                       previous=state.slots[booted.other].version, armed="unknown")
         state = replace(state, trial=trial)
 
+    marks = bootloader_marks(system)
     if trial is not None and trial.slot == booted:
         result = _trial_boot(system, state, trial, reboot=reboot)
     elif trial is not None:
-        result = _fallback(system, trial, booted, loader)
+        result = _fallback(system, trial, booted, loader, marks)
     else:
-        result = _committed_boot(system, state, booted, loader)
+        result = _committed_boot(system, state, booted, loader, marks)
     if boot_id:
         system.store.remember_boot(boot_id, result.outcome)
     if result.outcome.notifies:
@@ -260,14 +277,34 @@ def _trial_boot(system: System, state: State, trial: Trial, *, reboot: bool) -> 
                       health=report)
 
 
-def _fallback(system: System, trial: Trial, booted: Slot, boot: BootState) -> HookResult:
+def _fallback(system: System, trial: Trial, booted: Slot, boot: BootState,
+              marks: dict[str, Slot]) -> HookResult:
     """We run on the other slot although a trial was armed: the trial never made it."""
-    if boot.trial == trial.slot and boot.tries_left > 0:
+    unloadable = marks.get("fallback") == trial.slot
+    if not unloadable and marks.get("unsaved") == trial.slot and boot.trial == trial.slot:
+        # The bootloader could not save the trial's count, so it did not try the slot.
+        problems = system.bootloader.problems()
+        done = system.bootloader.repair()
+        if done:
+            system.store.record(EventName.REPAIRED, trial.slot, trial.version,
+                                "the bootloader could not save the trial's boot count, so it "
+                                f"booted slot {booted}: {'; '.join(done)}; the trial runs at "
+                                "the next boot")
+            return HookResult(booted, Outcome.TRIAL_PENDING,
+                              f"the bootloader could not save slot {trial.slot}'s trial count: "
+                              f"{'; '.join(done)}; the trial runs at the next boot",
+                              repaired=tuple(done))
+        unloadable = True  # it cannot be repaired: the trial is over
+        why = ("the bootloader could not save the trial's boot count ("
+               + ("; ".join(problems) or "it cannot write its state") + ")")
+    elif not unloadable and boot.trial == trial.slot and boot.tries_left > 0:
         # The trial is still armed: we are on the old slot before the trial boot (a second
         # hook run after apply, or apply from this very boot). Nothing happened yet.
         return HookResult(booted, Outcome.TRIAL_PENDING,
                           f"slot {trial.slot} is armed for a trial on the next boot")
-    if trial.phase is TrialPhase.CHECKING:
+    elif unloadable:
+        why = "the bootloader could not load the trial slot's kernel or initrd"
+    elif trial.phase is TrialPhase.CHECKING:
         why = (f"the trial slot booted {trial.boots} time(s) and died or hung during its "
                "health checks")
     else:
@@ -292,10 +329,14 @@ def _fallback(system: System, trial: Trial, booted: Slot, boot: BootState) -> Ho
                       f"running on slot {booted}")
 
 
-def _committed_boot(system: System, state: State, booted: Slot, boot: BootState) -> HookResult:
+def _committed_boot(system: System, state: State, booted: Slot, boot: BootState,
+                    marks: dict[str, Slot]) -> HookResult:
     """A normal boot: compare the bootloader with state.json, repair what is safe."""
-    repaired: list[str] = []
-    problems: list[str] = []
+    repaired: list[str] = system.bootloader.repair()
+    problems: list[str] = system.bootloader.problems()
+    if marks.get("fallback") is not None:
+        problems.append(f"the bootloader could not load slot {marks['fallback']}'s kernel or "
+                        f"initrd and booted slot {booted} instead")
     if boot.default == booted and state.slots[booted].state is not SlotState.GOOD:
         state = state.with_slot(booted, state=SlotState.GOOD)
         repaired.append(f"slot {booted} is committed and booted: recorded as good")

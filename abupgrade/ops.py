@@ -7,7 +7,6 @@ inside the functions that use it, so those two start about as fast as Python its
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -15,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abupgrade import blockdev
-from abupgrade.bootloader import Bootloader, BootloaderKind, BootState
-from abupgrade.bootloader.base import BOOT_FILES, Platform
+from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
+from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
-from abupgrade.fsutil import atomic_writer
 from abupgrade.image.manifest import Manifest, PayloadKind, compare_versions
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
@@ -188,6 +186,7 @@ def status(options: Options) -> Status:
         boot = system.bootloader.read()
         state = system.store.load()
         trial = boot.trial if boot.trial is not None and boot.tries_left > 0 else None
+        platform = system.bootloader.platform()
         return Status(
             booted=system.booted,
             next_boot=boot.next_boot,
@@ -195,12 +194,14 @@ def status(options: Options) -> Status:
             trial_boots_left=boot.tries_left if trial else None,
             committed=boot.default,
             bootloader=system.bootloader.name,
+            firmware=str(platform.firmware),
+            secure_boot=platform.secure_boot,
             slots={slot: SlotStatus(device=system.device_text(slot),
                                     state=_slot_state(slot, state.slots[slot], boot),
                                     version=state.slots[slot].version,
                                     installed=state.slots[slot].installed)
                    for slot in Slot},
-            notes=system.bootloader.notes(),
+            notes=(*system.bootloader.notes(), *system.bootloader.problems()),
             security_floor=security_floor(system, state),
             counters=system.bootloader.counters(),
         )
@@ -354,9 +355,10 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
                 with SlotWriter(device, progress) as writer:
                     written += writer.write_payload(payload.size, payload.sha256, chunks).written
             else:
-                _write_boot_file(system.bootloader.boot_file_path(target, payload.name),
-                                 chunks, payload.size, progress)
+                _write_boot_file(system.bootloader, target, payload.name, chunks, payload.size,
+                                 progress)
                 written += payload.size
+        system.bootloader.check_boot_files(target)
     except (Interrupted, KeyboardInterrupt) as exc:
         _drop_boot_files(system, target)
         system.store.record(EventName.INTERRUPTED, target, version,
@@ -373,16 +375,14 @@ def _write_payloads(system: System, reader: ImageReader, target: Slot, device: P
 
 def _drop_boot_files(system: System, target: Slot) -> None:
     """Remove the target's kernel and initrd: none is left behind by an install that failed."""
-    for name in BOOT_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            system.bootloader.boot_file_path(target, name).unlink()
+    system.bootloader.drop_boot_files(target)
 
 
-def _write_boot_file(path: Path, chunks: Iterator[Any], size: int, progress: Progress) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    progress.start(path.name, size)
+def _write_boot_file(loader: Bootloader, slot: Slot, name: str, chunks: Iterator[Any],
+                     size: int, progress: Progress) -> None:
+    progress.start(loader.boot_file_path(slot, name).name, size)
     try:
-        with atomic_writer(path) as out:
+        with loader.boot_file_writer(slot, name) as out:
             for chunk in chunks:  # raises ImageRejected at the end on a hash mismatch
                 out.write(chunk)
                 progress.advance(len(chunk))
@@ -477,6 +477,19 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
 
 
 # ------------------------------------------------------------------ disks
+
+
+def platform_for(kind: BootloaderKind, *, firmware: Firmware | None, arch: Arch | None,
+                 secure_boot: bool) -> Platform:
+    """What `disk init` lays a disk out for: the backend's own firmware unless one is
+    given (Secure Boot is UEFI's), amd64 unless an arch is given. Whether the backend
+    boots it, its `plan` says."""
+    if secure_boot and firmware is Firmware.BIOS:
+        raise UsageError("--secure-boot needs --firmware uefi",
+                         hint="Secure Boot is a feature of UEFI firmware")
+    own = backend_class(kind).platforms[0].firmware
+    chosen = firmware or (Firmware.UEFI if secure_boot else own)
+    return Platform(chosen, arch or Arch.AMD64, secure_boot)
 
 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,

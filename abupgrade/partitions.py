@@ -19,6 +19,7 @@ from abupgrade.errors import OperationalError, UsageError
 from abupgrade.run import require_tool, run
 
 BIOS_GRUB = "21686148-6449-6E6F-744E-656564454649"
+EFI_SYSTEM = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 MBR_LINUX = "83"
 

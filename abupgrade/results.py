@@ -62,6 +62,8 @@ class Status:
     trial_boots_left: int | None  # None when no trial is pending
     committed: Slot
     bootloader: str
+    firmware: str  # "bios" or "uefi"
+    secure_boot: bool
     slots: Mapping[Slot, SlotStatus]
     notes: tuple[str, ...]
     security_floor: str | None = None  # no image below it is accepted (ops.security_floor)
@@ -75,6 +77,8 @@ class Status:
             "trial_boots_left": self.trial_boots_left,
             "committed": str(self.committed),
             "bootloader": self.bootloader,
+            "firmware": self.firmware,
+            "secure_boot": self.secure_boot,
             "slots": {str(slot): self.slots[slot].to_json() for slot in Slot},
             "notes": list(self.notes),
             "security_floor": self.security_floor,

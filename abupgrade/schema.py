@@ -7,7 +7,9 @@ a section (refusing unknown keys and wrong types with one-line exit-2 errors), r
 as TOML and moves its paths under mount points. Range checks go in `check`.
 
 Field metadata may say how to word a type error (`what`: "a command as a list of strings")
-and whether a bare string stands for a one-element list (`single`).
+and whether a bare string stands for a one-element list (`single`); for `--disk`, that a
+string is a device spec to resolve on that disk (`device`) and that a field describes the
+running machine and means nothing there (`host`).
 """
 
 from __future__ import annotations
@@ -127,11 +129,18 @@ class Table:
                    if isinstance(getattr(self, f.name), Path)}
         return dataclasses.replace(self, **changes)
 
-
     def resolved(self, resolve: Callable[[str], str]) -> Self:
-        """The same table with the device specs it holds resolved by `resolve` (`--disk`
-        resolves them on the disk it services); a table without any returns itself."""
-        return self
+        """The same table for a disk serviced from outside (`--disk`): the device specs it
+        holds resolved by `resolve` (on that disk) and the fields of the running machine
+        cleared - by field metadata `device` and `host` (a table with device specs inside
+        other values overrides this); a table without either returns itself."""
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("device"):
+                changes[f.name] = resolve(getattr(self, f.name))
+            elif f.metadata.get("host"):
+                changes[f.name] = None
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 def _read(table: Mapping[str, Any], field: dataclasses.Field[Any], hint: Any, where: str) -> Any:

@@ -1,10 +1,15 @@
 """Streaming bytes into a slot.
 
-The core (`copy_chunks`) writes a chunk stream into any seekable file object, skipping
-all-zero blocks when the target is known to read zeros there. `SlotWriter` adds the rules
-for a real slot on top: exclusive open, capacity check before the first byte, making the
-target read zeros where that is cheap, periodic and final fsync, and a read-back that
-reads the device (not the page cache) and compares the sha256 with the expected one.
+The core (`copy_chunks`) takes a payload as a stream of authenticated chunks (the image reader
+hashed each one against the signed manifest) and writes it into any seekable file object. It
+takes a fast checksum (xxh3-128) of the same bytes as they arrive, gathers them into
+page-aligned buffers and hands those, as (offset, buffer) extents, to a writer thread, which
+skips all-zero blocks where the target is known to read zeros and writes the rest.
+`SlotWriter` adds the rules for a real slot on top: exclusive open, capacity check before the
+first byte, making the target read zeros where the device guarantees it, O_DIRECT writes,
+periodic flushes and a final one, then a read-back of every byte of the payload's range -
+written and zeroed alike - from the device (O_DIRECT, not the page cache), whose checksum
+must equal the stream's.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import io
 import mmap
 import os
@@ -27,19 +31,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+import xxhash
+
 from abupgrade import blockdev
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal
 from abupgrade.progress import NullProgress, Progress
 
 BLOCK = 4096  # zero detection granularity (the usual filesystem block)
-CHUNK = 1024 * 1024  # bytes gathered before a write
-SYNC_EVERY = 64 * 1024 * 1024  # writeback window: keeps dirty memory flat
+CHUNK = 4 * 1024 * 1024  # bytes gathered before a write: one request in flight of several bios
+ZERO_MIN = 256 * 1024  # shorter zero runs are written: one write beats splitting extents
+SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_ZEROS = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_SOURCE = mmap.mmap(-1, CHUNK, prot=mmap.PROT_READ)  # zeros to write, page aligned, no RSS
+
+
+def checksum() -> xxhash.xxh3_128:
+    """The read-back checksum: xxh3-128, taken of the authenticated stream and of the bytes
+    read back from the device. It proves the device returned what was streamed, not who
+    made the stream: that is the signed manifest's sha256, checked by the image reader."""
+    return xxhash.xxh3_128()
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class WriteStats:
     written: int  # bytes actually written
     skipped: int  # all-zero bytes not written because the target already reads zeros there
     seconds: float
+    checksum: str  # xxh3-128 (hex) of the payload's bytes as they were streamed
 
 
 def copy_chunks(
@@ -55,34 +70,37 @@ def copy_chunks(
     chunks: Iterable[bytes | bytearray | memoryview],
     size: int,
     *,
-    skip_zeros: bool = False,
+    zero: Callable[[int, int], bool] | None = None,
     progress: Progress | None = None,
     sync_every: int = SYNC_EVERY,
-    on_durable: Callable[[int], None] | None = None,
     direct_fd: int | None = None,
 ) -> WriteStats:
     """Write exactly `size` bytes from `chunks` to `out` from offset 0.
 
-    The caller's thread gathers the chunks (reading and hashing the image) while a writer
-    thread writes the gathered ones. With `skip_zeros`, all-zero 4 KiB blocks are not written:
-    the caller guarantees the target already reads zeros there. `on_durable(end)` is called
-    (from the writer thread) each time [0, end) has reached the device. More or fewer bytes
-    than `size` is ImageRejected. `direct_fd`, the same target opened with O_DIRECT, takes the
-    block-aligned writes past the page cache (the unaligned tail goes through `out`).
+    The caller's thread gathers the chunks (reading and hashing the image) and takes their
+    checksum, while a writer thread writes the gathered ones. With `zero(offset, length)`,
+    which makes a range of the target read zeros (True) or cannot (False), runs of all-zero
+    4 KiB blocks of at least ZERO_MIN bytes are zeroed instead of written. Every
+    `sync_every` bytes the writes are flushed. More or fewer bytes than `size` is
+    ImageRejected. `direct_fd`, the same target opened with
+    O_DIRECT, takes the block-aligned writes past the page cache (an unaligned tail goes
+    through `out`).
     """
     progress = progress or NullProgress()
     started = time.monotonic()
+    digest = checksum()
     pos = 0  # bytes handed to the writer so far
     progress.start("write", size)
     try:
-        behind = _WriteBehind(out, sync_every, on_durable)
-        with _WriterThread(out, skip_zeros, behind, direct_fd) as writer:
+        behind = _WriteBehind(out, sync_every, direct=direct_fd is not None)
+        with _WriterThread(out, size, zero, behind, direct_fd) as writer:
             buffer = writer.take_buffer()
             fill = 0
             for chunk in chunks:
                 data = memoryview(chunk).cast("B")
                 if pos + fill + len(data) > size:
                     raise ImageRejected(f"payload is longer than its declared {size:,} bytes")
+                digest.update(data)  # the very bytes the reader hashed, before any copy
                 while data:
                     n = min(CHUNK - fill, len(data))
                     buffer[fill : fill + n] = data[:n]
@@ -103,30 +121,34 @@ def copy_chunks(
         _sync(out)
     finally:
         progress.finish()
-    return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started)
+    return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started,
+                      digest.hexdigest())
 
 
 class _WriterThread:
-    """Writes gathered chunks in a thread of its own, so that the writes (and waiting for the
-    device) overlap with reading and hashing the next chunks. A few chunk buffers go round
-    between the two threads: memory stays flat. An error in the thread is raised in the
-    caller's at its next `put` or `drain`."""
+    """Writes gathered extents - (offset, buffer, length) - in a thread of its own, so that
+    the writes (and waiting for the device) overlap with reading and hashing the next chunks.
+    A few page-aligned buffers go round between the two threads: memory stays flat, and
+    O_DIRECT writes go straight from them. An error in the thread is raised in the caller's
+    at its next `put` or `drain`."""
 
-    BUFFERS = 4
+    BUFFERS = 2  # one being filled, one being written
 
-    def __init__(self, out: BinaryIO, skip_zeros: bool, behind: _WriteBehind,
-                 direct_fd: int | None = None) -> None:
+    def __init__(self, out: BinaryIO, size: int, zero: Callable[[int, int], bool] | None,
+                 behind: _WriteBehind, direct_fd: int | None = None) -> None:
         self.out = out
+        self.size = size
+        self.zero = zero
         self.direct_fd = direct_fd
-        self.staging = mmap.mmap(-1, CHUNK) if direct_fd is not None else None  # page aligned
-        self.skip_zeros = skip_zeros
         self.behind = behind
         self.written = 0
+        self.zeros_from: int | None = None  # a run of zero blocks not yet zeroed starts here
         self.error: BaseException | None = None
-        self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(self.BUFFERS):
-            self.free.put(bytearray(CHUNK))
-        self.work: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+        self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(self.BUFFERS)]
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for buffer in self.buffers:
+            self.free.put(buffer)
+        self.work: queue.Queue[tuple[mmap.mmap, int, int] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="abupgrade-writer", daemon=True)
 
     def __enter__(self) -> _WriterThread:
@@ -139,13 +161,14 @@ class _WriterThread:
             self.error = value or Interrupted("stopped")  # the thread skips what is queued
         self.work.put(None)
         self.thread.join()
-        if self.staging is not None:
-            self.staging.close()
+        for buffer in self.buffers:
+            with contextlib.suppress(BufferError):  # a view the caller still holds
+                buffer.close()
 
-    def take_buffer(self) -> bytearray:
+    def take_buffer(self) -> mmap.mmap:
         return self.free.get()
 
-    def put(self, buffer: bytearray, offset: int, length: int) -> None:
+    def put(self, buffer: mmap.mmap, offset: int, length: int) -> None:
         self._raise()
         self.work.put((buffer, offset, length))
 
@@ -164,6 +187,8 @@ class _WriterThread:
             try:
                 if self.error is None:
                     self._write(buffer, offset, length)
+                    if offset + length == self.size:
+                        self._settle_zeros(self.size)
                     self.behind.reached(offset + length)
             except OSError as exc:  # EIO, ENOSPC from a failing or vanishing device
                 self.error = OperationalError(
@@ -175,30 +200,52 @@ class _WriterThread:
                 self.free.put(buffer)
                 self.work.task_done()
 
-    def _write(self, buffer: bytearray, offset: int, length: int) -> None:
+    def _write(self, buffer: mmap.mmap, offset: int, length: int) -> None:
+        """Write one extent: its data runs, and its zero runs as zeroed ranges."""
         with memoryview(buffer) as view:
-            if not self.skip_zeros:
-                self._put(view[:length], offset)
-            elif length == CHUNK and buffer == _ZEROS:
-                pass
-            elif buffer.find(_ZERO_BLOCK, 0, length) < 0:  # no zero block at all: one write
-                self._put(view[:length], offset)
-            else:
-                run_start = None
-                for at in range(0, length, BLOCK):
-                    end = min(at + BLOCK, length)
-                    zero = buffer[at:end] == _ZERO_BLOCK[: end - at]
-                    if zero and run_start is not None:
-                        self._put(view[run_start:at], offset + run_start)
-                        run_start = None
-                    elif not zero and run_start is None:
-                        run_start = at
-                if run_start is not None:
-                    self._put(view[run_start:length], offset + run_start)
+            if self.zero is None or buffer.find(_ZERO_BLOCK, 0, length) < 0:
+                self._settle_zeros(offset)
+                self._put(view[:length], offset)  # nothing to zero: one write
+                return
+            data_from = None  # start of the data run being gathered
+            for at in range(0, length, BLOCK):
+                end = min(at + BLOCK, length)
+                if buffer.find(_ZERO_BLOCK[: end - at], at, end) == at:  # a zero block
+                    if data_from is not None:
+                        self._put(view[data_from:at], offset + data_from)
+                        data_from = None
+                    if self.zeros_from is None:
+                        self.zeros_from = offset + at
+                elif data_from is None:
+                    self._settle_zeros(offset + at)
+                    data_from = at
+            if data_from is not None:
+                self._put(view[data_from:length], offset + data_from)
+
+    def _settle_zeros(self, end: int) -> None:
+        """Make the pending zero run [zeros_from, end) read zeros: zeroed when long enough
+        and the target can, else written."""
+        start, self.zeros_from = self.zeros_from, None
+        if start is None:
+            return
+        assert self.zero is not None
+        if end - start >= ZERO_MIN and self.zero(start, end - start):
+            return
+        with memoryview(_ZERO_SOURCE) as zeros:
+            while start < end:
+                n = min(end - start, len(zeros))
+                self._put(zeros[:n], start)
+                start += n
 
     def _put(self, data: memoryview, offset: int) -> None:
-        if self.staging is not None and offset % BLOCK == 0 and len(data) % BLOCK == 0:
-            self._put_direct(data, offset)
+        if self.direct_fd is not None and offset % BLOCK == 0 and len(data) % BLOCK == 0:
+            done = 0  # O_DIRECT straight from the aligned buffer: no copy, nothing dirty
+            while done < len(data):
+                n = os.pwrite(self.direct_fd, data[done:], offset + done)
+                if n <= 0 or n % BLOCK:
+                    raise OperationalError(f"short direct write at byte {offset + done}")
+                done += n
+            self.written += done
             return
         self.out.seek(offset)
         while data:
@@ -207,22 +254,6 @@ class _WriterThread:
                 raise OperationalError(f"short write at byte {offset}")
             data, offset = data[n:], offset + n
             self.written += n
-
-
-    def _put_direct(self, data: memoryview, offset: int) -> None:
-        """Write aligned blocks with O_DIRECT from the aligned staging buffer: the data skips
-        the page cache, which saves a copy and leaves nothing dirty for fsync to flush."""
-        assert self.staging is not None and self.direct_fd is not None
-        length = len(data)
-        self.staging[:length] = data
-        with memoryview(self.staging) as view:
-            done = 0
-            while done < length:
-                n = os.pwrite(self.direct_fd, view[done:length], offset + done)
-                if n <= 0 or n % BLOCK:
-                    raise OperationalError(f"short direct write at byte {offset + done}")
-                done += n
-        self.written += length
 
 
 def _sync(out: BinaryIO) -> None:
@@ -246,18 +277,19 @@ _SYNC_FILE_RANGE_WAIT_AFTER = 4
 
 
 class _WriteBehind:
-    """Keeps dirty memory at about two windows without stalling the writes.
+    """Flushes the writes window by window, so that dirty memory stays flat; the final fsync
+    still makes everything durable.
 
-    Each full window is handed to writeback at once (sync_file_range WRITE) and the window
-    before it is waited for; the final fsync still makes everything durable. Where
-    sync_file_range is not available, a full window is fsynced. `on_durable(end)` hears when
-    [0, end) has reached the device.
+    O_DIRECT writes (`direct`) sit in the device's own cache (for a loop device: its backing
+    file's page cache), which only a flush empties: each full window is fsynced. Buffered
+    writes sit in the page cache: each full window is handed to writeback at once
+    (sync_file_range WRITE) and the window before it is waited for; where sync_file_range is
+    not available, a full window is fsynced.
     """
 
-    def __init__(self, out: BinaryIO, window: int,
-                 on_durable: Callable[[int], None] | None = None) -> None:
+    def __init__(self, out: BinaryIO, window: int, *, direct: bool = False) -> None:
         self.window = window
-        self.on_durable = on_durable
+        self.direct = direct
         self.start = 0  # the window being filled begins here
         self.previous: tuple[int, int] | None = None  # the window in writeback
         try:
@@ -270,17 +302,12 @@ class _WriteBehind:
         if self.fd is None or pos - self.start < self.window:
             return
         current = (self.start, pos - self.start)
-        durable = None
-        if not self._range(*current, _SYNC_FILE_RANGE_WRITE):
+        if self.direct or not self._range(*current, _SYNC_FILE_RANGE_WRITE):
             _sync(self.out)
-            durable = pos
         elif self.previous is not None:
             self._range(*self.previous, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
                         | _SYNC_FILE_RANGE_WAIT_AFTER)
-            durable = self.start
         self.previous, self.start = current, pos
-        if durable is not None and self.on_durable is not None:
-            self.on_durable(durable)
 
     def _range(self, offset: int, length: int, flags: int) -> bool:
         call = _libc.sync_file_range
@@ -378,52 +405,53 @@ class SlotWriter:
     def write_payload(
         self, size: int, sha256: str, chunks: Iterable[bytes | bytearray | memoryview]
     ) -> WriteStats:
-        """Write `size` bytes from `chunks`, fsync, then (unless verify=False) read back."""
+        """Write `size` bytes from `chunks`, fsync, then (unless verify=False) read back.
+
+        `chunks` must be authenticated as they are consumed (ImageReader raises at their
+        end when they do not hash to `sha256`); the read-back then proves that the device
+        holds them: its checksum of [0, size) must equal the one of the stream.
+        """
         out = self._file
         if out is None:
             raise OperationalError("SlotWriter used outside its with block")
+        self._expected = None
         if self.capacity is not None:
             blockdev.require_fits(size, self.capacity, f"the slot {self.path}")
-        skip = self._make_zeros(out.fileno(), size)
         if not self._block_device and os.fstat(out.fileno()).st_size < size:
-            os.ftruncate(out.fileno(), size)  # skipped zeros at the end read as zeros too
-        self._expected = (size, sha256.lower())
-        if not self.verify:
-            return copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
-                               sync_every=self.sync_every, direct_fd=self._direct)
-        # The read-back follows the writeback: each window is read from the device once it
-        # got there, while the next ones are written; the rest after the final fsync.
-        with _ReadBack(self.path, size) as readback:
-            stats = copy_chunks(out, chunks, size, skip_zeros=skip, progress=self.progress,
-                                sync_every=self.sync_every, on_durable=readback.allow,
-                                direct_fd=self._direct)
-            digest = readback.finish(self.progress)
-        self._check(digest)
+            os.ftruncate(out.fileno(), size)  # a zeroed run at the end reads zeros too
+        zero = self._zeroer(out.fileno())
+        stats = copy_chunks(out, chunks, size, zero=zero, progress=self.progress,
+                            sync_every=self.sync_every, direct_fd=self._direct)
+        self._expected = (size, stats.checksum)
+        if self.verify:
+            self.verify_readback()
         return stats
 
-    def _make_zeros(self, fd: int, size: int) -> bool:
-        """Make [0, size) read zeros if that is cheap; True when it did."""
-        if size == 0:
-            return False
-        if self._block_device:
-            if blockdev.queue_limit(self.path, "write_zeroes_max_bytes") <= 0:
-                return False
-            sector = blockdev.sector_size(fd)
-            length = -(-size // sector) * sector
-            if self.capacity is not None:
-                length = min(length, self.capacity)
-            return blockdev.zero_out(fd, length)
-        end = os.fstat(fd).st_size
-        if end == 0:
-            return True  # a new or empty file reads zeros everywhere
-        return _libc_fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, min(end, size))
+    def _zeroer(self, fd: int) -> Callable[[int, int], bool] | None:
+        """How to make a range of the target read zeros without writing it, where the target
+        guarantees that: BLKZEROOUT on a device that offloads it, a punched hole in a file."""
+        if not self._block_device:
+            return lambda offset, length: _libc_fallocate(
+                fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if blockdev.queue_limit(self.path, "write_zeroes_max_bytes") <= 0:
+            return None
+        sector = blockdev.sector_size(fd)
+        capacity = self.capacity
+
+        def zero_out(offset: int, length: int) -> bool:
+            end = -(-(offset + length) // sector) * sector  # a partial last sector: all of it
+            if capacity is not None:
+                end = min(end, capacity)
+            return blockdev.zero_out(fd, end - offset, offset=offset)
+
+        return zero_out
 
     def verify_readback(self) -> None:
-        """Read the written bytes from the device itself and compare their sha256."""
+        """Read [0, size) from the device itself, after the last write and the final flush,
+        and compare its checksum with the stream's."""
         if self._expected is None:
             raise OperationalError("nothing written to verify")
-        with _ReadBack(self.path, self._expected[0]) as readback:
-            self._check(readback.finish(self.progress))
+        self._check(_read_back(self.path, self._expected[0], self.progress))
 
     def _check(self, digest: str) -> None:
         assert self._expected is not None
@@ -431,103 +459,39 @@ class SlotWriter:
         if digest != expected:
             raise OperationalError(
                 f"read-back of {self.path} does not match what was written "
-                f"(sha256 {digest[:16]}..., expected {expected[:16]}...)",
+                f"(xxh3 {digest[:16]}..., expected {expected[:16]}...)",
                 hint="the storage may be failing; the slot stays unbootable")
 
 
-class _ReadBack:
-    """sha256 of the first `size` bytes of a slot, read from the device (O_DIRECT, not the
-    page cache) in a thread, up to what `allow` says has reached the device."""
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
-        self.size = size
-        self.done = 0  # bytes read and hashed
-        self.limit = 0  # bytes that may be read
-        self.digest = hashlib.sha256()
-        self.error: OperationalError | None = None
-        self.stop = False
-        self.changed = threading.Condition()
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            self.direct = True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends
-            self.direct = False
-        self.thread = threading.Thread(target=self._run, name="abupgrade-readback", daemon=True)
-
-    def __enter__(self) -> _ReadBack:
-        self.thread.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        with self.changed:
-            self.stop = True
-            self.changed.notify_all()
-        self.thread.join()
-        os.close(self.fd)
-
-    def allow(self, limit: int) -> None:
-        with self.changed:
-            limit = self.size if limit >= self.size else limit - limit % BLOCK  # O_DIRECT
-            self.limit = max(self.limit, limit)
-            self.changed.notify_all()
-
-    def finish(self, progress: Progress) -> str:
-        """Read the rest (the caller made it durable) and return the hex digest."""
-        progress.start("verify", self.size)
-        try:
-            self.allow(self.size)
-            reported = 0
-            while self.thread.is_alive() and self.done < self.size and self.error is None:
-                with self.changed:
-                    self.changed.wait(0.2)
-                progress.advance(self.done - reported)
-                reported = self.done
-            progress.advance(self.done - reported)
-        finally:
-            progress.finish()
-        if self.error is not None:
-            raise self.error
-        return self.digest.hexdigest()
-
-    def _run(self) -> None:
-        buf = mmap.mmap(-1, READ_CHUNK)  # page aligned, as O_DIRECT wants
-        try:
-            if not self.direct:
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            with memoryview(buf) as view:
-                while self.done < self.size:
-                    with self.changed:
-                        while not self.stop and self.limit <= self.done:
-                            self.changed.wait()
-                        if self.stop:
-                            return
-                        limit = self.limit
-                    self._read(view, limit)
-                    with self.changed:
-                        self.changed.notify_all()
-        except OperationalError as exc:
-            self.error = exc
-        finally:
-            with contextlib.suppress(BufferError):
-                buf.close()
-
-    def _read(self, view: memoryview, limit: int) -> None:
-        """Read and hash [done, limit): whole buffers, but never past `limit` before the end."""
-        while self.done < limit and not self.stop:
-            want = len(view) if limit == self.size else min(len(view), limit - self.done)
-            try:
-                n = os.preadv(self.fd, [view[:want]], self.done)
-            except OSError as exc:
-                raise OperationalError(f"read-back of {self.path} failed at byte "
-                                       f"{self.done:,}: {exc.strerror}") from None
-            if n <= 0:
-                raise OperationalError(f"read-back of {self.path} ended at byte "
-                                       f"{self.done:,} of {self.size:,}")
-            take = min(n, limit - self.done)
-            self.digest.update(view[:take])
-            self.done += take
+def _read_back(path: Path, size: int, progress: Progress) -> str:
+    """The checksum of the first `size` bytes of a slot, read from the device with O_DIRECT
+    (not from the page cache) in large aligned reads."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise OperationalError(f"cannot open {path}: {exc.strerror}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends: no O_DIRECT
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    digest = checksum()
+    done = 0
+    progress.start("verify", size)
+    try:
+        with mmap.mmap(-1, READ_CHUNK) as buffer, memoryview(buffer) as view:  # page aligned
+            while done < size:
+                try:
+                    n = os.preadv(fd, [view], done)
+                except OSError as exc:
+                    raise OperationalError(f"read-back of {path} failed at byte {done:,}: "
+                                           f"{exc.strerror}") from None
+                if n <= 0:
+                    raise OperationalError(f"read-back of {path} ended at byte {done:,} "
+                                           f"of {size:,}")
+                take = min(n, size - done)
+                digest.update(view[:take])
+                done += take
+                progress.advance(take)
+    finally:
+        progress.finish()
+        os.close(fd)
+    return digest.hexdigest()

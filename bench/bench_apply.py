@@ -6,15 +6,21 @@ if the machine were running from slot A. abupgrade runs as the real command (a f
 the machine's configuration, signature and hash checks, the slot read back from the device,
 the trial armed), once with an uncompressed and once with a zstd image. RAUC installs a plain
 bundle through its own service on a private D-Bus bus, with a noop bootloader and slot A
-given as booted. Runs alternate between the tools, several rounds; reported are the median
-wall time, the ratio to dd, and the peak resident memory (for RAUC its service's).
+given as booted. Runs alternate between the tools, several rounds; reported are each run, the
+median wall time, the ratio to dd, and the peak resident memory (for RAUC its service's).
+
+Two regimes, each with its own disk: "io", the loop device backed by a file on disk (the
+writes go through the disk's page cache and are flushed to it), and "cpu", backed by a file
+on tmpfs (no disk at all: the tools' own work is all there is). Before them, what every
+command pays before its first byte: interpreter start, imports, and `--disk` attaching and
+mounting a disk.
 
 Figures on a loop device are largely page-cache figures: compare the ratios of one run, not
 absolute times across runs. Needs root, loop devices, mkfs.ext4, bmaptool, rauc, dbus-daemon,
 openssl and GNU time (`ABUPGRADE_BENCH=1 scripts/setup` installs them).
 
     python bench/bench_apply.py [--size-mib 1024] [--fill 0.6] [--rounds 3] [--json]
-                                [--skip rauc,bmaptool] [--workdir DIR]
+                                [--regime io,cpu] [--skip rauc,bmaptool,zstd]
 """
 
 from __future__ import annotations
@@ -229,20 +235,35 @@ def exec_rauc_service(conf: str) -> None:
 
 # ------------------------------------------------------------------ the run
 
+REGIMES = {"io": Path("/var/tmp"), "cpu": Path("/dev/shm")}
+
+
+@dataclass(frozen=True)
+class Figures:
+    median_s: float
+    runs_s: list[float]
+    ratio_to_dd: float
+    cpu_s: float  # median user + system seconds
+    peak_rss_mib: float
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--fill", type=float, default=0.6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--regime", default="io,cpu",
+                        help="comma list of: io (loop device on a disk file), cpu (on tmpfs)")
     parser.add_argument("--skip", default="", help="comma list of: rauc, bmaptool, zstd")
-    parser.add_argument("--workdir", type=Path, help="where the work files go (default: /tmp)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--exec-rauc-service", metavar="CONF", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.exec_rauc_service:
         exec_rauc_service(args.exec_rauc_service)
     skip = {TOOLS[s] for s in filter(None, args.skip.split(","))}
+    regimes = [r for r in args.regime.split(",") if r]
+    if not set(regimes) <= set(REGIMES):
+        raise SystemExit(f"--regime takes a comma list of {', '.join(REGIMES)}")
     needed = ["dd", "mkfs.ext4", "losetup", "partx", "sfdisk", "/usr/bin/time"]
     needed += [] if BMAPTOOL in skip else ["bmaptool"]
     needed += [] if RAUC in skip else ["rauc", "dbus-daemon", "dbus-send", "openssl",
@@ -253,30 +274,72 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root for loop devices")
     size = args.size_mib * MiB
-    with tempfile.TemporaryDirectory(prefix="abupgrade-bench-", dir=args.workdir) as tmp:
-        work = Path(tmp)
-        report = run(work, size, args.fill, args.rounds, skip)
-    load = os.getloadavg()
+    load_start = os.getloadavg()
+    if not args.json:
+        print(f"{args.size_mib} MiB ext4, {args.fill:.0%} full, {args.rounds} rounds, load "
+              f"average at the start {load_start[0]:.2f} {load_start[1]:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="abupgrade-bench-") as tmp:
+        startup = startup_costs(Path(tmp), args.rounds)
+    if not args.json:
+        print_startup(startup)
+    report: dict[str, dict[str, Figures]] = {}
+    for regime in regimes:
+        with tempfile.TemporaryDirectory(prefix="abupgrade-bench-", dir=REGIMES[regime]) as tmp:
+            report[regime] = run(Path(tmp), size, args.fill, args.rounds, skip)
+        if not args.json:
+            print_regime(regime, report[regime])
+    load_end = os.getloadavg()
     if args.json:
         print(json.dumps({"size_mib": args.size_mib, "fill": args.fill, "rounds": args.rounds,
-                          "loadavg": [round(x, 2) for x in load],
-                          "tools": {name: asdict(f) for name, f in report.items()}}, indent=2))
+                          "loadavg_start": [round(x, 2) for x in load_start],
+                          "loadavg_end": [round(x, 2) for x in load_end],
+                          "startup_s": startup,
+                          "regimes": {regime: {name: asdict(f) for name, f in figures.items()}
+                                      for regime, figures in report.items()}}, indent=2))
         return
-    print(f"{args.size_mib} MiB ext4, {args.fill:.0%} full, {args.rounds} rounds, "
-          f"load average at the end {load[0]:.2f} {load[1]:.2f}")
-    print(f"{'tool':24} {'median s':>9} {'vs dd':>6} {'CPU s':>6} {'peak RSS MiB':>13}  runs s")
+    print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f}")
+
+
+def print_startup(startup: dict[str, list[float]]) -> None:
+    print("before the first byte (median s, each run):")
+    for name, runs in startup.items():
+        print(f"  {name:34} {statistics.median(runs):6.3f}  "
+              + " ".join(f"{x:.3f}" for x in runs))
+
+
+def print_regime(regime: str, report: dict[str, Figures]) -> None:
+    where = {"io": "loop device on a disk file", "cpu": "loop device on tmpfs"}[regime]
+    print(f"regime {regime} ({where}), load average now {os.getloadavg()[0]:.2f}")
+    print(f"  {'tool':24} {'median s':>9} {'vs dd':>6} {'CPU s':>6} {'peak RSS MiB':>13}  runs s")
     for name, f in report.items():
         runs = " ".join(f"{x:.2f}" for x in f.runs_s)
-        print(f"{name:24} {f.median_s:9.2f} {f.ratio_to_dd:6.2f} {f.cpu_s:6.2f} "
+        print(f"  {name:24} {f.median_s:9.2f} {f.ratio_to_dd:6.2f} {f.cpu_s:6.2f} "
               f"{f.peak_rss_mib:13.1f}  {runs}")
 
-@dataclass(frozen=True)
-class Figures:
-    median_s: float
-    runs_s: list[float]
-    ratio_to_dd: float
-    cpu_s: float  # median user + system seconds
-    peak_rss_mib: float
+
+def startup_costs(work: Path, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of what a command pays before its first byte: interpreter start, the
+    imports of the command line, and `--disk` attaching and mounting a small disk."""
+    disk = work / "small.img"
+    signer = keypair(work / "keys")
+    subprocess.run([sys.executable, "-m", "abupgrade", "disk", "init", str(disk),
+                    "--bootloader", "grub", "--size", str(600 * MiB), "--slot-size",
+                    str(64 * MiB), "--compatible", COMPATIBLE, "--pubkey", str(signer.public)],
+                   check=True, stdout=subprocess.DEVNULL)
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import abupgrade.cli'": [sys.executable, "-c", "import abupgrade.cli"],
+        "abupgrade --help": [sys.executable, "-m", "abupgrade", "--help"],
+        "abupgrade --disk DISK status": [sys.executable, "-m", "abupgrade", "--disk", str(disk),
+                                         "status"],
+    }
+    runs: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(rounds):
+        for name, argv in commands.items():
+            start = time.monotonic()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+            runs[name].append(round(time.monotonic() - start, 3))
+    return runs
 
 
 def run(work: Path, size: int, fill: float, rounds: int, skip: set[str]) -> dict[str, Figures]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from abupgrade.bootloader import BootloaderKind
+from fixtures.grubemu import EmuUnavailable, GrubEmu
 from fixtures.images import KeyPair, keypair, rootfs_image, signed_image
 from fixtures.machine import run_cli
 from fixtures.tiers import EVERY_TIER, needs
@@ -41,6 +42,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 COMPATIBLE = "test-box"
 
 
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrubEmu]:
+    """GRUB itself (grub-emu, fixtures/grubemu.py); skipped with the reason where it is missing."""
+    try:
+        yield GrubEmu(tmp_path_factory.mktemp("emu"))
+    except EmuUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture(scope="session")
 def signer(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
     return keypair(tmp_path_factory.mktemp("keys"))
@@ -49,10 +59,12 @@ def signer(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
 @pytest.fixture(scope="session")
 def make_image(tmp_path_factory: pytest.TempPathFactory, signer: KeyPair) -> Callable[..., Path]:
     """make_image(version, **options) -> a signed image with a small rootfs, kernel and initrd
-    (stand-ins: the loop tier never boots them), cached by its arguments."""
+    (stand-ins: the loop tier never boots them; the kernel has the PE header of an EFI
+    executable, which systemd-boot disks check for), cached by its arguments."""
     base = tmp_path_factory.mktemp("images")
     kernel = base / "vmlinuz"
-    kernel.write_bytes(b"not a real kernel\n" * 1000)
+    pe_header = b"MZ" + bytes(0x3A) + (0x40).to_bytes(4, "little") + b"PE\0\0"
+    kernel.write_bytes(pe_header + b"not a real kernel\n" * 1000)
     initrd = base / "initrd.img"
     initrd.write_bytes(b"not a real initrd\n" * 500)
     made: dict[tuple[object, ...], Path] = {}

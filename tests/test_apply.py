@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,11 @@ import pytest
 
 from abupgrade.disk import attached, boot_partition, mounted
 from abupgrade.model import Slot
-from abupgrade.partitions import read_table
+from abupgrade.partitions import EFI_SYSTEM, read_table
 from abupgrade.state import Store
 from fixtures.images import keypair
 from fixtures.machine import run_cli, running_machine, status_json
+from fixtures.sdboot import read_image
 
 pytestmark = pytest.mark.loop
 
@@ -50,16 +52,26 @@ def payload_of(image: Path) -> bytes:
 
 
 def boot_state(disk: Path) -> dict[str, str]:
-    """sha256 of every file on the boot filesystem and of the disk's first 2 MiB (where
-    U-Boot's environment is): the bootloader's whole state."""
+    """sha256 of every file on the boot filesystem, of the disk before its first partition
+    (U-Boot's environment is there; a boot filesystem starting at 1 MiB is not: mounting it
+    writes its superblock) and of every file on the ESP (read with mtools) if there is one:
+    the bootloader's whole state."""
+    table = read_table(disk)
+    assert table is not None
+    head = min(p.start for p in table.partitions)
     with open(disk, "rb") as f:
-        out = {"<first 2 MiB>": hashlib.sha256(f.read(2 << 20)).hexdigest()}
-    with attached(disk) as d:
-        boot_nr = boot_partition(d.table, disk)
+        out = {"<before the partitions>": hashlib.sha256(f.read(head)).hexdigest()}
+    with attached(disk) as d, tempfile.TemporaryDirectory() as scratch:
+        boot_nr = boot_partition(table, disk)
         with mounted(d.partitions[boot_nr], readonly=True) as root:
             for path in sorted(root.rglob("*")):
                 if path.is_file() and "lost+found" not in path.parts:
                     out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for part in table.partitions:
+            if part.type == EFI_SYSTEM:
+                files, _ = read_image(d.partitions[part.number], Path(scratch))
+                out |= {f"ESP/{name}": hashlib.sha256(data).hexdigest()
+                        for name, data in files.items()}
     return out
 
 

@@ -21,7 +21,7 @@ MiB = 1 << 20
 def test_every_registered_backend_loads_and_plans(kind: BootloaderKind, tmp_path: Path) -> None:
     cls = backend_class(kind)
     assert cls.name == kind.value and issubclass(cls.settings_type, Table)
-    plan = cls.plan(Platform(), slot_size=64 * MiB, boot_size=32 * MiB)
+    plan = cls.plan(cls.platforms[0], slot_size=64 * MiB, boot_size=32 * MiB)
     roles = [p.role for p in plan.partitions]
     assert roles.count(Role.BOOT) == roles.count(Role.DATA) == 1
     assert plan.partitions[plan.number(Role.SLOT_A) - 1].spec.size == 64 * MiB
@@ -33,7 +33,9 @@ def test_every_registered_backend_loads_and_plans(kind: BootloaderKind, tmp_path
     loader = backend(kind, settings)
     assert loader.trial_boots() >= 1
     kernel = loader.boot_file_path(Slot.B, "kernel")
-    assert BOOT_POINT in kernel.parents and kernel != loader.boot_file_path(Slot.A, "kernel")
+    assert kernel != loader.boot_file_path(Slot.A, "kernel")
+    if not plan.has(Role.ESP):  # else the kernels live on the ESP, not the boot filesystem
+        assert BOOT_POINT in kernel.parents
     with pytest.raises(ValueError, match="unknown boot file"):
         loader.boot_file_path(Slot.A, "dtb")
     with pytest.raises(UsageError, match=f"{kind} cannot boot bios/amd64 with Secure Boot"):

@@ -12,13 +12,14 @@ import pytest
 
 from abupgrade import fat
 from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.systemd_boot import LOADER_SOURCE
 from abupgrade.bootloader.uboot import UBootConfig
 from abupgrade.config import ON_DISK_PATH
 from abupgrade.disk import attached, mounted, open_disk
 from abupgrade.diskinit import init_disk
 from abupgrade.errors import PolicyRefusal, UsageError
 from abupgrade.model import Slot
-from abupgrade.partitions import BIOS_GRUB, TableKind, read_table
+from abupgrade.partitions import BIOS_GRUB, EFI_SYSTEM, TableKind, read_table
 from abupgrade.system import bootloader_of
 from fixtures.tiers import needs
 
@@ -51,9 +52,10 @@ def test_init_image_file(kind: BootloaderKind, tmp_path: Path) -> None:
     prerequisites(kind)
     image = tmp_path / "disk.img"
     key = make_key(tmp_path)
-    result = init_disk(image, kind, size=256 * MiB, slot_size=SLOT, force=False, pubkeys=[key],
+    size = 512 * MiB if kind is BootloaderKind.SYSTEMD_BOOT else 256 * MiB  # kernels on the ESP
+    result = init_disk(image, kind, size=size, slot_size=SLOT, force=False, pubkeys=[key],
                        compatible="acme-box", boot_size=BOOT)
-    assert image.stat().st_size == 256 * MiB
+    assert image.stat().st_size == size
 
     table = read_table(image)
     assert table == result.table and table is not None
@@ -70,6 +72,15 @@ def test_init_image_file(kind: BootloaderKind, tmp_path: Path) -> None:
                                                       "data"]
         assert table.get(1).type == BIOS_GRUB and table.get(1).size == MiB
         assert result.config.slots == {Slot.A: "PARTLABEL=rootfs_a", Slot.B: "PARTLABEL=rootfs_b"}
+    elif kind is BootloaderKind.SYSTEMD_BOOT:
+        assert table.kind is TableKind.GPT
+        assert [p.name for p in table.partitions] == ["esp", "boot", "rootfs_a", "rootfs_b",
+                                                      "data"]
+        assert table.get(1).type == EFI_SYSTEM and table.get(1).size == 256 * MiB
+        with fat.MtoolsFat(image, offset=table.get(1).start) as esp:
+            assert esp.read("EFI/BOOT/BOOTX64.EFI") == LOADER_SOURCE.read_bytes()
+            assert b"default slot-*" in esp.read("loader/loader.conf")
+            assert esp.list("loader/entries") == []
     elif kind is BootloaderKind.UBOOT:
         assert table.kind is TableKind.GPT and ref["label"] == "gpt"
         assert [p.name for p in table.partitions] == ["uboot", "boot", "rootfs_a", "rootfs_b",

@@ -44,13 +44,13 @@ def same(result: Any, expected: Any) -> None:
 def test_status() -> None:
     status = Status(
         booted=Slot.A, next_boot=Slot.B, trial=Slot.B, trial_boots_left=3, committed=Slot.A,
-        bootloader="grub",
+        bootloader="grub", firmware="uefi", secure_boot=True,
         slots={Slot.A: SlotStatus("/dev/sda3", SlotState.GOOD, "1.0", "2026-01-01T00:00:00+00:00"),
                Slot.B: SlotStatus("/dev/sda4", SlotState.TRIAL, "2.0", None)},
         notes=())
     same(status, {
         "booted": "A", "next_boot": "B", "trial": "B", "trial_boots_left": 3, "committed": "A",
-        "bootloader": "grub",
+        "bootloader": "grub", "firmware": "uefi", "secure_boot": True,
         "slots": {
             "A": {"device": "/dev/sda3", "state": "good", "version": "1.0",
                   "installed": "2026-01-01T00:00:00+00:00"},
@@ -60,7 +60,8 @@ def test_status() -> None:
         "security_floor": None,
     })
     offline = Status(booted=None, next_boot=Slot.A, trial=None, trial_boots_left=None,
-                     committed=Slot.A, bootloader="syslinux",
+                     committed=Slot.A, bootloader="syslinux", firmware="bios",
+                     secure_boot=False,
                      slots={s: SlotStatus(f"disk.img partition {n}", SlotState.EMPTY, None, None)
                             for s, n in ((Slot.B, 3), (Slot.A, 2))},
                      notes=("one note",))

@@ -11,11 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from abupgrade.disk import attached, mounted
 from abupgrade.errors import ImageRejected, OperationalError, PolicyRefusal
+from abupgrade.image.keys import Keyring
+from abupgrade.image.reader import ImageReader
 from abupgrade.partitions import LINUX_FS, PartitionSpec, TableKind, create_table
 from abupgrade.writer import SlotWriter, copy_chunks
+from fixtures.images import KeyPair, signed_image
 from fixtures.tiers import needs
 
 MiB = 1024 * 1024
@@ -83,9 +87,9 @@ def test_plain_file_bytes_equal_and_holes_skipped(tmp_path: Path) -> None:
     with SlotWriter(target) as writer:
         stats = writer.write_payload(len(data), sha(data), chunked(data))
     assert target.read_bytes() == data
-    assert stats.skipped >= 2 * MiB + 3 * 4096
+    assert stats.skipped == 2 * MiB  # the long zero run; the 12 KiB one is written
     assert stats.written + stats.skipped == len(data)
-    assert target.stat().st_blocks * 512 < len(data) - 2 * MiB  # the holes stayed holes
+    assert target.stat().st_blocks * 512 < len(data) - 2 * MiB + 4096  # the long run is a hole
 
 
 def test_plain_file_old_content_is_zeroed(tmp_path: Path) -> None:
@@ -122,10 +126,34 @@ def test_readback_catches_corruption(tmp_path: Path) -> None:
             writer.verify_readback()
 
 
-def test_wrong_expected_hash_fails_readback(tmp_path: Path) -> None:
-    data = payload(MiB)
-    with SlotWriter(tmp_path / "slot.img") as writer, pytest.raises(OperationalError):
-        writer.write_payload(len(data), sha(b"other"), chunked(data))
+def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair) -> None:
+    """The read-back checks the device against the stream; the stream itself is checked
+    against the signed manifest by the reader as it is written: one byte changed in the
+    image fails the write before anything is read back or reported written."""
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(payload())
+    image = signed_image(tmp_path / "image.tar", rootfs, signer, version="1")
+    raw = bytearray(image.read_bytes())
+    at = raw.index(rootfs.read_bytes()[4 * MiB : 4 * MiB + 64])
+    raw[at] ^= 1
+    image.write_bytes(bytes(raw))
+    target = tmp_path / "slot.img"
+    with image.open("rb") as stream:
+        reader = ImageReader(stream, Keyring.from_files([signer.public]))
+        (item, chunks), = [next(reader.payloads())]
+        with SlotWriter(target) as writer, pytest.raises(ImageRejected, match="sha256"):
+            writer.write_payload(item.size, item.sha256, chunks)
+    with pytest.raises(OperationalError, match="nothing written"):
+        writer.verify_readback()
+
+
+def test_checksum_is_of_the_stream(tmp_path: Path) -> None:
+    """The read-back's expectation comes from the streamed bytes, not from what the writer
+    made of them: it is their xxh3 whatever the chunking, zero runs included."""
+    data = payload()
+    with SlotWriter(tmp_path / "slot.img") as writer:
+        stats = writer.write_payload(len(data), sha(data), chunked(data, (4096 * 3 + 1, 17)))
+    assert stats.checksum == xxhash.xxh3_128(data).hexdigest()
 
 
 def test_interrupt_leaves_nothing_open(tmp_path: Path) -> None:
@@ -215,3 +243,59 @@ def test_loop_mounted_slot_is_refused(loop_slot: tuple[Path, Path, int]) -> None
     with mounted(device, readonly=True), pytest.raises(PolicyRefusal) as err:
         SlotWriter(device).__enter__()
     assert err.value.exit_code == 4
+
+
+class ChangeAtReadBack:
+    """A progress sink that changes bytes of the slot behind the device's back (through the
+    loop device's backing file) as the read-back begins, after every write and the final
+    flush: what the read-back meets on a device that lost or never stored those bytes."""
+
+    def __init__(self, image: Path, at: int, data: bytes) -> None:
+        self.image, self.at, self.data = image, at, data
+        self.done = False
+
+    def start(self, label: str, total: int) -> None:
+        if label == "verify" and not self.done:
+            fd = os.open(self.image, os.O_WRONLY)
+            try:
+                os.pwrite(fd, self.data, self.at)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.done = True
+
+    def advance(self, done: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.loop
+def test_loop_byte_changed_after_the_write_is_caught(loop_slot: tuple[Path, Path, int]) -> None:
+    device, image, start = loop_slot
+    data = payload()
+    sink = ChangeAtReadBack(image, start + 4 * MiB + 777, b"\x5a")
+    # flush windows of 1 MiB: a read-back that followed the writer would have passed the
+    # changed byte before it changed; every byte must be read after the last write
+    with SlotWriter(device, sink, sync_every=MiB) as writer, pytest.raises(OperationalError) as err:
+        writer.write_payload(len(data), sha(data), chunked(data))
+    assert sink.done and "does not match" in err.value.message
+    with SlotWriter(device) as writer:  # the same write, left alone, passes
+        writer.write_payload(len(data), sha(data), chunked(data))
+
+
+@pytest.mark.loop
+def test_loop_zeroed_range_that_is_not_zero_is_caught(loop_slot: tuple[Path, Path, int]) -> None:
+    """The long zero run (1-3 MiB) is zeroed, not written, where the device offloads it;
+    the read-back reads it like the rest: a range that does not read zeros fails."""
+    device, image, start = loop_slot
+    data = payload()
+    with SlotWriter(device) as writer:
+        stats = writer.write_payload(len(data), sha(data), chunked(data))
+    offload = Path(f"/sys/class/block/{device.name}/../queue/write_zeroes_max_bytes")
+    assert stats.skipped == (2 * MiB if int(offload.read_text()) > 0 else 0)
+    sink = ChangeAtReadBack(image, start + 2 * MiB + 4096 * 5, b"\xff" * 3)
+    with SlotWriter(device, sink, sync_every=MiB) as writer, pytest.raises(OperationalError) as err:
+        writer.write_payload(len(data), sha(data), chunked(data))
+    assert sink.done and "does not match" in err.value.message

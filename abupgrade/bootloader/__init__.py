@@ -23,6 +23,7 @@ class BootloaderKind(enum.StrEnum):
     GRUB = "grub"
     SYSLINUX = "syslinux"
     UBOOT = "uboot"
+    SYSTEMD_BOOT = "systemd-boot"
 
 
 def backend_class(kind: BootloaderKind) -> type[Bootloader]:

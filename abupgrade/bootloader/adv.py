@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from abupgrade import fsutil
 from abupgrade.errors import OperationalError
 
 ADV_SIZE = 512
@@ -188,6 +189,7 @@ def write(path: Path, adv: Adv) -> None:
                 if os.pwrite(fd, data, base + offset) != len(data):
                     raise OSError(f"short write at offset {base + offset}")
                 os.fsync(fd)
+                fsutil.checkpoint(path.parent)  # at its home sectors before the next copy
     except OSError as exc:
         raise OperationalError(f"cannot write the syslinux ADV in {path}: {exc}",
                                hint="is the boot partition mounted read-write?") from None

@@ -40,13 +40,15 @@ Writing a new backend (`abupgrade/bootloader/<name>.py`, plus one line in the re
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 from abupgrade.errors import UsageError
+from abupgrade.fsutil import atomic_writer, remove
 from abupgrade.image.manifest import BOOT_NAMES
 from abupgrade.model import Slot
 from abupgrade.mounts import MOUNTINFO, point_holding
@@ -57,6 +59,7 @@ from abupgrade.schema import Table
 BOOT_FILES: Mapping[str, str] = dict(zip(BOOT_NAMES, ("vmlinuz", "initrd.img"), strict=True))
 
 SLOT_NAMES = {Slot.A: "rootfs_a", Slot.B: "rootfs_b"}  # GPT partition names of the slots
+KERNEL_CMDLINE = "console=ttyS0 panic=5"  # what disk init gives the kernels besides root=
 BOOT_POINT = Path("/boot")  # where the configuration names the boot filesystem
 DATA_POINT = Path("/data")  # ... and the data partition (the state folder)
 
@@ -99,6 +102,7 @@ class BootState:
 
 class Firmware(enum.StrEnum):
     BIOS = "bios"
+    UEFI = "uefi"
 
 
 class Arch(enum.StrEnum):
@@ -126,6 +130,7 @@ class Role(enum.StrEnum):
     SLOT_B = "slot-B"
     DATA = "data"  # ext4 made by disk init, the rest of the disk: the state folder
     FIRMWARE = "firmware"  # what firmware or bootloader needs besides (bios_grub); install fills it
+    ESP = "esp"  # the EFI system partition: FAT32 made by disk init; install writes it (abupgrade.fat)
 
     @classmethod
     def of(cls, slot: Slot) -> Role:
@@ -141,15 +146,18 @@ class PlannedPartition:
 
 @dataclass(frozen=True)
 class DiskPlan:
-    """The partition table a backend needs; partitions are numbered from 1 in this order."""
+    """The partition table a backend needs for `platform`; partitions are numbered from 1
+    in this order."""
 
     table: TableKind
     partitions: tuple[PlannedPartition, ...]
     disk_id: str | None = None  # the table's id (GPT disk GUID), when the backend needs it
+    platform: Platform = field(default_factory=Platform)
 
     @classmethod
     def ab(cls, table: TableKind, *, slot_size: int, boot_size: int, boot_bootable: bool = False,
-           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None) -> DiskPlan:
+           before: tuple[PlannedPartition, ...] = (), disk_id: str | None = None,
+           platform: Platform | None = None) -> DiskPlan:
         """`before`, then boot, slot A, slot B and data (the rest): on GPT named boot,
         rootfs_a, rootfs_b and data, on MBR of type 83."""
         gpt = table is TableKind.GPT
@@ -164,7 +172,11 @@ class DiskPlan:
                            part(Role.BOOT, boot_size, "boot", BOOT_POINT, boot_bootable),
                            part(Role.SLOT_A, slot_size, SLOT_NAMES[Slot.A]),
                            part(Role.SLOT_B, slot_size, SLOT_NAMES[Slot.B]),
-                           part(Role.DATA, None, "data", DATA_POINT)), disk_id)
+                           part(Role.DATA, None, "data", DATA_POINT)),
+                   disk_id, platform or Platform())
+
+    def has(self, role: Role) -> bool:
+        return any(part.role is role for part in self.partitions)
 
     def number(self, role: Role) -> int:
         for number, part in enumerate(self.partitions, start=1):
@@ -193,7 +205,8 @@ class DiskLayout:
     `boot_root` is the boot filesystem, mounted (the backend's settings are rebased onto
     it); `disk` is the whole disk (block device or image file); `boot_partition` is the boot
     partition's number on it; `slot_partitions` the slots' partition numbers (GRUB needs them
-    for `(hd0,gptN)`); `slot_roots` the device specs the kernel gets as `root=`.
+    for `(hd0,gptN)`); `slot_roots` the device specs the kernel gets as `root=`;
+    `partitions` every partition's block device; `esp` the EFI system partition, if any.
     """
 
     disk: Path
@@ -201,8 +214,18 @@ class DiskLayout:
     boot_partition: int
     slot_partitions: Mapping[Slot, int]
     slot_roots: Mapping[Slot, str]
-    kernel_cmdline: str = "console=ttyS0 panic=5"
+    kernel_cmdline: str = KERNEL_CMDLINE
     platform: Platform = field(default_factory=Platform)
+    partitions: Mapping[int, Path] = field(default_factory=dict)  # number -> block device
+    esp_partition: int | None = None  # the plan's Role.ESP, made FAT32 and empty
+
+    @property
+    def esp(self) -> Path:
+        """The EFI system partition's block device; a UsageError when the plan has none."""
+        if self.esp_partition is None or self.esp_partition not in self.partitions:
+            raise UsageError(f"{self.disk} has no EFI system partition",
+                             hint="lay the disk out with `abupgrade disk init --firmware uefi`")
+        return self.partitions[self.esp_partition]
 
     def on_boot_fs(self, path: Path, what: str) -> PurePosixPath:
         """Where `path` (a backend's file on the mounted disk) is inside the boot filesystem;
@@ -285,6 +308,32 @@ class Bootloader(abc.ABC):
         """Where the boot file `name` ("kernel" or "initrd") of `slot` lives; abupgrade
         writes it there atomically before the slot is armed."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with the bootloader's state that it cannot fix itself (damaged
+        copies of it, for example); each a sentence for `status`."""
+        return []
+
+    def repair(self) -> list[str]:
+        """Rewrite what `problems` finds and can be rewritten safely; what was done."""
+        return []
+
+    @contextlib.contextmanager
+    def boot_file_writer(self, slot: Slot, name: str) -> Iterator[BinaryIO]:
+        """A file to stream the boot file `name` of `slot` into: it takes its place when the
+        block ends without an error, and nothing changes otherwise. By default a temporary
+        file beside `boot_file_path`, renamed onto it; a backend that keeps its boot files
+        where abupgrade cannot simply open them (a FAT partition) writes them itself."""
+        path = self.boot_file_path(slot, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(path, boot=True) as out:
+            yield out
+
+    def drop_boot_files(self, slot: Slot) -> None:
+        """Remove `slot`'s boot files (before the slot is written, or after its install
+        failed): none may be left for a slot that is not complete."""
+        for name in BOOT_NAMES:
+            remove(self.boot_file_path(slot, name), boot=True)
+
     @abc.abstractmethod
     def trial_boots(self) -> int:
         """How many boots `apply` gives a trial (from the settings, or what the bootloader
@@ -298,3 +347,12 @@ class Bootloader(abc.ABC):
         """The bootloader's own boot-counting state, for `status --json` under the
         bootloader's name (U-Boot's bootcount, bootlimit, ...); empty when it has none."""
         return {}
+
+    def platform(self) -> Platform:
+        """What the disk boots on (`status` reports its firmware): the backend's only
+        platform unless its settings say which."""
+        return self.platforms[0]
+
+    def check_boot_files(self, slot: Slot) -> None:  # noqa: B027 - a hook, empty by default
+        """Refuse (PolicyRefusal) boot files just written for `slot` that the bootloader
+        will not boot, before the slot can be armed. Nothing to check by default."""

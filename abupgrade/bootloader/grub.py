@@ -1,4 +1,5 @@
-"""The GRUB backend (BIOS, i386-pc; GPT or MBR disks; the boot filesystem ext2/3/4).
+"""The GRUB backend (BIOS, i386-pc, on GPT or MBR disks; UEFI, x86_64-efi, with or without
+Secure Boot, on GPT: see grub_efi.py; the boot filesystem ext2/3/4).
 
 The state lives in two GRUB environment blocks, `[grub] env` and the same name with `.1`
 appended, 1024 bytes each. Neither ever moves, shrinks or grows: GRUB's `save_env` rewrites
@@ -20,7 +21,8 @@ either the old or the new state. grub.cfg (rendered from grub.cfg.in at install)
 reading, the choice and the decrement with string comparisons only, as stock GRUB 2.06
 has no arithmetic. A trial boot is booted only after its decremented count is saved, so a
 trial gets at most N boots; a power cut between that save and the kernel costs one of them.
-GRUB addresses the boot disk as hd0 (the BIOS boot drive).
+On BIOS GRUB addresses the boot disk as hd0 (the BIOS boot drive); on UEFI, grub.cfg names
+the boot partition and its disk by what the ESP's config found (grub_efi.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from abupgrade import blockdev, mounts
+from abupgrade import blockdev, fsutil, mounts
+from abupgrade.bootloader import grub_efi
 from abupgrade.bootloader.base import (
     BOOT_FILES,
     BOOT_POINT,
@@ -42,6 +45,7 @@ from abupgrade.bootloader.base import (
     BootState,
     DiskLayout,
     DiskPlan,
+    Firmware,
     PlannedPartition,
     Platform,
     Role,
@@ -50,7 +54,7 @@ from abupgrade.bootloader.base import (
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
 from abupgrade.fsutil import atomic_write, fsync_dir
 from abupgrade.model import Slot
-from abupgrade.partitions import BIOS_GRUB, PartitionSpec, TableKind, read_table
+from abupgrade.partitions import BIOS_GRUB, EFI_SYSTEM, PartitionSpec, TableKind, read_table
 from abupgrade.run import require_tool, run
 from abupgrade.schema import Table, error
 
@@ -64,22 +68,34 @@ GRUB_LIB = Path("/usr/lib/grub/i386-pc")
 BIOS_SETUP = GRUB_LIB / "grub-bios-setup"
 MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "serial", "terminal", "loadenv",
            "test", "echo", "linux", "normal")
-REFUSED_FS = {"btrfs": "btrfs", "zfs": "ZFS"}
+# Where GRUB's save_env is proven to rewrite the block through its sectors (grub-emu, QEMU).
+WRITABLE_FS = ("ext2", "ext3", "ext4")
+_FS_NAMES = {"zfs": "ZFS"}
+_FS_IOC_FIEMAP = 0xC020660B
+# fiemap extent flags that mean the bytes are not plainly in the file's own sectors:
+# unknown, delalloc, encoded, encrypted, not aligned, inline, tail-packed, unwritten, shared
+_FIEMAP_NOT_PLAIN = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x2000
 # What grub.cfg may carry verbatim on a `linux` line (no GRUB script syntax).
 _SAFE_WORDS = re.compile(r"[A-Za-z0-9_.,:=/+@%\-]+( [A-Za-z0-9_.,:=/+@%\-]+)*")
 
 
 @dataclass(frozen=True)
 class GrubConfig(Table):
-    """`[grub]`: the first of the two env blocks (the other is `env` + ".1"), and how many
-    boots a trial gets."""
+    """`[grub]`: the first of the two env blocks (the other is `env` + ".1"), how many
+    boots a trial gets, and the firmware the disk was laid out for (written by disk init)."""
 
     env: Path = BOOT_POINT / "grub" / "grubenv"
     tries: int = 3
+    firmware: str = Firmware.BIOS.value
+    secure_boot: bool = False
 
     def check(self, where: str) -> None:
         if not 1 <= self.tries <= MAX_TRIES:
             raise error(where, f"tries must be between 1 and {MAX_TRIES}")
+        if self.firmware not in set(Firmware):
+            raise error(where, f"firmware must be one of {', '.join(Firmware)}")
+        if self.secure_boot and self.firmware != Firmware.UEFI:
+            raise error(where, "secure_boot needs firmware = \"uefi\"")
 
 
 # ---------------------------------------------------------------- the envblk format
@@ -197,6 +213,21 @@ def block_generation(data: bytes) -> int | None:
     return None
 
 
+def block_damage(data: bytes) -> str | None:
+    """Why GRUB cannot save into this block as it is, or None when it can."""
+    if len(data) != ENV_SIZE:
+        return f"{len(data)} bytes, not {ENV_SIZE}"
+    env = parse_envblk(data)
+    if env is None:
+        return "no GRUB environment block signature"
+    generation = block_generation(data)
+    if generation is None:
+        return "torn or foreign: its generation marks disagree"
+    if data != EnvState.from_vars(env).block(generation):
+        return "not in the form GRUB and abupgrade write"
+    return None
+
+
 @dataclass(frozen=True)
 class Current:
     """The block grub.cfg boots from (`index`, None when neither is valid) and its state."""
@@ -234,6 +265,8 @@ def current(blocks: Sequence[bytes]) -> Current:
 
 class Grub(Bootloader):
     name: ClassVar[str] = "grub"
+    platforms: ClassVar[tuple[Platform, ...]] = (
+        Platform(), Platform(Firmware.UEFI), Platform(Firmware.UEFI, secure_boot=True))
     settings_type: ClassVar[type[Table]] = GrubConfig
     settings: GrubConfig
 
@@ -275,6 +308,39 @@ class Grub(Bootloader):
         if read_exactly(path) != data:
             raise OperationalError(f"{path} does not read back what was written",
                                    hint="check the boot partition for errors")
+
+    def damage(self) -> list[tuple[Path, str]]:
+        """(block, why) for each block GRUB cannot save into as it is: not a valid block, or
+        not in the exact form GRUB's save_env and abupgrade write."""
+        found = []
+        for path, data in zip(self.env_paths, self._read_blocks(), strict=True):
+            why = block_damage(data)
+            if why is not None:
+                found.append((path, why))
+        return found
+
+    def problems(self) -> list[str]:
+        found = [f"GRUB environment block {path} is damaged ({why}); the boot hook rewrites "
+                 "it on the next committed boot" for path, why in self.damage()]
+        if len(found) == 2:
+            found.append("neither GRUB environment block is valid: GRUB boots slot A and "
+                         "cannot run a trial; lay the boot disk out again")
+        return found
+
+    def repair(self) -> list[str]:
+        """Rewrite each damaged block from the valid one (at most two writes, each to the
+        block that is not current, so the valid state is never touched)."""
+        done: list[str] = []
+        for _ in range(2):
+            damaged = self.damage()
+            now = self.current()
+            if not damaged or now.index is None:
+                break  # nothing to do, or no valid state to rewrite it from
+            target = self.env_paths[now.target]
+            self.write(now.state)
+            done += [f"rewrote GRUB environment block {path} ({why})" for path, why in damaged
+                     if path == target]
+        return done
 
     def disable(self, slot: Slot) -> None:
         state = self.current().state
@@ -326,13 +392,19 @@ class Grub(Bootloader):
             if not os.access(path, os.W_OK):
                 raise UsageError(f"GRUB environment block {path} is not writable",
                                  hint="mount the boot partition read-write")
+            why = not_in_place(path)
+            if why is not None:
+                raise UsageError(f"GRUB cannot rewrite the environment block {path} in place: "
+                                 f"{why}", hint=hint_init)
+        fsutil.checkpoint(env.parent, dry_run=True)  # every change must reach GRUB at once
         mount = mounts.holding(env, self.mountinfo)
         if mount is None:
             return
-        if mount.fstype in REFUSED_FS:
+        if mount.fstype not in WRITABLE_FS:
             raise UsageError(
-                f"GRUB environment {env} is on {REFUSED_FS[mount.fstype]}, where GRUB "
-                "cannot write it in place",
+                f"GRUB environment {env} is on {_FS_NAMES.get(mount.fstype, mount.fstype)}, "
+                "where GRUB's save_env is not "
+                "known to rewrite it in place",
                 hint="keep [grub] env on an ext2/3/4 boot partition on a plain disk")
         stacked = blockdev.stacked_kind(mount.devno, mount.source)
         if stacked is not None:
@@ -345,51 +417,93 @@ class Grub(Bootloader):
 
     @classmethod
     def plan(cls, platform: Platform, *, slot_size: int, boot_size: int) -> DiskPlan:
-        """GPT: a 1 MiB bios_grub partition for GRUB's core image, then the A/B layout."""
+        """GPT: for BIOS a 1 MiB bios_grub partition for GRUB's core image, for UEFI an EFI
+        system partition; then the A/B layout."""
         cls.require_platform(platform)
-        bios = PlannedPartition(Role.FIRMWARE, PartitionSpec(MiB, BIOS_GRUB, "bios"))
+        if platform.firmware is Firmware.UEFI:
+            grub_efi.require(secure_boot=platform.secure_boot)
+            first = PlannedPartition(Role.ESP, PartitionSpec(grub_efi.ESP_SIZE, EFI_SYSTEM, "esp"))
+        else:
+            first = PlannedPartition(Role.FIRMWARE, PartitionSpec(MiB, BIOS_GRUB, "bios"))
         return DiskPlan.ab(TableKind.GPT, slot_size=slot_size, boot_size=boot_size,
-                           before=(bios,))
+                           before=(first,), platform=platform)
 
     @classmethod
     def new_settings(cls, plan: DiskPlan) -> GrubConfig:
-        return GrubConfig(env=plan.mount(Role.BOOT) / "grub" / "grubenv")
+        return GrubConfig(env=plan.mount(Role.BOOT) / "grub" / "grubenv",
+                          firmware=plan.platform.firmware.value,
+                          secure_boot=plan.platform.secure_boot)
+
+    def platform(self) -> Platform:
+        return Platform(Firmware(self.settings.firmware), secure_boot=self.settings.secure_boot)
+
+    def check_boot_files(self, slot: Slot) -> None:
+        """With Secure Boot, the slot's kernel must carry a signature (GRUB asks shim to
+        verify it and boots nothing else); whether shim trusts the signer shows at boot."""
+        kernel = self.boot_file_path(slot, "kernel")
+        if not self.settings.secure_boot or not kernel.is_file():
+            return
+        with open(kernel, "rb") as f:
+            signed = grub_efi.authenticode_signed(f.read())
+        if not signed:
+            raise PolicyRefusal(
+                "the image's kernel carries no Secure Boot signature; this disk boots "
+                "with Secure Boot, which would refuse it",
+                hint="sign the kernel with a key shim trusts (Debian's kernels are signed; "
+                     "or enroll your key with mokutil and sbsign the kernel)")
 
     def install(self, layout: DiskLayout) -> None:
-        """grub-mkimage + grub-bios-setup onto layout.disk, grub.cfg, both env blocks
+        """GRUB for the layout's firmware - BIOS: grub-mkimage + grub-bios-setup onto
+        layout.disk; UEFI: GRUB on the ESP (grub_efi.py) - then grub.cfg, both env blocks
         (slot A default and good, B bad), and the boot files' folders."""
-        mkimage = require_tool("grub-mkimage", package="grub-common")
-        if not BIOS_SETUP.is_file():
-            raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
-        table = read_table(layout.disk)
-        if table is None:
-            raise UsageError(f"{layout.disk} has no partition table",
-                             hint="lay out the disk with `abupgrade disk init`")
-        label = "gpt" if table.kind is TableKind.GPT else "msdos"
         env = self.settings.env
         env_rel = str(layout.on_boot_fs(env, "[grub] env"))
         grub_dir = layout.boot_root / "grub"
-        modules_dir = grub_dir / "i386-pc"
-        modules_dir.mkdir(parents=True, exist_ok=True)
-        for item in sorted(GRUB_LIB.iterdir()):
-            if item.suffix in (".mod", ".lst") or item.name == "boot.img":
-                shutil.copyfile(item, modules_dir / item.name)
-        boot_device = f"(hd0,{label}{layout.boot_partition})"
-        run([mkimage, "-O", "i386-pc", "-d", GRUB_LIB, "-p", f"{boot_device}/grub",
-             "-o", modules_dir / "core.img", *MODULES], timeout=120)
-        parts = {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
+        grub_dir.mkdir(parents=True, exist_ok=True)
+        uefi = layout.platform.firmware is Firmware.UEFI
+        if uefi:
+            boot_device = grub_efi.BOOT_DEVICE
+            parts = {slot: grub_efi.slot_device(n) for slot, n in layout.slot_partitions.items()}
+        else:
+            boot_device, parts = _bios_core_image(layout, grub_dir)
         cfg = render_cfg(boot_device=boot_device, env_rel=env_rel, parts=parts,
                          roots=layout.slot_roots, cmdline=layout.kernel_cmdline)
-        atomic_write(grub_dir / "grub.cfg", cfg.encode())
+        atomic_write(grub_dir / "grub.cfg", cfg.encode(), boot=True)
         for slot in Slot:
             (env.parent / "slots" / slot.value).mkdir(parents=True, exist_ok=True)
         create_blocks(env)
-        run([BIOS_SETUP, "-d", modules_dir, layout.disk], timeout=120,
-            hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
+        if uefi:
+            grub_efi.install(layout, cfg_path=f"{grub_dir.relative_to(layout.boot_root)}/grub.cfg")
+        else:
+            run([BIOS_SETUP, "-d", grub_dir / "i386-pc", layout.disk], timeout=120,
+                hint="a GPT disk needs a 1 MiB bios_grub partition for GRUB's core image")
         fsync_dir(grub_dir)
+        fsutil.checkpoint(grub_dir)
 
 
 BACKEND = Grub
+
+
+def _bios_core_image(layout: DiskLayout, grub_dir: Path) -> tuple[str, dict[Slot, str]]:
+    """GRUB's BIOS modules and core image under `grub_dir`/i386-pc; GRUB's names of the
+    boot partition and of the slots' partitions."""
+    mkimage = require_tool("grub-mkimage", package="grub-common")
+    if not BIOS_SETUP.is_file():
+        raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
+    table = read_table(layout.disk)
+    if table is None:
+        raise UsageError(f"{layout.disk} has no partition table",
+                         hint="lay out the disk with `abupgrade disk init`")
+    label = "gpt" if table.kind is TableKind.GPT else "msdos"
+    modules_dir = grub_dir / "i386-pc"
+    modules_dir.mkdir(parents=True, exist_ok=True)
+    for item in sorted(GRUB_LIB.iterdir()):
+        if item.suffix in (".mod", ".lst") or item.name == "boot.img":
+            shutil.copyfile(item, modules_dir / item.name)
+    boot_device = f"(hd0,{label}{layout.boot_partition})"
+    run([mkimage, "-O", "i386-pc", "-d", GRUB_LIB, "-p", f"{boot_device}/grub",
+         "-o", modules_dir / "core.img", *MODULES], timeout=120)
+    return boot_device, {slot: f"(hd0,{label}{n})" for slot, n in layout.slot_partitions.items()}
 
 
 def block_paths(env: Path) -> tuple[Path, Path]:
@@ -401,7 +515,7 @@ def create_blocks(env: Path) -> None:
     (generation 0); block 1 holds the same state one generation older."""
     fresh = EnvState(default=Slot.A, good=frozenset({Slot.A}))
     for path, generation in zip(block_paths(env), (0, 2), strict=True):
-        atomic_write(path, fresh.block(generation))
+        atomic_write(path, fresh.block(generation), boot=True)
 
 
 # The console of a disk abupgrade laid out: the first serial port.
@@ -438,6 +552,36 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
 
 # ---------------------------------------------------------------- files and mounts
 
+def not_in_place(path: Path) -> str | None:
+    """Why GRUB's save_env could not rewrite `path` through its disk sectors (its bytes are
+    inline, encrypted, compressed, unwritten, shared or not allocated), or None when it can.
+    A filesystem without FIEMAP is left to the filesystem check."""
+    import fcntl
+    import struct
+
+    head = struct.pack("=QQIIII", 0, ENV_SIZE, 1, 0, 16, 0)  # FIEMAP_FLAG_SYNC, 16 extents
+    buf = bytearray(head + bytes(16 * 56))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_FIEMAP, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    count = struct.unpack_from("=I", buf, 20)[0]
+    covered = 0
+    for i in range(count):
+        logical, _physical, length, _r1, _r2, flags = struct.unpack_from("=QQQQQI", buf,
+                                                                       32 + 56 * i)
+        if flags & _FIEMAP_NOT_PLAIN:
+            return f"its data is not plainly on disk (extent flags {flags:#x})"
+        if logical <= covered:
+            covered = max(covered, logical + length)
+    if covered < ENV_SIZE:
+        return "not all of its bytes are allocated on disk"
+    return None
+
+
 def read_exactly(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(ENV_SIZE + 1)
@@ -465,3 +609,4 @@ def write_in_place(path: Path, data: bytes) -> None:
         raise OperationalError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+    fsutil.checkpoint(path.parent)

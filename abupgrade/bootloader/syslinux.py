@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from abupgrade import mounts
+from abupgrade import fsutil, mounts
 from abupgrade.bootloader import adv
 from abupgrade.bootloader.adv import Adv
 from abupgrade.bootloader.base import (
@@ -351,7 +351,7 @@ class Syslinux(Bootloader):
         """Carry out planned steps in order, each one durable before the next."""
         for step in steps:
             if isinstance(step, WriteConf):
-                atomic_write(self.conf_path, step.conf.render().encode())
+                atomic_write(self.conf_path, step.conf.render().encode(), boot=True)
             else:
                 adv.write(self.loader_path, step.adv)
 
@@ -373,6 +373,7 @@ class Syslinux(Bootloader):
             raise UsageError(f"{self.dir} is on {fstype or 'an unknown filesystem'}; the syslinux "
                              "backend keeps its state on ext2/3/4 only",
                              hint="make the boot partition ext4: mkfs.ext4 -b 4096")
+        fsutil.checkpoint(self.dir, dry_run=True)  # every change must reach syslinux at once
         block = os.statvfs(self.dir).f_bsize
         if block < MIN_BLOCK_SIZE:
             raise UsageError(f"the boot filesystem of {self.dir} has {block}-byte blocks; "
@@ -408,7 +409,7 @@ class Syslinux(Bootloader):
         for module in MODULES:
             shutil.copyfile(MODULES_DIR / module, target / module)
         atomic_write(target / CONFIG_NAME,
-                     fresh_config(layout.slot_roots, layout.kernel_cmdline).encode())
+                     fresh_config(layout.slot_roots, layout.kernel_cmdline).encode(), boot=True)
         adv.write(target / LOADER_NAME, Adv())
         write_mbr_code(layout.disk, MBR_CODE.read_bytes())
 

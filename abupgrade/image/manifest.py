@@ -242,23 +242,29 @@ def compare_versions(a: str, b: str) -> int:
 
     Dot-separated parts compare numerically where numeric ("1.10" > "1.9"); missing parts count
     as zero ("1.2" == "1.2.0"); letters within a part compare after its digits, alphabetically
-    ("1.2a" > "1.2"). A "-suffix" marks a pre-release that sorts before the plain version
-    ("2.0-rc1" < "2.0"); "+build" metadata is ignored.
+    ("1.2a" > "1.2"). A pre-release sorts before its release: everything after the first `~`
+    (Debian) or `-` (semver) is a pre-release tag ("2.0~rc1" == "2.0-rc1" < "2.0"), compared
+    by the same rules, so "2.0~rc1~git3" < "2.0~rc1" and "2.1-beta.2" < "2.1-beta.11" <
+    "2.1-rc.1". "+build" metadata is ignored.
     """
-    ka, kb = _version_key(a), _version_key(b)
+    ka, kb = _version_key(a.split("+", 1)[0]), _version_key(b.split("+", 1)[0])
     return (ka > kb) - (ka < kb)
 
 
 _Part = tuple[tuple[int, int, str], ...]
+_Key = tuple[tuple[_Part, ...], int, tuple[object, ...]]
 
 
-def _version_key(version: str) -> tuple[tuple[_Part, ...], int, tuple[_Part, ...]]:
-    main, _, pre = version.split("+", 1)[0].partition("-")
+def _version_key(version: str) -> _Key:
+    """(release parts, 1 for a release or 0 for a pre-release, the pre-release's own key)."""
+    match = re.search(r"[~-]", version)
+    main = version if match is None else version[:match.start()]
     parts = [_part(p) for p in main.split(".")]
     while parts and parts[-1] == _part("0"):
         parts.pop()
-    pre_parts = tuple(_part(p) for p in pre.split(".")) if pre else ()
-    return tuple(parts), 0 if pre else 1, pre_parts
+    if match is None:
+        return tuple(parts), 1, ()
+    return tuple(parts), 0, _version_key(version[match.end():])
 
 
 def _part(text: str) -> _Part:

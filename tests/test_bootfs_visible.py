@@ -1,0 +1,87 @@
+"""What abupgrade changes on the boot filesystem is there for the bootloader at once.
+
+GRUB and syslinux read ext4 without replaying its journal. On a machine running from its
+disk (a loop-mounted disk made by `disk init`), `apply` and the boot hook's commit run as the
+real command; right after each, the disk image is copied as it is - a power cut at that
+instant - and read the way the bootloader reads it: GRUB itself (grub-emu) boots the copy,
+and syslinux's files are read by debugfs, which replays no journal. Before the boot files and
+extlinux.conf were checkpointed, the copy showed the old directory for tens of seconds: GRUB
+did not find the trial's kernel, syslinux kept the old DEFAULT."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader.grub import GrubConfig
+from abupgrade.bootloader.syslinux import SyslinuxConfig
+from abupgrade.model import Slot
+from fixtures.bootview import syslinux_view
+from fixtures.grubemu import GrubEmu, sha256
+from fixtures.machine import Machine, running_machine
+
+pytestmark = pytest.mark.loop
+
+
+def cut_now(disk: Path, out: Path) -> Path:
+    """The disk as it is on the device right now: what a power cut would leave."""
+    subprocess.run(["cp", "--sparse=always", str(disk), str(out)], check=True)
+    return out
+
+
+def linux_sees(machine: Machine, slot: Slot, name: str) -> bytes:
+    settings = machine.config.settings
+    boot = settings.env.parent if isinstance(settings, GrubConfig) else \
+        settings.dir if isinstance(settings, SyslinuxConfig) else None
+    assert boot is not None, settings
+    return (boot / "slots" / slot.value / name).read_bytes()
+
+
+def bootloader_boots(kind: BootloaderKind, image: Path, work: Path,
+                     emu: GrubEmu) -> tuple[Slot | None, dict[str, str | None], str]:
+    """(slot, {"vmlinuz": sha256, "initrd.img": sha256} as loaded, why) at power-on."""
+    if kind is BootloaderKind.GRUB:
+        run = emu.run_disk(image)
+        entry = run.booted
+        if entry is None:
+            return None, {}, run.output
+        names = {x.command: x.sha256 for x in entry.loads}
+        return entry.slot, {"vmlinuz": names.get("linux"), "initrd.img": names.get("initrd")}, \
+            run.output
+    view = syslinux_view(image, work)
+    slot = view.snapshot.state().next_boot
+    files = {n: view.boot_file(slot, n) for n in ("vmlinuz", "initrd.img")}
+    return slot, {n: sha256(d) if d is not None else None for n, d in files.items()}, \
+        str(view.snapshot)
+
+
+@pytest.mark.parametrize("kind", list(BootloaderKind), ids=str)
+def test_apply_and_commit_reach_the_bootloader_before_the_command_returns(
+        kind: BootloaderKind, tmp_path: Path, emu: GrubEmu,
+        disk_template: Callable[[BootloaderKind], Path],
+        make_image: Callable[..., Path]) -> None:
+    if kind is BootloaderKind.GRUB and shutil.which("grub-fstest") is None:
+        pytest.skip("grub-fstest is missing (apt-get install grub-common)")
+    disk = tmp_path / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(disk_template(kind)), str(disk)], check=True)
+    with running_machine(disk, tmp_path / "m", booted=Slot.A) as machine:
+        applied = machine.cli("apply", str(make_image("2.0")))
+        assert applied.returncode == 0, applied.stderr
+        want = {n: sha256(linux_sees(machine, Slot.B, n)) for n in ("vmlinuz", "initrd.img")}
+        slot, loaded, why = bootloader_boots(kind, cut_now(disk, tmp_path / "cut1.img"),
+                                             tmp_path, emu)
+        assert slot is Slot.B, f"the trial is not there for the bootloader: {why}"
+        assert loaded == want, f"the bootloader loads other boot files than Linux wrote: {why}"
+
+        machine.boot(Slot.B)
+        hook = machine.cli("boot-hook", "--no-reboot")
+        assert hook.returncode == 0, hook.stderr
+        slot, loaded, why = bootloader_boots(kind, cut_now(disk, tmp_path / "cut2.img"),
+                                             tmp_path, emu)
+        assert slot is Slot.B, f"the commit is not there for the bootloader: {why}"
+        assert loaded == want, why
