@@ -15,12 +15,12 @@ from fixtures.images import keypair
 from fixtures.machine import file_machine, run_cli
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "json.md"
-TOKEN = re.compile(r'\s*("[^"]*"|[A-Za-z_][A-Za-z0-9_]*|-?\d+|[\[\]{}|:,])')
+TOKEN = re.compile(r'\s*("[^"]*"|[A-Za-z_][A-Za-z0-9_]*|-?\d+|[\[\]{}|:,?])')
 
 
 def parse_type(text: str) -> Any:
-    """A shape's type as nested tuples: ("union", [...]), ("list", t), ("object", {k: t}),
-    ("name", n), ("literal", value)."""
+    """A shape's type as nested tuples: ("union", [...]), ("list", t), ("object", ({k: t},
+    optional keys)), ("name", n), ("literal", value)."""
     tokens = [m[1] for m in TOKEN.finditer(text)]
     assert "".join(tokens) == re.sub(r"\s+", "", text), f"cannot read {text!r}"
     pos = 0
@@ -47,14 +47,18 @@ def parse_type(text: str) -> Any:
             return ("list", item)
         if token == "{":
             keys: dict[str, Any] = {}
+            optional: set[str] = set()
             while tokens[pos] != "}":
                 key = json.loads(take())
+                if tokens[pos] == "?":
+                    take("?")
+                    optional.add(key)
                 take(":")
                 keys[key] = union()
                 if tokens[pos] == ",":
                     take(",")
             take("}")
-            return ("object", keys)
+            return ("object", (keys, frozenset(optional)))
         if token.startswith('"') or token.lstrip("-").isdigit() or token in ("true", "false"):
             return ("literal", json.loads(token))
         return ("name", token)
@@ -105,9 +109,10 @@ def conforms(value: Any, shape: Any, where: str = "$") -> list[str]:
     assert kind == "object"
     if not isinstance(value, dict):
         return [f"{where}: {value!r} is not an object"]
-    problems = [f"{where}: undocumented key {k!r}" for k in value if k not in detail]
-    problems += [f"{where}: missing key {k!r}" for k in detail if k not in value]
-    for key, item in detail.items():
+    keys, optional = detail
+    problems = [f"{where}: undocumented key {k!r}" for k in value if k not in keys]
+    problems += [f"{where}: missing key {k!r}" for k in keys if k not in value and k not in optional]
+    for key, item in keys.items():
         if key in value:
             problems += conforms(value[key], item, f"{where}.{key}")
     return problems
@@ -148,7 +153,7 @@ def test_the_shapes_parse_and_name_only_known_shapes() -> None:
         if kind == "list":
             return names(detail)
         if kind == "object":
-            return set().union(*(names(s) for s in detail.values()))
+            return set().union(*(names(s) for s in detail[0].values()))
         return set()
 
     known = set(SHAPES) | {"str", "int", "float", "bool", "null"}
@@ -191,6 +196,32 @@ def test_machine_documents(tmp_path: Path) -> None:
     check(sick, "HealthError")
     assert "root-is-slot" in sick["error"]
     check(failing("--config", str(tmp_path / "none.toml"), "status", code=2), "Error")
+
+
+def test_status_of_every_backend_and_firmware_is_documented() -> None:
+    """The literals of `Status` are the backends and firmwares the program has."""
+    from abupgrade.bootloader import BootloaderKind
+    from abupgrade.bootloader.base import Firmware
+
+    keys = SHAPES["Status"][1][0]
+    assert {o[1] for o in keys["bootloader"][1]} == set(map(str, BootloaderKind))
+    assert {o[1] for o in keys["firmware"][1]} == set(map(str, Firmware))
+
+
+def test_uboot_status_document(tmp_path: Path) -> None:
+    """`status` on a U-Boot machine (its environment as plain files) adds U-Boot's counters."""
+    from abupgrade import ops
+    from abupgrade.bootloader import BootloaderKind
+    from abupgrade.system import Options
+    from fixtures.filemachine import Bench
+
+    bench = Bench(BootloaderKind.UBOOT, tmp_path, keypair(tmp_path), {})
+    bench.template(tmp_path / "root")
+    with bench.machine(tmp_path / "root", Slot.A):
+        document = ops.status(Options()).to_json()
+    check(document, "Status")
+    assert document["uboot"]["bootcount"] == 0 and document["firmware"] == "bios", document
+    assert conforms({**document, "uboot": {}}, ("name", "Status"))
 
 
 def test_image_documents(tmp_path: Path) -> None:
