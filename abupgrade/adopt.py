@@ -32,13 +32,13 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from abupgrade import integrations, mounts, slots
 from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.base import BOOT_POINT, DATA_POINT, SLOT_NAMES
+from abupgrade.bootloader.base import BOOT_POINT, DATA_POINT, SLOT_NAMES, Firmware
 from abupgrade.bootloader.grub import Grub, GrubConfig, create_blocks, render_cfg
 from abupgrade.config import DEFAULT_PATH, ON_DISK_PATH, Config, render
 from abupgrade.errors import OperationalError, PolicyRefusal, UsageError
@@ -61,6 +61,8 @@ NOT_A_SLOT = {BIOS_GRUB, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
 EXT = ("ext2", "ext3", "ext4")
 # Words of the running kernel's command line that each boot entry sets itself.
 OWN_WORDS = re.compile(r"(BOOT_IMAGE|root|initrd|abupgrade\.[a-z_]+)=")
+# UEFI's global variable that says whether Secure Boot is on (4 bytes of attributes, then 1).
+SECURE_BOOT_VAR = "SecureBoot-8be4df61-93ca-11d0-aae4-00e098032b8c"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,18 @@ class Running:
     mountinfo: Path = mounts.MOUNTINFO
     cmdline: Path = Path("/proc/cmdline")
     release: str = field(default_factory=lambda: os.uname().release)
+    efi: Path = Path("/sys/firmware/efi")  # there only when the firmware is UEFI
+
+    def firmware(self) -> tuple[Firmware, bool]:
+        """The firmware the machine booted with, and whether Secure Boot is on: GRUB's
+        settings record both, so `apply` refuses an unsigned kernel where shim would."""
+        if not self.efi.is_dir():
+            return Firmware.BIOS, False
+        try:
+            value = (self.efi / "efivars" / SECURE_BOOT_VAR).read_bytes()
+        except OSError:
+            return Firmware.UEFI, False
+        return Firmware.UEFI, value[4:5] == b"\x01"
 
     def at(self, path: Path) -> Path:
         """Where the machine's absolute `path` is now."""
@@ -329,7 +343,9 @@ def adopt(running: Running, layout: Layout, *, compatible: str, pubkeys: Sequenc
         raise UsageError("adopt needs --pubkey: the keyring must trust the images' signer")
     for key in pubkeys:
         load_public(key)
-    grub = GrubConfig(env=BOOT_POINT / HOME / "grubenv", tries=tries)
+    firmware, secure_boot = running.firmware()
+    grub = GrubConfig(env=BOOT_POINT / HOME / "grubenv", tries=tries, firmware=str(firmware),
+                      secure_boot=secure_boot)
     grub.check("--tries ")
     config = Config(compatible=compatible, bootloader=BootloaderKind.GRUB,
                     slots={slot: part.spec for slot, part in layout.slots.items()},
@@ -360,7 +376,7 @@ def adopt(running: Running, layout: Layout, *, compatible: str, pubkeys: Sequenc
     state_made = not running.at(layout.state_dir).exists()
     try:
         installed = _write_all(running, layout, written, hooked, config=config, script=script,
-                               pubkeys=pubkeys, version=version, tries=tries, kind=kind,
+                               pubkeys=pubkeys, version=version, grub=grub, kind=kind,
                                hook=hook, block=block)
     except BaseException as exc:
         _take_back(running, written, hooked, layout.state_dir if state_made else None, kind)
@@ -374,7 +390,7 @@ def adopt(running: Running, layout: Layout, *, compatible: str, pubkeys: Sequenc
 
 def _write_all(running: Running, layout: Layout, written: list[Path], hooked: list[Path], *,
                config: Config, script: str, pubkeys: Sequence[Path], version: str | None,
-               tries: int, kind: str | None, hook: bool, block: str) -> HookInstalled | None:
+               grub: GrubConfig, kind: str | None, hook: bool, block: str) -> HookInstalled | None:
     """The writes of `adopt`, in an order where a failure (or a power cut) before the last
     leaves GRUB booting the machine as before; `written` and `hooked` say what is done."""
     boot = running.at(BOOT_POINT)
@@ -387,7 +403,7 @@ def _write_all(running: Running, layout: Layout, written: list[Path], hooked: li
 
     for key in pubkeys:
         write(HOME / "keys" / key.name, key.read_bytes())
-    backend = Grub(GrubConfig(env=boot / HOME / "grubenv", tries=tries),
+    backend = Grub(replace(grub, env=boot / HOME / "grubenv"),
                    mountinfo=running.mountinfo)
     for name, source in (("kernel", layout.kernel), ("initrd", layout.initrd)):
         if source is not None:

@@ -819,9 +819,10 @@ PLATFORM_ARGS = (
              help="the machine's compatible string (default: the --image's)"),
          arg("--force", help="replace an existing partition table and everything on the disk"),
          details="TARGET is an image file (created) or an unmounted device. The boot "
-                 "filesystem gets the bootloader and its boot-selection script, the "
-                 "configuration (/boot/abupgrade/system.toml) and the keyring; the data "
-                 "partition the state. With --image, slot A gets a first image, committed.")
+                 "filesystem (and on UEFI the EFI system partition) gets the bootloader and "
+                 "its boot-selection script, the configuration (/boot/abupgrade/system.toml) "
+                 "and the keyring; the data partition the state. With --image, slot A gets a "
+                 "first image, committed.")
 def disk_init(g: Globals, a: argparse.Namespace) -> None:
     from abupgrade import ops
 
