@@ -20,6 +20,7 @@ SYS_CLASS_BLOCK = Path("/sys/class/block")
 _BLKGETSIZE64 = 0x80081272
 _BLKSSZGET = 0x1268
 _BLKZEROOUT = 0x127F
+_BLKROGET = 0x125E
 
 
 def fd_capacity(fd: int) -> int:
@@ -35,6 +36,22 @@ def capacity(path: Path) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return fd_capacity(fd)
+    finally:
+        os.close(fd)
+
+
+def writable(path: Path) -> bool:
+    """Whether `path` takes writes: for a block device, that it is not read-only (BLKROGET:
+    `blockdev --setro`, a write-protect switch; opening it for writing still succeeds)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return True
+        flag: int = struct.unpack("=i", fcntl.ioctl(fd, _BLKROGET, b"\0" * 4))[0]
+        return flag == 0
     finally:
         os.close(fd)
 

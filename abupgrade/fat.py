@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Self
 
-from abupgrade import mounts
+from abupgrade import blockdev, mounts
 from abupgrade.disk import mounted
 from abupgrade.errors import OperationalError, UsageError
 from abupgrade.fsutil import fsync_dir
@@ -124,6 +124,10 @@ class Fat(abc.ABC):
     @abc.abstractmethod
     def _put(self, path: PurePosixPath, source: Path) -> None:
         """Copy the host file `source` to the new name `path` (no file there)."""
+
+    @abc.abstractmethod
+    def writable(self) -> bool:
+        """Whether changes can be made (a read-only mount or device says no)."""
 
     def exists(self, path: str | PurePosixPath) -> bool:
         p = fat_path(path)
@@ -194,6 +198,10 @@ class KernelFat(Fat):
         host.unlink()
         fsync_dir(host.parent)
 
+    def writable(self) -> bool:
+        return os.access(self.root, os.W_OK) and \
+            not os.statvfs(self.root).f_flag & os.ST_RDONLY
+
     def _put(self, path: PurePosixPath, source: Path) -> None:
         host = self._host(path)
         with open(source, "rb") as src, open(host, "xb") as out:
@@ -249,6 +257,9 @@ class MtoolsFat(Fat):
                                    hint="is it a FAT filesystem, not mounted or in use? "
                                         "fsck.fat -n checks it")
         return proc.stdout
+
+    def writable(self) -> bool:
+        return blockdev.writable(self.image)
 
     def _z(self, path: str | PurePosixPath) -> str:
         return self.DRIVE + ("/" + str(fat_path(path)) if str(path) not in ("", ".") else "/")

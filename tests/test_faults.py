@@ -15,13 +15,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
+from abupgrade import slots
 from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.bootloader.syslinux import SyslinuxConfig
+from abupgrade.bootloader.systemd_boot import SystemdBootConfig
 from abupgrade.bootloader.uboot import UBoot, UBootConfig
+from abupgrade.fat import Fat, open_fat
 from abupgrade.model import Slot
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
@@ -44,6 +47,10 @@ def digest(path: Path) -> str:
 
 def boot_files(m: Machine) -> dict[str, str]:
     """Every file the bootloader reads its state or kernels from."""
+    if isinstance(m.config.settings, SystemdBootConfig):  # every file on the ESP
+        with open_fat(slots.resolve(m.config.settings.esp)) as fat:
+            return {str(path): hashlib.sha256(fat.read(path)).hexdigest()
+                    for path in fat_files(fat)}
     if m.config.bootloader == "grub":
         env = m.config.section(GrubConfig).env
         paths = [env, env.with_name(env.name + ".1"), *(env.parent / "slots").rglob("*")]
@@ -57,6 +64,16 @@ def boot_files(m: Machine) -> dict[str, str]:
         d = m.config.section(SyslinuxConfig).dir
         paths = [d / "extlinux.conf", d / "ldlinux.sys", *(d / "slots").rglob("*")]
     return {str(p): digest(p) for p in sorted(paths) if p.is_file()}
+
+
+def fat_files(fat: Fat, folder: PurePosixPath | None = None) -> list[PurePosixPath]:
+    found = []
+    for entry in fat.list(folder or ""):
+        if entry.name in (".", ".."):
+            continue
+        path = folder / entry.name if folder else PurePosixPath(entry.name)
+        found += fat_files(fat, path) if entry.is_dir else [path]
+    return found
 
 
 def slot_digest(m: Machine, slot: Slot, length: int = 8 << 20) -> str:
@@ -210,19 +227,34 @@ def mount_point(path: Path) -> Path:
     return Path(out)
 
 
+@contextlib.contextmanager
+def read_only_boot(machine: Machine) -> Iterator[None]:
+    """The filesystem the bootloader's state lives on, read-only for the block: the mounted
+    boot partition remounted, or the ESP's device set read-only (systemd-boot; this kernel
+    has no vfat, so the ESP is not mounted)."""
+    settings = machine.config.settings
+    if isinstance(settings, SystemdBootConfig):
+        device = str(slots.resolve(settings.esp))
+        undo = ["blockdev", "--setrw", device]
+        subprocess.run(["blockdev", "--setro", device], check=True)
+    else:
+        on_boot = settings.env.parent if isinstance(settings, GrubConfig) else \
+            settings.dir if isinstance(settings, (SyslinuxConfig, UBootConfig)) else None
+        assert on_boot is not None, settings
+        boot = mount_point(on_boot)
+        undo = ["mount", "-o", "remount,rw", str(boot)]
+        subprocess.run(["mount", "-o", "remount,ro", str(boot)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
 @case
 def test_read_only_boot_partition(machine: Machine, make_image: Callable[..., Path]) -> None:
-    on_boot = {"grub": lambda: machine.config.section(GrubConfig).env,
-               "syslinux": lambda: machine.config.section(SyslinuxConfig).dir,
-               "uboot": lambda: machine.config.section(UBootConfig).dir}
-    boot = mount_point(on_boot[machine.config.bootloader]())
-    subprocess.run(["mount", "-o", "remount,ro", str(boot)], check=True)
-    try:
-        with unchanged(machine):
-            proc = machine.cli("apply", str(make_image("2.0")))
-            one_line(proc, 2, "writable")
-    finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(boot)], check=True)
+    with read_only_boot(machine), unchanged(machine):
+        proc = machine.cli("apply", str(make_image("2.0")))
+        one_line(proc, 2, "writable")
     proc = machine.cli("apply", str(make_image("2.0")))
     assert proc.returncode == 0, proc.stderr
 
@@ -244,10 +276,10 @@ def path_without(tmp_path: Path, *tools: str) -> str:
 @case
 def test_missing_bootloader_tools(machine: Machine, make_image: Callable[..., Path],
                                   tmp_path: Path) -> None:
-    """apply and the hook need neither grub-editenv, extlinux nor mkimage (the state is
-    written natively); disk init needs its bootloader's tools and says which package is
-    missing."""
-    tools = ("grub-editenv", "grub-mkimage", "extlinux", "mkimage")
+    """apply and the hook need neither grub-editenv, extlinux, mkimage nor mkfs.fat (the
+    state is written natively); disk init needs its bootloader's tools and says which
+    package is missing."""
+    tools = ("grub-editenv", "grub-mkimage", "extlinux", "mkimage", "mkfs.fat")
     env = dict(os.environ, PATH=path_without(tmp_path, *tools))
     cmd = [sys.executable, "-m", "abupgrade", "--config", str(machine.config_path)]
     proc = subprocess.run([*cmd, "apply", str(make_image("2.0"))], env=env,

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from abupgrade import fsutil, ops
-from abupgrade.bootloader import BootloaderKind
+from abupgrade.bootloader import BootloaderKind, base
 from abupgrade.errors import AbupgradeError, HealthFailed
 from abupgrade.model import Slot
 from abupgrade.state import Store
@@ -368,11 +368,11 @@ def test_sweep_finds_boot_files_the_bootloader_cannot_see(
     before it existed) are not there for GRUB after a cut, which then boots slot A's new
     rootfs with its old kernel."""
     bench = bench_for(BootloaderKind.GRUB, work / "no-checkpoint", images, request)
-    writer = fsutil.atomic_writer
-    remove = fsutil.remove
-    monkeypatch.setattr(fsutil, "atomic_writer", lambda path, mode=0o644, *, boot=False:
-                        writer(path, mode))
-    monkeypatch.setattr(fsutil, "remove", lambda path, *, boot=False: remove(path))
+    # where the backends write and drop boot files (Bootloader.boot_file_writer and
+    # drop_boot_files): the same calls with the checkpoint left out
+    monkeypatch.setattr(base, "atomic_writer", lambda path, mode=0o644, *, boot=False:
+                        fsutil.atomic_writer(path, mode))
+    monkeypatch.setattr(base, "remove", lambda path, *, boot=False: fsutil.remove(path))
     out = sweep(bench, "apply-over-without-checkpoint", lambda r: _committed_b(bench, r),
                 lambda r, s: bench.apply(r, s, "3.0"), figures=False, until_brick=True)
     assert any("holds no complete image" in b for b in out.bricks), out.bricks[:3]

@@ -565,6 +565,9 @@ class SystemdBoot(Bootloader):
                                  "overrides the order abupgrade's trials rely on",
                                  hint="set `default slot-*` there, or remove the line")
             self._read(fat).state()
+            if not fat.writable():
+                raise UsageError(f"the ESP ({fat.where}) is not writable",
+                                 hint="mount it read-write (blockdev --setrw for a device)")
         chosen = self._efivars().entry_default
         if chosen is not None:
             raise UsageError(f"the EFI variable LoaderEntryDefault ({chosen!r}) makes "
