@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -85,7 +86,20 @@ def _add_globals(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 class HelpFormatter(argparse.HelpFormatter):
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32)
+        # The width as argparse finds it (COLUMNS, else the terminal, else 80), without its
+        # `import shutil`: argparse makes a formatter for every add_argument.
+        super().__init__(prog, max_help_position=32, width=terminal_columns() - 2)
+
+
+def terminal_columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(1).columns or 80
+    except (ValueError, OSError):
+        return 80
 
 
 class Parser(argparse.ArgumentParser):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from abupgrade import health, mounts, notify, run
 from abupgrade.bootloader import Bootloader, BootState
@@ -20,6 +19,10 @@ from abupgrade.model import Slot, SlotState
 from abupgrade.results import HookResult, Outcome
 from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase, highest
 from abupgrade.system import System
+
+if TYPE_CHECKING:  # imported where a trial boot needs them: not on every boot
+    import subprocess
+    import threading
 
 # The deadline timer: a program of its own that sleeps, says why, and runs the reboot command.
 _TIMER = ("import os, sys, time\n"
@@ -38,6 +41,8 @@ class Deadline:
     output would wait for the timer). What it has to say goes to the console."""
 
     def __init__(self, seconds: float, reboot: tuple[str, ...], watchdog: Path) -> None:
+        import threading
+
         self.seconds = seconds
         self.reboot = reboot
         self.watchdog_path = watchdog
@@ -47,6 +52,9 @@ class Deadline:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Deadline:
+        import subprocess
+        import threading
+
         message = f"abupgrade: boot hook deadline of {self.seconds:g} s passed; rebooting\n"
         try:
             console: int = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)

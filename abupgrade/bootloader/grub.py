@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -37,7 +36,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from abupgrade import blockdev, fsutil, mounts
-from abupgrade.bootloader import grub_efi
 from abupgrade.bootloader.base import (
     BOOT_FILES,
     BOOT_POINT,
@@ -421,6 +419,8 @@ class Grub(Bootloader):
         system partition; then the A/B layout."""
         cls.require_platform(platform)
         if platform.firmware is Firmware.UEFI:
+            from abupgrade.bootloader import grub_efi  # UEFI only: FAT tools, shim, ...
+
             grub_efi.require(secure_boot=platform.secure_boot)
             first = PlannedPartition(Role.ESP, PartitionSpec(grub_efi.ESP_SIZE, EFI_SYSTEM, "esp"))
         else:
@@ -443,6 +443,8 @@ class Grub(Bootloader):
         kernel = self.boot_file_path(slot, "kernel")
         if not self.settings.secure_boot or not kernel.is_file():
             return
+        from abupgrade.bootloader import grub_efi
+
         with open(kernel, "rb") as f:
             signed = grub_efi.authenticode_signed(f.read())
         if not signed:
@@ -456,6 +458,8 @@ class Grub(Bootloader):
         """GRUB for the layout's firmware - BIOS: grub-mkimage + grub-bios-setup onto
         layout.disk; UEFI: GRUB on the ESP (grub_efi.py) - then grub.cfg, both env blocks
         (slot A default and good, B bad), and the boot files' folders."""
+        from abupgrade.bootloader import grub_efi
+
         env = self.settings.env
         env_rel = str(layout.on_boot_fs(env, "[grub] env"))
         grub_dir = layout.boot_root / "grub"
@@ -487,6 +491,8 @@ BACKEND = Grub
 def _bios_core_image(layout: DiskLayout, grub_dir: Path) -> tuple[str, dict[Slot, str]]:
     """GRUB's BIOS modules and core image under `grub_dir`/i386-pc; GRUB's names of the
     boot partition and of the slots' partitions."""
+    import shutil
+
     mkimage = require_tool("grub-mkimage", package="grub-common")
     if not BIOS_SETUP.is_file():
         raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
