@@ -34,6 +34,8 @@ SEARCH_PATH = (DEFAULT_PATH, BOOT_POINT / ON_DISK_PATH)
 
 @dataclass(frozen=True)
 class HealthConfig(Table):
+    """[health]: the checks, their time limits and the watchdog."""
+
     dir: Path = Path("/etc/abupgrade/health.d")
     timeout: float = 60.0  # seconds per check
     # The whole boot hook must finish within this many seconds, or the machine reboots.
@@ -91,6 +93,8 @@ class SecurityConfig(Table):
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration file, checked."""
+
     compatible: str
     bootloader: BootloaderKind
     slots: Mapping[Slot, str]

@@ -26,6 +26,8 @@ class Kind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Result:
+    """One check: its verdict, how long it took and its output."""
+
     name: str
     kind: Kind
     ok: bool
@@ -49,6 +51,8 @@ class Result:
 
 @dataclass(frozen=True)
 class Report:
+    """Every check of one run."""
+
     results: tuple[Result, ...]
 
     @property

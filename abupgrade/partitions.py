@@ -34,6 +34,8 @@ class TableKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Partition:
+    """One entry of a partition table."""
+
     number: int
     start: int  # bytes from the start of the disk
     size: int  # bytes
@@ -45,6 +47,8 @@ class Partition:
 
 @dataclass(frozen=True)
 class PartitionTable:
+    """A GPT or MBR partition table as read from the disk."""
+
     kind: TableKind
     disk_id: str  # GPT disk GUID or MBR disk signature (8 hex digits), lower case
     sector_size: int

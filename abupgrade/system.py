@@ -25,12 +25,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Options:
+    """What the command line says about which system to work on."""
+
     config: Path | None = None
     disk: Path | None = None
 
 
 @dataclass
 class System:
+    """The machine a command works on: its configuration, bootloader, state and slots."""
+
     config: Config
     booted: Slot | None
     offline: bool  # a disk serviced from outside: nothing of it is running
