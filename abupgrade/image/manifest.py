@@ -50,6 +50,8 @@ class Compression(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Payload:
+    """One payload of an image, as the manifest lists it."""
+
     name: str
     kind: PayloadKind
     size: int  # of the uncompressed bytes
@@ -68,6 +70,8 @@ class Payload:
 
 @dataclass(frozen=True)
 class Manifest:
+    """An image's signed manifest."""
+
     format: int
     version: str
     compatible: str
