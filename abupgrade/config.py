@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from abupgrade import mounts, trust
 from abupgrade.bootloader import BootloaderKind, backend_class
+from abupgrade.bootloader.base import BOOT_POINT
 from abupgrade.errors import UsageError
 from abupgrade.image.manifest import is_version
 from abupgrade.model import Slot
@@ -24,12 +25,17 @@ from abupgrade.schema import Table, absolute, error, refuse_unknown, section, to
 T = TypeVar("T", bound=Table)
 
 DEFAULT_PATH = Path("/etc/abupgrade/system.toml")
-# Where `disk init` puts the configuration, relative to the boot partition's root.
+# Where `disk init` and `adopt` put the configuration, relative to the boot partition's root:
+# shared by both slots, so a slot whose image carries no configuration still finds it.
 ON_DISK_PATH = Path("abupgrade/system.toml")
+# Where the running system looks when neither --config nor $ABUPGRADE_CONFIG says.
+SEARCH_PATH = (DEFAULT_PATH, BOOT_POINT / ON_DISK_PATH)
 
 
 @dataclass(frozen=True)
 class HealthConfig(Table):
+    """[health]: the checks, their time limits and the watchdog."""
+
     dir: Path = Path("/etc/abupgrade/health.d")
     timeout: float = 60.0  # seconds per check
     # The whole boot hook must finish within this many seconds, or the machine reboots.
@@ -87,6 +93,8 @@ class SecurityConfig(Table):
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration file, checked."""
+
     compatible: str
     bootloader: BootloaderKind
     slots: Mapping[Slot, str]
@@ -135,10 +143,14 @@ class Config:
 
 
 def config_path(explicit: Path | None) -> Path:
+    """The configuration to read: `explicit` (--config), else $ABUPGRADE_CONFIG, else the
+    first of SEARCH_PATH that exists (the first of them when none does)."""
     if explicit is not None:
         return explicit
     env = os.environ.get("ABUPGRADE_CONFIG")
-    return Path(env) if env else DEFAULT_PATH
+    if env:
+        return Path(env)
+    return next((path for path in SEARCH_PATH if path.exists()), SEARCH_PATH[0])
 
 
 def load(path: Path) -> Config:
@@ -150,9 +162,12 @@ def load(path: Path) -> Config:
             raise FileNotFoundError(path)
         raw = tomllib.loads(real.read_text())
     except FileNotFoundError:
+        what = (f"no configuration: neither {' nor '.join(map(str, SEARCH_PATH))} exists"
+                if path == SEARCH_PATH[0] else f"no configuration at {path}")
         raise UsageError(
-            f"no configuration at {path}",
-            hint="pass --config FILE, set ABUPGRADE_CONFIG, or use --disk on a disk made by `disk init`",
+            what,
+            hint="pass --config FILE, set ABUPGRADE_CONFIG, bring this machine under "
+                 "abupgrade with `abupgrade adopt`, or use --disk on a disk made by `disk init`",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read configuration {path}: {exc}") from None
@@ -175,22 +190,23 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
                          hint="use " + " or ".join(f'"{k}"' for k in BootloaderKind)) from None
 
     slots_raw = section(raw, "slots")
+    refuse_unknown(slots_raw, {s.value for s in Slot}, "[slots] ", what="slot")
     slots: dict[Slot, str] = {}
     for slot in Slot:
         slot_table = slots_raw.get(slot.value)
         if not isinstance(slot_table, Mapping):
-            raise UsageError(f"configuration: [slots.{slot}] is required")
+            raise UsageError(f"configuration: [slots.{slot}] is required",
+                             hint=f'[slots.{slot}] with device = "PARTLABEL=..." (or PARTUUID=, '
+                                  'LABEL=, UUID=, a /dev path)')
+        refuse_unknown(slot_table, {"device"}, f"[slots.{slot}] ")
         slots[slot] = value(slot_table, "device", str, f"[slots.{slot}] ")
-    extra = sorted(set(slots_raw) - {s.value for s in Slot})
-    if extra:
-        raise UsageError(f"configuration: unknown slot {extra[0]!r}", hint="slots are A and B")
 
     bootloaders = {
         each: backend_class(each).settings_type.from_toml(section(raw, each), f"[{each}] ")
         for each in BootloaderKind if each is kind or each in raw
     }
     mounts_raw = section(raw, "mounts")
-    hooks = raw.get("hooks_dir")
+    hooks = value(raw, "hooks_dir", str, "", "") or None
     return Config(
         compatible=value(raw, "compatible", str, ""),
         bootloader=kind,
@@ -202,7 +218,7 @@ def parse(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
         system=SystemConfig.from_toml(section(raw, "system"), "[system] "),
         mounts={absolute(point, "[mounts]"): value(mounts_raw, point, str, "[mounts] ")
                 for point in mounts_raw},
-        hooks_dir=absolute(hooks, "hooks_dir") if isinstance(hooks, str) else None,
+        hooks_dir=absolute(hooks, "hooks_dir") if hooks else None,
         source=source,
         registry=RegistryConfig.from_toml(section(raw, "registry"), "[registry] "),
         security=SecurityConfig.from_toml(section(raw, "security"), "[security] "),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from abupgrade.health import Report
 
 
 class AbupgradeError(Exception):
@@ -17,6 +21,10 @@ class AbupgradeError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def to_json(self) -> dict[str, Any]:
+        """The error as `--json` prints it (docs/json.md, `Error`)."""
+        return {"error": self.message, "hint": self.hint, "exit": self.exit_code}
 
 
 class OperationalError(AbupgradeError):
@@ -47,6 +55,17 @@ class HealthFailed(AbupgradeError):
     """Required health checks failed; the boot was or will be rolled back (exit 5)."""
 
     exit_code = 5
+
+    def __init__(self, message: str, *, hint: str | None = None,
+                 report: Report | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.report = report  # the checks, for --json
+
+    def to_json(self) -> dict[str, Any]:
+        found = super().to_json()
+        if self.report is not None:
+            found["health"] = self.report.to_json()
+        return found
 
 
 class NothingNewer(AbupgradeError):

@@ -11,18 +11,19 @@ finds on disk exactly what Linux sees; `boot=True` does that after every change.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import io
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from abupgrade.errors import OperationalError, UsageError
+
+if TYPE_CHECKING:
+    import ctypes
 
 # linux/fs.h and linux/ext4.h
 FIFREEZE = 0xC0045877
@@ -83,6 +84,8 @@ def checkpoint(folder: Path, *, dry_run: bool = False) -> None:
 
 
 def _fs_type(fd: int) -> int:
+    import ctypes
+
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field
     if _libc().fstatfs(fd, buf) != 0:
         return 0
@@ -90,6 +93,8 @@ def _fs_type(fd: int) -> int:
 
 
 def _libc() -> ctypes.CDLL:
+    import ctypes  # here, not at the top: the boot hook's start does not pay for it
+
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -102,6 +107,8 @@ def _freeze_thaw(fd: int, folder: Path) -> None:
 
 
 def _syncfs(fd: int, folder: Path) -> None:
+    import ctypes
+
     if _libc().syncfs(fd) != 0:
         code = ctypes.get_errno()
         raise _cannot(folder, OSError(code, os.strerror(code)))
@@ -118,7 +125,7 @@ def _cannot(folder: Path, exc: OSError) -> OperationalError:
 def atomic_writer(path: Path, mode: int = 0o644, *, boot: bool = False) -> Iterator[BinaryIO]:
     """Yield a file that replaces `path` atomically when the block ends without error;
     `boot`: the bootloader reads it, so the change is checkpointed too."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
@@ -133,6 +140,19 @@ def atomic_writer(path: Path, mode: int = 0o644, *, boot: bool = False) -> Itera
     fsync_dir(path.parent)
     if boot:
         checkpoint(path.parent)
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty, private file `.NAME.RANDOM.tmp` beside `path`, opened for writing, as
+    tempfile.mkstemp makes it (without importing tempfile, shutil and lzma at every start)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, boot: bool = False) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from abupgrade import run, trust
-from abupgrade.errors import OperationalError
+from abupgrade.errors import AbupgradeError, OperationalError
 
 OUTPUT_TAIL = 600  # characters of a check's output kept for history and reports
+SUMMARY_LINES = 3  # lines of a failed check's output in the summary (the console line)
 
 
 class Kind(enum.StrEnum):
@@ -25,6 +26,8 @@ class Kind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Result:
+    """One check: its verdict, how long it took and its output."""
+
     name: str
     kind: Kind
     ok: bool
@@ -48,6 +51,8 @@ class Result:
 
 @dataclass(frozen=True)
 class Report:
+    """Every check of one run."""
+
     results: tuple[Result, ...]
 
     @property
@@ -66,8 +71,9 @@ class Report:
             extra = f"; wanted checks failed: {', '.join(wanted)}" if wanted else ""
             return f"healthy: {passed} of {len(self.results)} checks passed{extra}"
         why = "timed out" if failed.timed_out else "failed"
-        tail = failed.output.strip().splitlines()[-1:] or [""]
-        return f"{failed.kind} check {failed.name} {why}" + (f": {tail[0]}" if tail[0] else "")
+        lines = [line.strip() for line in failed.output.splitlines() if line.strip()]
+        tail = " | ".join(lines[-SUMMARY_LINES:])
+        return f"{failed.kind} check {failed.name} {why}" + (f": {tail}" if tail else "")
 
     def to_json(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "summary": self.summary(),
@@ -100,7 +106,7 @@ def run_all(directory: Path, *, timeout: float, env: Mapping[str, str],
         started = time.monotonic()
         try:
             problem = check()
-        except OSError as exc:
+        except (OSError, AbupgradeError) as exc:  # a check that cannot be made has failed
             problem = str(exc)
         results.append(Result(name, Kind.BUILTIN, problem is None, time.monotonic() - started,
                               problem or ""))

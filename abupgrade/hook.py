@@ -5,24 +5,24 @@ Run once per boot by init; running it again in the same boot changes nothing."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from abupgrade import health, mounts, notify, run
 from abupgrade.bootloader import Bootloader, BootState
-from abupgrade.errors import HealthFailed, OperationalError, UsageError
+from abupgrade.errors import AbupgradeError, HealthFailed, OperationalError, UsageError
 from abupgrade.model import Slot, SlotState
 from abupgrade.results import HookResult, Outcome
 from abupgrade.state import EventName, SlotRecord, State, Trial, TrialPhase, highest
 from abupgrade.system import System
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # imported where a trial boot needs them: not on every boot
+    import subprocess
+    import threading
 
 # The deadline timer: a program of its own that sleeps, says why, and runs the reboot command.
 _TIMER = ("import os, sys, time\n"
@@ -41,6 +41,8 @@ class Deadline:
     output would wait for the timer). What it has to say goes to the console."""
 
     def __init__(self, seconds: float, reboot: tuple[str, ...], watchdog: Path) -> None:
+        import threading
+
         self.seconds = seconds
         self.reboot = reboot
         self.watchdog_path = watchdog
@@ -50,6 +52,9 @@ class Deadline:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Deadline:
+        import subprocess
+        import threading
+
         message = f"abupgrade: boot hook deadline of {self.seconds:g} s passed; rebooting\n"
         try:
             console: int = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
@@ -222,8 +227,13 @@ def boot(system: System, *, reboot: bool) -> HookResult:
         _notify(system, result.outcome, state, trial)
     if result.outcome is Outcome.ROLLED_BACK:
         if reboot:
-            run.run(system.config.system.reboot, timeout=60)
-        raise HealthFailed(result.summary, hint="see `abupgrade history` for the check's output")
+            try:
+                system.reboot()
+            except AbupgradeError as exc:  # still exit 5: the rollback itself is done
+                raise HealthFailed(f"{result.summary}; {exc.message}", hint=exc.hint,
+                                   report=result.health) from None
+        raise HealthFailed(result.summary, hint="see `abupgrade history` for the check's output",
+                           report=result.health)
     return result
 
 
@@ -247,7 +257,7 @@ def _trial_boot(system: System, state: State, trial: Trial, *, reboot: bool) -> 
                         + (" again (the last boot died during them)"
                            if earlier is TrialPhase.CHECKING else ""))
     cfg = system.config
-    with Deadline(cfg.health.deadline, cfg.system.reboot, cfg.health.watchdog):
+    with Deadline(cfg.health.deadline, system.reboot_command(), cfg.health.watchdog):
         report = health.run_all(cfg.health.dir, timeout=cfg.health.timeout,
                                 env=_check_env(slot, state, trial),
                                 builtins=_builtins(system, slot))

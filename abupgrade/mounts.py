@@ -20,6 +20,8 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 
 @dataclass(frozen=True)
 class Mount:
+    """One line of mountinfo."""
+
     point: Path
     devno: int  # the st_dev of files on it
     fstype: str

@@ -1,31 +1,25 @@
-"""What the commands do: apply, rollback, commit, status, history. Knows no bootloader by name."""
+"""What the commands do: apply, rollback, commit, status, history. Knows no bootloader by name.
+
+`boot-hook` runs on every boot and scripts poll `status`: what only some commands use
+(cryptography, image reading and building, HTTP, the slot writer, disk layout) is imported
+inside the functions that use it, so those two start about as fast as Python itself.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abupgrade import blockdev, diskinit, run
+from abupgrade import blockdev
 from abupgrade.bootloader import Bootloader, BootloaderKind, BootState, backend_class
 from abupgrade.bootloader.base import Arch, Firmware, Platform
 from abupgrade.config import RegistryConfig, config_path
-from abupgrade.delta.assemble import DeltaFailed
-from abupgrade.delta.blocks import BlockCache
-from abupgrade.delta.image import IndexedImage
-from abupgrade.delta.install import BLOCKS_FOLDER, Delta, SlotSource, open_ranges
-from abupgrade.delta.plan import Source
-from abupgrade.delta.remote import RangesUnsupported
 from abupgrade.errors import ImageRejected, Interrupted, OperationalError, PolicyRefusal, UsageError
-from abupgrade.health import Report
-from abupgrade.image import build as image_builder
-from abupgrade.image import keys
 from abupgrade.image.manifest import Manifest, PayloadKind, compare_versions
-from abupgrade.image.reader import ImageInfo, ImageReader, VerifiedImage, inspect, verify
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot, SlotState
 from abupgrade.progress import Progress
@@ -42,12 +36,14 @@ from abupgrade.results import (
     Status,
     Traffic,
 )
-from abupgrade.source import open_source, source_is_remote
 from abupgrade.state import Event, EventName, SlotRecord, State, Trial, highest, now
 from abupgrade.system import Options, System, open_system
-from abupgrade.writer import SlotWriter
 
 if TYPE_CHECKING:
+    from abupgrade.adopt import Adopted, Undone
+    from abupgrade.health import Report
+    from abupgrade.image.keys import Keyring
+    from abupgrade.image.reader import ImageInfo, VerifiedImage
     from abupgrade.oci.push import PushResult
 
 __all__ = ["Options"]
@@ -59,28 +55,44 @@ HISTORY_LOOKBACK = 50  # events searched for the last one of a slot
 
 
 def keygen(prefix: Path) -> KeyPair:
+    from abupgrade.image import keys
+
     private, public = keys.generate(prefix)
     return KeyPair(private, public, keys.key_id(keys.load_public(public)))
 
 
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
-                progress: Progress, index: bool = True,
-                security_floor: str | None = None) -> ImageInfo:
-    warnings = [keys.permission_warning(key) for key in signing_keys]
-    warnings += image_builder.rootfs_warnings(rootfs, compression, index)
-    for warning in filter(None, warnings):
-        print(f"abupgrade: warning: {warning}", file=sys.stderr)
+                force: bool, progress: Progress, warn: Callable[[str], None],
+                index: bool = True, security_floor: str | None = None) -> ImageInfo:
+    from abupgrade.image import build as image_builder
+    from abupgrade.image import keys
+    from abupgrade.image.reader import inspect
+    from abupgrade.source import open_source
+
+    for key in signing_keys:
+        keys.load_private(key)  # a public key or garbage fails here, before any warning
+        warning = keys.permission_warning(key)
+        if warning:
+            warn(warning)
+    for warning in image_builder.rootfs_warnings(rootfs, compression, index):
+        warn(warning)
     image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
                         initrd=initrd, compression=compression, index=index, progress=progress,
-                        security_floor=security_floor)
+                        security_floor=security_floor, force=force)
     with open_source(str(output)) as stream:
         return inspect(stream, None)
 
 
-def _keyring(options: Options, pubkeys: Sequence[Path]) -> keys.Keyring:
+def _keyring(options: Options, pubkeys: Sequence[Path]) -> Keyring:
+    from abupgrade.image.keys import Keyring
+
     if pubkeys:
-        return keys.Keyring.from_files(pubkeys)
+        return Keyring.from_files(pubkeys)
+    if options.config is None and options.disk is None and not config_path(None).exists():
+        raise UsageError("no key to check the signature with: no --pubkey given and no "
+                         "configuration (with its keyring) on this machine",
+                         hint="pass --pubkey FILE, the signer's .pub")
     with open_system(options, readonly=True) as system:
         return system.keyring()
 
@@ -98,15 +110,21 @@ def _registry(options: Options, spec: str) -> RegistryConfig | None:
 
 def image_verify(options: Options, spec: str, pubkeys: Sequence[Path],
                  progress: Progress) -> VerifiedImage:
+    from abupgrade.image.reader import verify
+    from abupgrade.source import open_source
+
     keyring = _keyring(options, pubkeys)
     with open_source(spec, registry=_registry(options, spec)) as stream:
         return verify(stream, keyring, progress)
 
 
 def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> ImageInfo:
-    keyring: keys.Keyring | None = None
+    from abupgrade.image.reader import inspect
+    from abupgrade.source import open_source
+
+    keyring: Keyring | None = None
     if pubkeys:
-        keyring = keys.Keyring.from_files(pubkeys)
+        keyring = _keyring(options, pubkeys)
     elif options.config is not None or options.disk is not None:
         keyring = _keyring(options, [])
     with open_source(spec, registry=_registry(options, spec)) as stream:
@@ -116,12 +134,13 @@ def image_inspect(options: Options, spec: str, pubkeys: Sequence[Path]) -> Image
 def image_push(image: Path, target: str, *, pubkeys: Sequence[Path], ca_file: Path | None,
                auth_file: Path | None, insecure: bool, progress: Progress) -> PushResult:
     from abupgrade import oci
+    from abupgrade.image.keys import Keyring
     from abupgrade.oci.reference import parse_reference
 
     host = parse_reference(target, need_tag=True).host
     settings = RegistryConfig(insecure=(host,) if insecure else (), ca_file=ca_file,
                               auth_file=auth_file)
-    keyring = keys.Keyring.from_files(pubkeys) if pubkeys else None
+    keyring = Keyring.from_files(pubkeys) if pubkeys else None
     return oci.push(image, target, settings=settings, keyring=keyring, progress=progress)
 
 
@@ -131,6 +150,8 @@ def check(options: Options, reference: str) -> CheckResult:
     for this machine and not below the security floor (exit 4). Only the signed head of the
     image is downloaded."""
     from abupgrade import oci
+    from abupgrade.image.reader import ImageReader
+    from abupgrade.source import open_source
 
     with open_system(options, readonly=True) as system:
         boot = system.bootloader.read()
@@ -176,7 +197,7 @@ def status(options: Options) -> Status:
             booted=system.booted,
             next_boot=boot.next_boot,
             trial=trial,
-            trial_boots_left=boot.tries_left if trial else 0,
+            trial_boots_left=boot.tries_left if trial else None,
             committed=boot.default,
             bootloader=system.bootloader.name,
             firmware=str(platform.firmware),
@@ -200,12 +221,6 @@ def history(options: Options, limit: int | None) -> list[Event]:
 
 
 # ------------------------------------------------------------------ apply
-
-
-def _reboot(system: System) -> None:
-    if system.offline:
-        raise UsageError("--reboot makes no sense with --disk")
-    run.run(system.config.system.reboot, timeout=60)
 
 
 def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, reboot: bool,
@@ -234,7 +249,7 @@ def apply(options: Options, spec: str, *, allow_downgrade: bool, dry_run: bool, 
                 trial=Trial(slot=target, version=result.version,
                             previous=now_.slots[active].version, armed=now())))
         if reboot:
-            _reboot(system)
+            system.reboot()
         return replace(result, tries=tries)
 
 
@@ -285,6 +300,10 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
     Where the image has a chunk index and its source can be read in parts, only what the
     machine lacks is fetched and only what differs is written (`_install_delta`); otherwise,
     or when that path gives up, the image is streamed whole."""
+    from abupgrade.image.reader import ImageReader
+    from abupgrade.source import open_source, source_is_remote
+    from abupgrade.writer import SlotWriter
+
     device = system.device(target)
     if not system.offline and system.booted == target:
         raise PolicyRefusal(f"slot {target} is the booted slot", hint="abupgrade never writes it")
@@ -340,6 +359,14 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
     """The install of an image with a chunk index from a source read in parts; else why not
     (for `update`) and the bytes that cost. Policy refusals and rejected images are raised as
     they would be by the streaming path."""
+    from abupgrade.delta.assemble import DeltaFailed
+    from abupgrade.delta.blocks import BlockCache
+    from abupgrade.delta.image import IndexedImage
+    from abupgrade.delta.install import BLOCKS_FOLDER, Delta, SlotSource, open_ranges
+    from abupgrade.delta.plan import Source
+    from abupgrade.delta.remote import RangesUnsupported
+    from abupgrade.writer import SlotWriter
+
     ranges = open_ranges(spec, system.config.registry)
     if ranges is None:
         return "full: the image's source cannot be read in parts", 0
@@ -549,7 +576,7 @@ def rollback(options: Options, *, reboot: bool) -> SlotVersion:
         system.transition(EventName.MANUAL_ROLLBACK, target, version,
                           f"by hand, from slot {active}", bootloader=switch, state=update)
         if reboot:
-            _reboot(system)
+            system.reboot()
         return SlotVersion(target, version)
 
 
@@ -572,6 +599,10 @@ def platform_for(kind: BootloaderKind, *, firmware: Firmware | None, arch: Arch 
 def disk_init(target: Path, kind: BootloaderKind, *, size: int | None, slot_size: int,
               image: str | None, pubkeys: Sequence[Path], compatible: str | None, force: bool,
               progress: Progress, platform: Platform | None = None) -> DiskMade:
+    from abupgrade import diskinit
+    from abupgrade.image.reader import inspect
+    from abupgrade.source import open_source
+
     if compatible is None:
         if image is None:
             raise UsageError("disk init needs --compatible or an --image to take it from")
@@ -606,7 +637,7 @@ def install_hook(init: str | None, root: Path, *, force: bool) -> HookInstalled:
 def boot_hook(options: Options, *, reboot: bool) -> HookResult:
     from abupgrade import hook
 
-    with open_system(options) as system, system.store.lock():
+    with open_system(options, mount=True) as system, system.store.lock():
         return hook.boot(system, reboot=reboot)
 
 
@@ -615,3 +646,32 @@ def health(options: Options) -> Report:
 
     with open_system(options, readonly=True) as system:
         return hook.check_now(system)
+
+
+# ------------------------------------------------------------------ existing machines
+
+
+def adopt(*, compatible: str, pubkeys: Sequence[Path], version: str | None, other: str | None,
+          state_dir: Path | None, kernel: Path | None, initrd: Path | None,
+          cmdline: str | None, tries: int, init: str | None, hook: bool,
+          dry_run: bool) -> Adopted:
+    """Bring this running GRUB machine under abupgrade (adopt.py)."""
+    from abupgrade import adopt as adoption
+
+    running = adoption.Running()
+    layout = adoption.inspect_machine(running, other=other, state_dir=state_dir, kernel=kernel,
+                                      initrd=initrd, cmdline=cmdline)
+    return adoption.adopt(running, layout, compatible=compatible, pubkeys=pubkeys,
+                          version=version, tries=tries, init=init, hook=hook, dry_run=dry_run)
+
+
+def adopt_undo(options: Options) -> Undone:
+    """Take this machine out from under abupgrade again (adopt.py)."""
+    from abupgrade import adopt as adoption
+
+    with open_system(options) as system, system.store.lock():
+        if system.offline:
+            raise UsageError("adopt --undo works on the running machine, not with --disk")
+        boot = system.bootloader.read()
+        pending = boot.trial is not None and boot.tries_left > 0
+        return adoption.undo(adoption.Running(), system.booted, trial_pending=pending)

@@ -7,10 +7,12 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from abupgrade.health import Report
 from abupgrade.model import Slot, SlotState
+
+if TYPE_CHECKING:
+    from abupgrade.health import Report
 
 
 def _text(item: object | None) -> str | None:
@@ -19,6 +21,8 @@ def _text(item: object | None) -> str | None:
 
 @dataclass(frozen=True)
 class KeyPair:
+    """`keygen`: the key pair written and its key id."""
+
     private: Path
     public: Path
     key_id: str
@@ -42,6 +46,8 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class SlotStatus:
+    """`status`: one slot's block device, state, version and install time."""
+
     device: str
     state: SlotState
     version: str | None
@@ -54,10 +60,12 @@ class SlotStatus:
 
 @dataclass(frozen=True)
 class Status:
+    """`status`: what runs, what boots next, each slot and the bootloader."""
+
     booted: Slot | None
     next_boot: Slot
     trial: Slot | None  # a trial with boots left
-    trial_boots_left: int
+    trial_boots_left: int | None  # None when no trial is pending
     committed: Slot
     bootloader: str
     firmware: str  # "bios" or "uefi"
@@ -149,6 +157,8 @@ class SlotVersion:
 
 @dataclass(frozen=True)
 class MarkedBad:
+    """`mark-bad`: the slot marked bad and the slot that boots next."""
+
     slot: Slot
     next_boot: Slot
 
@@ -158,6 +168,8 @@ class MarkedBad:
 
 @dataclass(frozen=True)
 class DiskMade:
+    """`disk init`: the disk laid out (and the first image, if one was installed)."""
+
     target: Path
     bootloader: str
     slot_size: int
@@ -172,6 +184,8 @@ class DiskMade:
 
 @dataclass(frozen=True)
 class HookInstalled:
+    """`install-hook`: the init integration and what was written for it."""
+
     init: str
     root: Path
     written: tuple[Path, ...]
@@ -199,6 +213,8 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class HookResult:
+    """`boot-hook`: what this boot was and what the hook did about it."""
+
     slot: Slot
     outcome: Outcome
     summary: str

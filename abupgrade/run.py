@@ -1,25 +1,35 @@
-"""The one door to subprocesses: argv lists, a timeout, errors that show what ran."""
+"""The one door to subprocesses: argv lists, a timeout, errors that show what ran.
+
+Most modules import this one, and most runs of abupgrade on a booted machine (the boot hook,
+`status`) start no program at all: the subprocess machinery is imported when a program runs.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
-import shlex
-import shutil
-import signal
-import subprocess
-import tempfile
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from abupgrade.errors import CommandFailed, OperationalError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import subprocess
 
 DEFAULT_TIMEOUT = 300.0
+
+
+def _log(what: str, args: Sequence[str]) -> None:
+    """Log a program about to run, for --debug (which imports and sets up logging: while
+    nothing has imported it, nobody listens)."""
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        import shlex
+
+        logging.getLogger(__name__).debug("%s: %s", what, shlex.join(args))
 
 
 def run(
@@ -32,8 +42,10 @@ def run(
     hint: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv (never through a shell) and capture its output as text."""
+    import subprocess
+
     args = [str(a) for a in argv]
-    log.debug("run: %s", shlex.join(args))
+    _log("run", args)
     try:
         proc = subprocess.run(
             args,
@@ -68,8 +80,10 @@ def spawn(
     inherits no descriptor but 0-2; with `new_session` it leads a session and process group
     of its own, so signals to ours do not reach it and it can be killed with all it started.
     A program that cannot start is an OperationalError ("cannot run ARGV0: why")."""
+    import subprocess
+
     args = [str(a) for a in argv]
-    log.debug("spawn: %s", shlex.join(args))
+    _log("spawn", args)
     try:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                 env=dict(env) if env is not None else None,
@@ -96,6 +110,10 @@ def supervise(argv: Sequence[str | Path], *, timeout: float, env: Mapping[str, s
     """Run argv in a session of its own with stdout and stderr to a file; kill its whole
     process group when it overruns `timeout` and when it ends (nothing it started outlives
     it). Keeps the last `tail` bytes of its output."""
+    import signal
+    import subprocess
+    import tempfile
+
     started = time.monotonic()
     with tempfile.TemporaryFile() as output:
         proc = spawn(argv, env=env, stdout=output, stderr=subprocess.STDOUT, new_session=True)
@@ -117,6 +135,8 @@ def supervise(argv: Sequence[str | Path], *, timeout: float, env: Mapping[str, s
 
 def require_tool(name: str, *, package: str) -> str:
     """The full path of a tool, or an error naming the package to install."""
+    import shutil
+
     found = shutil.which(name)
     if found is None:
         raise OperationalError(f"{name} is not installed", hint=f"apt-get install {package}")

@@ -37,11 +37,13 @@ def section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
-def refuse_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
+def refuse_unknown(table: Mapping[str, Any], known: set[str], where: str, *,
+                   what: str = "key") -> None:
+    """Refuse a key of `table` that is not `known`, naming the known ones."""
     unknown = sorted(set(table) - known)
     if unknown:
-        raise UsageError(f"configuration: unknown key {where}{unknown[0]!r}",
-                         hint=f"known keys: {', '.join(sorted(known))}")
+        raise UsageError(f"configuration: unknown {what} {where}{unknown[0]!r}",
+                         hint=f"known {what}s: {', '.join(sorted(known))}")
 
 
 def value(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
@@ -53,8 +55,21 @@ def value(table: Mapping[str, Any], key: str, kind: type, where: str, default: A
     if kind is float and isinstance(found, int) and not isinstance(found, bool):
         found = float(found)
     if not isinstance(found, kind) or isinstance(found, bool) and kind is not bool:
-        raise error(where, f"{key} must be a {kind.__name__}")
+        raise error(where, f"{key} must be {KINDS.get(kind, kind.__name__)}, not {shown(found)}")
     return found
+
+
+def shown(item: object) -> str:
+    """A value as the TOML file spells it, for messages."""
+    try:
+        return toml_value(item)
+    except TypeError:
+        return "a table" if isinstance(item, Mapping) else repr(item)
+
+
+# How a type error names what a key must hold.
+KINDS: dict[type, str] = {str: "a string", int: "a whole number", float: "a number",
+                          bool: "true or false"}
 
 
 def absolute(text: str, where: str) -> Path:

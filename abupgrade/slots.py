@@ -2,7 +2,9 @@
 
 This is the one module that talks to pyudev. Without udevd (containers, initramfs, test
 machines) udev knows nothing beyond sysfs, so partition names and UUIDs come from the
-parent's partition table (partitions.py) and filesystem labels from `blkid -p`.
+parent's partition table (partitions.py) and filesystem labels from `blkid -p`. Without
+libudev itself (busybox, OpenRC and runit machines often have none) the block devices are
+read from sysfs directly, the same way (`--debug` says so).
 A spec that matches no device or more than one is an error: we never guess.
 """
 
@@ -13,8 +15,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyudev
+from typing import Any
 
 from abupgrade import blockdev, mounts
 from abupgrade.config import Config
@@ -25,6 +26,7 @@ from abupgrade.run import run
 
 # PTUUID names a whole disk by its partition table's id (GPT disk GUID, MBR signature).
 SPEC_KEYS = ("PARTLABEL", "PARTUUID", "LABEL", "UUID", "PTUUID")
+SYSFS_BLOCK = Path("/sys/class/block")
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,20 @@ class BlockDevice:
 
 
 def block_devices() -> list[BlockDevice]:
-    """Every block device with a size, as pyudev lists it."""
+    """Every block device with a size: as udev knows them, or from sysfs where there is no
+    libudev (or no pyudev)."""
+    try:
+        import pyudev
+
+        context = pyudev.Context()
+    except ImportError as exc:  # pyudev says "No library named udev" without libudev.so
+        import logging
+
+        logging.getLogger(__name__).debug(
+            "no udev (%s): block devices from %s and the partition tables", exc, SYSFS_BLOCK)
+        return sysfs_block_devices()
     found = []
-    for dev in pyudev.Context().list_devices(subsystem="block"):
+    for dev in context.list_devices(subsystem="block"):
         node = dev.device_node
         if node is None:
             continue
@@ -52,20 +65,53 @@ def block_devices() -> list[BlockDevice]:
             size = int(dev.attributes.asint("size")) * 512
         except (KeyError, ValueError):
             size = 0
-        if size == 0:
-            continue  # unbound loop devices, empty drives
         parent = dev.parent if dev.device_type == "partition" else None
-        number = props.get("PARTN")
-        found.append(BlockDevice(
-            node=Path(str(node)),
-            name=str(dev.sys_name),
-            devno=os.makedev(int(props["MAJOR"]), int(props["MINOR"])),
-            size=size,
-            parent=Path(str(parent.device_node)) if parent is not None else None,
-            number=int(number) if number else None,
-            properties=props,
-        ))
+        found += _device(Path(str(node)), str(dev.sys_name), size, props,
+                         Path(str(parent.device_node)) if parent is not None else None)
     return found
+
+
+def sysfs_block_devices(sysfs: Path = SYSFS_BLOCK, dev: Path = Path("/dev")) -> list[BlockDevice]:
+    """Every block device with a size, read from sysfs: its uevent (MAJOR, MINOR, DEVNAME,
+    PARTN, and PARTNAME where the kernel parsed the table), `size`, and the disk a partition
+    belongs to (its parent folder)."""
+    found = []
+    for entry in sorted(sysfs.iterdir()):
+        try:
+            uevent = (entry / "uevent").read_text()
+            sectors = int((entry / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        props = dict(line.split("=", 1) for line in uevent.splitlines() if "=" in line)
+        parent = None
+        if (entry / "partition").exists():
+            disk = entry.resolve().parent
+            parent = dev / _devname(disk) if (disk / "dev").exists() else None
+        found += _device(dev / props.get("DEVNAME", entry.name), entry.name, sectors * 512,
+                         props, parent)
+    return found
+
+
+def _devname(folder: Path) -> str:
+    try:
+        uevent = (folder / "uevent").read_text()
+    except OSError:
+        return folder.name
+    names = [line[8:] for line in uevent.splitlines() if line.startswith("DEVNAME=")]
+    return names[0] if names else folder.name
+
+
+def _device(node: Path, name: str, size: int, props: dict[str, Any],
+            parent: Path | None) -> list[BlockDevice]:
+    """The BlockDevice, in a list of one; none for a device without a size (unbound loop
+    devices, empty drives) or numbers."""
+    if size == 0 or "MAJOR" not in props or "MINOR" not in props:
+        return []
+    number = props.get("PARTN")
+    return [BlockDevice(node=node, name=name,
+                        devno=os.makedev(int(props["MAJOR"]), int(props["MINOR"])),
+                        size=size, parent=parent if number else None,
+                        number=int(number) if number else None, properties=props)]
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

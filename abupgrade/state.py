@@ -63,6 +63,8 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class SlotRecord:
+    """What the state file says of one slot."""
+
     state: SlotState = SlotState.EMPTY
     version: str | None = None
     installed: str | None = None
@@ -84,6 +86,8 @@ class Trial:
 
 @dataclass(frozen=True)
 class State:
+    """The state file: both slots, the armed trial and the security floor."""
+
     slots: dict[Slot, SlotRecord] = field(
         default_factory=lambda: {slot: SlotRecord() for slot in Slot}
     )
@@ -169,6 +173,8 @@ def _opt_str(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Event:
+    """One line of the history."""
+
     time: str
     event: EventName | str  # a str: a name this version does not know (kept, not dropped)
     slot: Slot | None

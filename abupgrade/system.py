@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from abupgrade import config as configuration
-from abupgrade import slots
+from abupgrade import run, slots
 from abupgrade.bootloader import Bootloader, backend
-from abupgrade.config import Config
-from abupgrade.image.keys import Keyring
+from abupgrade.config import Config, SystemConfig
+from abupgrade.errors import OperationalError, UsageError
 from abupgrade.interrupt import critical
 from abupgrade.model import Slot
 from abupgrade.state import EventName, State, Store
 
+if TYPE_CHECKING:
+    from abupgrade.image.keys import Keyring
+
 
 @dataclass(frozen=True)
 class Options:
+    """What the command line says about which system to work on."""
+
     config: Path | None = None
     disk: Path | None = None
 
 
 @dataclass
 class System:
+    """The machine a command works on: its configuration, bootloader, state and slots."""
+
     config: Config
     booted: Slot | None
     offline: bool  # a disk serviced from outside: nothing of it is running
@@ -53,7 +62,35 @@ class System:
         return slots.is_mounted(device, self.config.system.mountinfo)
 
     def keyring(self) -> Keyring:
+        from abupgrade.image.keys import Keyring  # cryptography: only where keys are used
+
         return Keyring.from_dir(self.config.keyring)
+
+    def reboot_command(self) -> tuple[str, ...]:
+        """The configured reboot command; for the default (`reboot`) on a root that has
+        none (a minimal Debian or busybox root), the kernel's restart after a sync."""
+        import shutil
+
+        command = self.config.system.reboot
+        if command == SystemConfig().reboot and shutil.which(command[0]) is None:
+            return (sys.executable, "-I", "-c", KERNEL_REBOOT)
+        return command
+
+    def reboot(self) -> None:
+        """Reboot the machine (see `reboot_command`). Where the default `reboot` is there but
+        fails (the `reboot` of an init that is not running), the kernel restarts it: a
+        machine that must leave a sick slot does not stay up on it."""
+        if self.offline:
+            raise UsageError("--reboot makes no sense with --disk")
+        command = self.reboot_command()
+        try:
+            run.run(command, timeout=60)
+        except OperationalError as exc:
+            if command != SystemConfig().reboot:
+                raise
+            run.run([sys.executable, "-I", "-c", KERNEL_REBOOT], timeout=60,
+                    hint=f"{' '.join(command)} failed too ({exc.message}); reboot by hand: "
+                         "the bootloader boots the good slot")
 
     def transition(self, event: EventName, slot: Slot | None, version: str | None, detail: str,
                    *, bootloader: Callable[[Bootloader], object] | None = None,
@@ -71,15 +108,26 @@ class System:
         return changed
 
 
+# The kernel's restart after a sync, as `reboot -f` does it, as a program of its own (the
+# deadline timer runs it too); it exits non-zero only when the kernel refused.
+KERNEL_REBOOT = ("import ctypes, os, sys\n"
+                 "os.sync()\n"
+                 "libc = ctypes.CDLL(None, use_errno=True)\n"
+                 "libc.reboot(0x01234567)\n"  # LINUX_REBOOT_CMD_RESTART
+                 "sys.exit('cannot restart: ' + os.strerror(ctypes.get_errno()))\n")
+
+
 def bootloader_of(config: Config) -> Bootloader:
     """The configured bootloader backend with its settings."""
     return backend(config.bootloader, config.settings, mountinfo=config.system.mountinfo)
 
 
 @contextlib.contextmanager
-def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]:
+def open_system(options: Options, *, readonly: bool = False,
+                mount: bool = False) -> Iterator[System]:
     """The running system by its configuration, or the disk of `--disk` (attached, mounted,
-    and cleaned up again when the block ends)."""
+    and cleaned up again when the block ends). With `mount` (the boot hook), the running
+    system's boot partition and `[mounts]` are mounted where they are not (bringup.py)."""
     if options.disk is not None:
         from abupgrade.disk import open_disk
 
@@ -91,5 +139,15 @@ def open_system(options: Options, *, readonly: bool = False) -> Iterator[System]
                      for slot, dev in devices.items() if dev in numbers}
             yield System(cfg, None, True, bootloader_of(cfg), Store(cfg.state_dir), devices, names)
         return
-    cfg = configuration.load(configuration.config_path(options.config))
+    path = configuration.config_path(options.config)
+    if mount and options.config is None and not path.exists():
+        from abupgrade import bringup
+
+        if bringup.mount_boot_partition():
+            path = configuration.config_path(None)
+    cfg = configuration.load(path)
+    if mount and cfg.mounts:
+        from abupgrade import bringup
+
+        bringup.mount_listed(cfg)
     yield System(cfg, slots.booted_slot(cfg), False, bootloader_of(cfg), Store(cfg.state_dir))

@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from abupgrade.__main__ import hoist_global_options
+import pytest
+
+from abupgrade.cli import parse
 from fixtures.images import keypair
-from fixtures.machine import run_cli
+from fixtures.machine import file_machine, run_cli
 
 
-def test_global_options_are_hoisted() -> None:
-    assert hoist_global_options(["status", "--json", "--config", "x.toml"]) == [
-        "--json", "--config", "x.toml", "status"]
-    assert hoist_global_options(["apply", "img", "--disk=d.img", "--dry-run"]) == [
-        "--disk=d.img", "apply", "img", "--dry-run"]
-    assert hoist_global_options(["apply", "--", "--json"]) == ["apply", "--", "--json"]
+def test_global_options_stand_anywhere() -> None:
+    g, args = parse(["status", "--json", "--config", "x.toml"])
+    assert g.json and g.config == Path("x.toml") and args.run.__name__ == "status"
+    g, args = parse(["--disk=d.img", "apply", "img", "--dry-run", "-q"])
+    assert g.disk == Path("d.img") and g.quiet and args.image == "img" and args.dry_run
+    g, args = parse(["--json", "image", "--debug", "verify", "x.tar"])
+    assert g.json and g.debug and args.image == "x.tar" and not g.quiet
+    g, args = parse(["apply", "--", "--json"])  # after --, an image named --json
+    assert args.image == "--json" and not g.json
 
 
 def test_usage_error_is_exit_2_in_one_line(tmp_path: Path) -> None:
@@ -87,7 +92,132 @@ def test_image_build_warns_and_builds_without_an_index_on_request(tmp_path: Path
     assert proc.returncode == 0 and "1024-byte blocks" in proc.stderr, proc.stderr
     inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
     assert inspected["format"] == 2
-    proc = run_cli(*args, "--no-index")
+    proc = run_cli(*args, "--no-index", "--force")
     assert proc.returncode == 0, proc.stderr
     inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
     assert inspected["format"] == 1 and [p["name"] for p in inspected["payloads"]] == ["rootfs"]
+
+
+def lines_of_json(text: str) -> list[dict[str, object]]:
+    """Every line of `text` parsed as a JSON object (the test fails on any other line)."""
+    found = []
+    for line in text.splitlines():
+        item = json.loads(line)
+        assert isinstance(item, dict), line
+        found.append(item)
+    return found
+
+
+def test_failure_under_json_is_one_object_on_stdout_and_stderr(tmp_path: Path) -> None:
+    proc = run_cli("--config", str(tmp_path / "missing.toml"), "status", "--json")
+    assert proc.returncode == 2
+    error = json.loads(proc.stdout)
+    assert lines_of_json(proc.stderr) == [error]
+    assert error == {"error": f"no configuration at {tmp_path / 'missing.toml'}",
+                     "hint": error["hint"], "exit": 2} and "--config" in error["hint"]
+
+
+def test_stderr_holds_only_json_lines_under_json(tmp_path: Path) -> None:
+    """Progress and a warning (a private key others can read) as JSON lines; the result on
+    stdout."""
+    key = keypair(tmp_path)
+    key.private.chmod(0o644)
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(b"root" * 300_000)
+    proc = run_cli("image", "build", "--rootfs", str(rootfs), "--version", "1", "--compatible",
+                   "box", "--key", str(key.private), "-o", str(tmp_path / "i.tar"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    events = lines_of_json(proc.stderr)
+    assert any("progress" in e for e in events) and events[-1].get("finished") is True
+    warnings = [e["warning"] for e in events if "warning" in e]
+    assert len(warnings) == 1 and "readable by others" in str(warnings[0])
+    assert json.loads(proc.stdout)["version"] == "1"
+
+
+def test_a_public_key_given_as_key_fails_without_a_private_key_warning(tmp_path: Path) -> None:
+    key = keypair(tmp_path)
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(b"root" * 1000)
+    proc = run_cli("image", "build", "--rootfs", str(rootfs), "--version", "1", "--compatible",
+                   "box", "--key", str(key.public), "-o", str(tmp_path / "i.tar"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "not an unencrypted PEM private key" in proc.stderr and "warning" not in proc.stderr
+    assert not (tmp_path / "i.tar").exists()
+
+
+def test_image_build_never_replaces_its_input_and_asks_before_replacing(tmp_path: Path) -> None:
+    key = keypair(tmp_path)
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(b"root" * 1000)
+    out = tmp_path / "image.tar"
+    base = ["image", "build", "--rootfs", str(rootfs), "--version", "1", "--compatible", "box",
+            "--key", str(key.private)]
+    assert run_cli(*base, "-o", str(out)).returncode == 0
+    first = out.read_bytes()
+    again = run_cli(*base, "-o", str(out))
+    assert again.returncode == 2 and f"{out} exists" in again.stderr and "--force" in again.stderr
+    assert out.read_bytes() == first
+    assert run_cli(*base, "-o", str(out), "--force").returncode == 0
+    for target in (rootfs, key.private, tmp_path / "." / "rootfs.img"):
+        proc = run_cli(*base, "-o", str(target), "--force")
+        assert proc.returncode == 2 and "is also an input" in proc.stderr, proc.stderr
+    assert rootfs.read_bytes() == b"root" * 1000
+
+
+def test_an_ext4_file_is_not_an_image(tmp_path: Path) -> None:
+    from fixtures.images import rootfs_image
+
+    ext4 = rootfs_image(tmp_path / "rootfs.ext4", tag="x", size=4 << 20)
+    key = keypair(tmp_path)
+    proc = run_cli("image", "verify", str(ext4), "--pubkey", str(key.public))
+    assert proc.returncode == 3
+    assert "abupgrade: not an abupgrade image: it starts with 512 zero bytes" in proc.stderr
+
+
+def test_verify_without_keys_or_configuration_points_to_pubkey(tmp_path: Path) -> None:
+    from abupgrade.config import config_path
+
+    if config_path(None).exists():
+        pytest.skip(f"this machine has a configuration ({config_path(None)})")
+    proc = run_cli("image", "verify", str(tmp_path / "any.tar"))
+    assert proc.returncode == 2 and "--pubkey" in proc.stderr, proc.stderr
+
+
+def test_install_hook_twice_says_nothing_changed(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    first = run_cli("install-hook", "--root", str(tmp_path), "--init", "busybox")
+    assert first.returncode == 0 and "etc/inittab" in first.stdout
+    again = run_cli("install-hook", "--root", str(tmp_path), "--init", "busybox", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["written"] == []
+    text = run_cli("install-hook", "--root", str(tmp_path), "--init", "busybox").stdout
+    assert "already installed" in text
+
+
+def test_status_history_and_mark_good_on_a_machine_of_files(tmp_path: Path) -> None:
+    config = file_machine(tmp_path / "m")
+    status = json.loads(run_cli("--config", str(config), "status", "--json").stdout)
+    assert status["trial"] is None and status["trial_boots_left"] is None
+    proc = run_cli("--config", str(config), "mark-good")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "slot A committed (version unknown)\n"
+    assert "None" not in proc.stdout
+
+
+def test_piped_output_is_plain_and_never_cut(tmp_path: Path) -> None:
+    """history and image inspect print every value in full when stdout is a pipe."""
+    config = file_machine(tmp_path / "m")
+    assert run_cli("--config", str(config), "mark-good").returncode == 0
+    events = json.loads(run_cli("--config", str(config), "history", "--json").stdout)
+    text = run_cli("--config", str(config), "history").stdout
+    assert events[-1]["time"] in text and events[-1]["detail"] in text
+    assert "…" not in text and "..." not in text and "\x1b[" not in text
+    key = keypair(tmp_path)
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(b"root" * 1000)
+    image = tmp_path / "image.tar"
+    assert run_cli("image", "build", "--rootfs", str(rootfs), "--version", "1",
+                   "--compatible", "box", "--key", str(key.private), "-o", str(image)
+                   ).returncode == 0
+    info = json.loads(run_cli("image", "inspect", str(image), "--json").stdout)
+    text = run_cli("image", "inspect", str(image)).stdout
+    assert info["payloads"][0]["sha256"] in text and "…" not in text and "\x1b[" not in text

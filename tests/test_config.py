@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,14 @@ def test_rebased_moves_paths_under_mounts_only() -> None:
 
 @pytest.mark.parametrize("change, message", [
     ({"bootloader": "lilo"}, "not supported"),
-    ({"compatible": 3}, "must be a str"),
+    ({"compatible": 3}, "compatible must be a string, not 3"),
     ({"slots": {"A": {"device": "x"}}}, "[slots.B] is required"),
+    ({"slots": {"A": {"device": "x"}, "C": {"device": "z"}}}, "unknown slot [slots] 'C'"),
     ({"slots": {"A": {"device": "x"}, "B": {"device": "y"}, "C": {"device": "z"}}}, "unknown slot"),
     ({"grub": {"tries": 0}}, "between 1 and 9"),
-    ({"grub": {"tries": True}}, "must be a int"),
+    ({"grub": {"tries": True}}, "[grub] tries must be a whole number, not true"),
+    ({"grub": {"tries": "3"}}, '[grub] tries must be a whole number, not "3"'),
+    ({"hooks_dir": 5}, "hooks_dir must be a string, not 5"),
     ({"keyring": "relative/keys"}, "absolute path"),
     ({"colour": "blue"}, "unknown key"),
     ({"health": {"timeout": -1}}, "positive"),
@@ -102,13 +106,31 @@ def test_rebased_moves_paths_under_mounts_only() -> None:
     ({"system": {"reboot": [1]}}, "reboot must be a command"),
     ({"registry": {"insecure": [""]}}, 'insecure must be a list of "host[:port]"'),
     ({"health": {"watchdog": "dev/watchdog"}}, "[health] watchdog must be an absolute path"),
-    ({"grub": {"env": 3}}, "[grub] env must be a str"),
+    ({"grub": {"env": 3}}, "[grub] env must be a string, not 3"),
 ])
 def test_bad_values_are_usage_errors(change: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError) as caught:
         config.parse({**GOOD, **change})
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("where", ["", "slots.A", "slots.B", "health", "system", "registry",
+                                   *(str(kind) for kind in BootloaderKind)])
+def test_unknown_keys_are_refused_in_every_table(where: str) -> None:
+    """A misspelt key anywhere is an error that names it and the keys that table knows."""
+    raw: dict[str, Any] = json.loads(json.dumps(GOOD))
+    table = raw
+    for part in where.split(".") if where else []:
+        table = table.setdefault(part, {})
+    known = set(table) | ({"device"} if where.startswith("slots.") else set())
+    table["colour"] = "blue"
+    with pytest.raises(UsageError) as caught:
+        config.parse(raw)
+    assert f"unknown key {f'[{where}] ' if where else ''}'colour'" in caught.value.message
+    assert caught.value.hint is not None and caught.value.hint.startswith("known keys: ")
+    named = set(caught.value.hint.removeprefix("known keys: ").split(", "))
+    assert known <= named and "colour" not in named
 
 
 def test_load_reports_missing_and_broken_files(tmp_path: Path) -> None:

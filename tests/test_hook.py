@@ -91,6 +91,7 @@ def test_failing_required_check_rolls_back_and_reboots(
     proc = machine.cli("boot-hook")
     assert proc.returncode == 5, proc.stderr
     assert "20-app" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "app: port 443 closed | (exit status 3)" in proc.stderr  # the tail of its output
     assert machine.reboot_marker.exists(), "the hook did not run the reboot command"
     st = status(machine)
     assert st["next_boot"] == "A" and slot_state(machine, "B") == "bad"

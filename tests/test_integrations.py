@@ -103,7 +103,7 @@ def test_install_writes_and_links(kind: str, tmp_path: Path) -> None:
         target = os.readlink(link)
         resolved = tmp_path / target.lstrip("/") if target.startswith("/") else link.parent / target
         assert resolved.resolve() == main.resolve() or resolved.resolve() == main.parent.resolve()
-    assert install(kind, tmp_path) == written  # again: nothing changes, no refusal
+    assert install(kind, tmp_path) == []  # again: nothing to write, no refusal
     assert not [p for p in tmp_path.rglob("*abupgrade-tmp*")]
 
 

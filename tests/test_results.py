@@ -60,7 +60,7 @@ def test_status() -> None:
         "notes": [],
         "security_floor": None,
     })
-    offline = Status(booted=None, next_boot=Slot.A, trial=None, trial_boots_left=0,
+    offline = Status(booted=None, next_boot=Slot.A, trial=None, trial_boots_left=None,
                      committed=Slot.A, bootloader="syslinux", firmware="bios",
                      secure_boot=False,
                      slots={s: SlotStatus(f"disk.img partition {n}", SlotState.EMPTY, None, None)
@@ -68,6 +68,7 @@ def test_status() -> None:
                      notes=("one note",))
     document = offline.to_json()
     assert document["booted"] is None and document["trial"] is None
+    assert document["trial_boots_left"] is None  # no trial pending: null, not 0
     assert list(document["slots"]) == ["A", "B"] and document["notes"] == ["one note"]
 
 

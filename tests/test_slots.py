@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from abupgrade.slots import (
     mounts_of,
     parse_spec,
     resolve,
+    sysfs_block_devices,
 )
 from fixtures.tiers import needs
 
@@ -50,6 +52,35 @@ def make_config(tmp_path: Path, a: str, b: str, **system: str) -> configuration.
 
 
 # ---------------------------------------------------------------- unit
+
+
+def test_block_devices_from_sysfs(tmp_path: Path) -> None:
+    """sysfs as the kernel lays it out: /sys/class/block/NAME links to the device's folder,
+    a partition's folder sits in its disk's; uevent, size and `partition` files."""
+    devices = tmp_path / "devices/virtual/block"
+
+    def device(folder: Path, uevent: str, sectors: int, partition: int | None = None) -> None:
+        folder.mkdir(parents=True)
+        (folder / "uevent").write_text(uevent)
+        (folder / "size").write_text(f"{sectors}\n")
+        (folder / "dev").write_text("x\n")
+        if partition is not None:
+            (folder / "partition").write_text(f"{partition}\n")
+        link = tmp_path / "class/block" / folder.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder)
+
+    device(devices / "vda", "MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\n", 2048)
+    device(devices / "vda/vda2", "MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\n"
+           "PARTN=2\nPARTNAME=boot\n", 1024, partition=2)
+    device(devices / "loop7", "MAJOR=7\nMINOR=7\nDEVNAME=loop7\nDEVTYPE=disk\n", 0)
+    found = {d.name: d for d in sysfs_block_devices(tmp_path / "class/block", Path("/dev"))}
+    assert set(found) == {"vda", "vda2"}  # an unbound loop device has no size
+    disk, part = found["vda"], found["vda2"]
+    assert (disk.node, disk.parent, disk.number, disk.size) == (Path("/dev/vda"), None, None,
+                                                               2048 * 512)
+    assert (part.node, part.parent, part.number) == (Path("/dev/vda2"), Path("/dev/vda"), 2)
+    assert part.devno == os.makedev(254, 2) and part.properties["PARTNAME"] == "boot"
 
 
 def test_parse_spec() -> None:
@@ -126,6 +157,30 @@ def test_partlabel_and_partuuid_without_udev(gpt_disk: tuple[Disk, list[str]]) -
     assert blkid(part2)["PART_ENTRY_NAME"] == names[1]
     assert resolve(f"PARTUUID={partuuid.upper()}") == part2
     assert resolve(str(part2)) == part2
+
+
+# A machine without libudev.so: pyudev finds no library named udev (as it says there).
+NO_LIBUDEV = """
+import ctypes.util, logging, sys
+from pathlib import Path
+real = ctypes.util.find_library
+ctypes.util.find_library = lambda name: None if name == "udev" else real(name)
+logging.basicConfig(level=logging.DEBUG, format="%(message)s")
+from abupgrade.slots import resolve
+print(resolve(sys.argv[1]), resolve(sys.argv[2]))
+"""
+
+
+@pytest.mark.loop
+def test_partlabel_and_partuuid_without_libudev(gpt_disk: tuple[Disk, list[str]]) -> None:
+    disk, names = gpt_disk
+    assert disk.table is not None
+    partuuid = disk.table.get(1).partuuid
+    proc = subprocess.run([sys.executable, "-c", NO_LIBUDEV, f"PARTLABEL={names[1]}",
+                           f"PARTUUID={partuuid}"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(disk.partitions[2]), str(disk.partitions[1])]
+    assert "no udev (No library named udev): block devices from /sys/class/block" in proc.stderr
 
 
 @pytest.mark.loop

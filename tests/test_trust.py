@@ -189,7 +189,7 @@ def sign(tmp_path: Path) -> Callable[..., Path]:
     def make(*names: str, version: str = "2.0", floor: str | None = None) -> Path:
         out = tmp_path / f"{'-'.join(names)}-{version}-{floor}.tar"
         build(rootfs, version, "acme-box", [tmp_path / f"{n}.key" for n in names], out,
-              compression="none", security_floor=floor)
+              compression="none", security_floor=floor, force=True)
         return out
 
     return make

@@ -75,6 +75,8 @@ def boot_file(folder: Path, slot: Slot, name: str) -> Path:
 
 @dataclass(frozen=True)
 class BootState:
+    """The bootloader's view: its default, what it may boot, the trial and its tries."""
+
     default: Slot
     bootable: frozenset[Slot]
     trial: Slot | None = None
@@ -139,6 +141,8 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True)
 class PlannedPartition:
+    """One partition of a DiskPlan: its role, its spec and where it is mounted."""
+
     role: Role
     spec: PartitionSpec
     mount: Path | None = None  # where the configuration names it mounted (boot and data)

@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
 from abupgrade import blockdev, fsutil, mounts
-from abupgrade.bootloader import grub_efi
 from abupgrade.bootloader.base import (
     BOOT_FILES,
     BOOT_POINT,
@@ -422,6 +419,8 @@ class Grub(Bootloader):
         system partition; then the A/B layout."""
         cls.require_platform(platform)
         if platform.firmware is Firmware.UEFI:
+            from abupgrade.bootloader import grub_efi  # UEFI only: FAT tools, shim, ...
+
             grub_efi.require(secure_boot=platform.secure_boot)
             first = PlannedPartition(Role.ESP, PartitionSpec(grub_efi.ESP_SIZE, EFI_SYSTEM, "esp"))
         else:
@@ -444,6 +443,8 @@ class Grub(Bootloader):
         kernel = self.boot_file_path(slot, "kernel")
         if not self.settings.secure_boot or not kernel.is_file():
             return
+        from abupgrade.bootloader import grub_efi
+
         with open(kernel, "rb") as f:
             signed = grub_efi.authenticode_signed(f.read())
         if not signed:
@@ -457,6 +458,8 @@ class Grub(Bootloader):
         """GRUB for the layout's firmware - BIOS: grub-mkimage + grub-bios-setup onto
         layout.disk; UEFI: GRUB on the ESP (grub_efi.py) - then grub.cfg, both env blocks
         (slot A default and good, B bad), and the boot files' folders."""
+        from abupgrade.bootloader import grub_efi
+
         env = self.settings.env
         env_rel = str(layout.on_boot_fs(env, "[grub] env"))
         grub_dir = layout.boot_root / "grub"
@@ -488,6 +491,8 @@ BACKEND = Grub
 def _bios_core_image(layout: DiskLayout, grub_dir: Path) -> tuple[str, dict[Slot, str]]:
     """GRUB's BIOS modules and core image under `grub_dir`/i386-pc; GRUB's names of the
     boot partition and of the slots' partitions."""
+    import shutil
+
     mkimage = require_tool("grub-mkimage", package="grub-common")
     if not BIOS_SETUP.is_file():
         raise OperationalError(f"{BIOS_SETUP} is missing", hint="apt-get install grub-pc-bin")
@@ -519,11 +524,16 @@ def create_blocks(env: Path) -> None:
         atomic_write(path, fresh.block(generation), boot=True)
 
 
+# The console of a disk abupgrade laid out: the first serial port.
+SERIAL_CONSOLE = "serial --unit=0 --speed=115200\nterminal_output serial"
+
+
 def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
-               roots: Mapping[Slot, str], cmdline: str) -> str:
+               roots: Mapping[Slot, str], cmdline: str, console: str = SERIAL_CONSOLE) -> str:
     """grub.cfg from grub.cfg.in. `boot_device` is GRUB's name of the boot partition
     ("(hd0,gpt2)"), `env_rel` the env block's path inside it, `parts` GRUB's names of the
-    slot partitions, `roots` the kernel's root= of each slot."""
+    slot partitions, `roots` the kernel's root= of each slot, `console` the commands that set
+    up GRUB's terminal (none where the machine's own grub.cfg did, for `adopt`)."""
     for what, text in (("kernel command line", cmdline), *((f"root of slot {s}", r)
                                                           for s, r in roots.items())):
         if not _SAFE_WORDS.fullmatch(text):
@@ -534,13 +544,14 @@ def render_cfg(*, boot_device: str, env_rel: str, parts: Mapping[Slot, str],
                          hint="use letters, digits and _.+- in the GRUB environment's path")
     env0 = f"{boot_device}/{env_rel}"
     slots_dir = f"{boot_device}/{Path(env_rel).parent.as_posix()}/slots".replace("/./", "/")
-    values = {"ENV0": env0, "ENV1": env0 + ".1", "CMDLINE": cmdline}
+    values = {"ENV0": env0, "ENV1": env0 + ".1", "CMDLINE": cmdline,
+              "CONSOLE": console or "# the console: as the machine's own grub.cfg set it up"}
     for slot in Slot:
         values[f"{slot.value}_PART"] = parts[slot]
         values[f"{slot.value}_ROOT"] = roots[slot]
         values[f"{slot.value}_KERNEL"] = f"{slots_dir}/{slot.value}/{BOOT_FILES['kernel']}"
         values[f"{slot.value}_INITRD"] = f"{slots_dir}/{slot.value}/{BOOT_FILES['initrd']}"
-    template = resources.files("abupgrade.bootloader").joinpath("grub.cfg.in").read_text()
+    template = (Path(__file__).parent / "grub.cfg.in").read_text()
     text = re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m[1]], template)
     return text
 

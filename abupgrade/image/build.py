@@ -62,6 +62,7 @@ def build(
     index: bool = True,
     progress: Progress | None = None,
     security_floor: str | None = None,
+    force: bool = False,
 ) -> Manifest:
     """Write a signed image of `rootfs` (plus optional kernel and initrd) to `out` atomically.
 
@@ -77,8 +78,8 @@ def build(
     if not keys:
         raise UsageError("an image needs at least one signing key", hint="pass --key K.key")
     private_keys = [load_private(path) for path in keys]
-    if not out.parent.is_dir():
-        raise UsageError(f"output directory {out.parent} does not exist")
+    _check_output(out, [rootfs, *keys, *(p for p in (kernel, initrd) if p is not None)],
+                  force=force)
     indexed = index and codec in (Compression.NONE, Compression.ZSTD)
     inputs = [_Input(SLOT_PAYLOAD, PayloadKind.SLOT, rootfs, codec)]
     for name, path in (("kernel", kernel), ("initrd", initrd)):
@@ -164,6 +165,25 @@ def rootfs_warnings(rootfs: Path, compression: str | Compression, index: bool = 
                             "do not stay 4 KiB-aligned across releases and delta updates reuse "
                             "little (make it with mkfs.ext4 -b 4096)")
     return warnings
+
+
+def _check_output(out: Path, inputs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an output that is one of the inputs, that exists (unless `force`), or that is
+    not a regular file."""
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory {out.parent} does not exist")
+    for path in inputs:
+        same = os.path.realpath(path) == os.path.realpath(out)
+        if not same and out.exists() and path.exists():
+            same = os.path.samefile(path, out)
+        if same:
+            raise UsageError(f"the output {out} is also an input ({path})",
+                             hint="write the image to another file")
+    if out.is_symlink() or out.exists():
+        if not out.is_file() or out.is_symlink():
+            raise UsageError(f"the output {out} exists and is not a regular file")
+        if not force:
+            raise UsageError(f"{out} exists", hint="pass --force to replace it")
 
 
 def _open(path: Path) -> io.BufferedReader:

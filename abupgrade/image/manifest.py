@@ -54,6 +54,8 @@ class Compression(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Payload:
+    """One payload of an image, as the manifest lists it."""
+
     name: str
     kind: PayloadKind
     size: int  # of the uncompressed bytes
@@ -72,6 +74,8 @@ class Payload:
 
 @dataclass(frozen=True)
 class Manifest:
+    """An image's signed manifest."""
+
     format: int
     version: str
     compatible: str

@@ -121,8 +121,10 @@ class _Head:
 
 def _read_head(source: _Input) -> _Head:
     first = source.header()
-    if first is None:
-        raise ImageRejected("image is an empty archive")
+    if first is None:  # a zero block: an empty tar, or a filesystem or disk image
+        raise ImageRejected("not an abupgrade image: it starts with 512 zero bytes "
+                            "(an empty archive, or a filesystem or disk image?)",
+                            hint="an image is the .tar `abupgrade image build` writes")
     if first.name != MANIFEST_NAME:
         raise ImageRejected(f"first member is {first.name!r}; an image starts with {MANIFEST_NAME}")
     if first.size > MAX_MANIFEST_BYTES:

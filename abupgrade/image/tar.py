@@ -36,6 +36,8 @@ _TYPE_NAMES = {
 
 @dataclass(frozen=True)
 class Header:
+    """A tar member's name and size."""
+
     name: str
     size: int
 

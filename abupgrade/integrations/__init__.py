@@ -6,6 +6,7 @@ or an image tree) by `install`. `detect` tells which init system a root filesyst
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -127,7 +128,8 @@ def detect(root: Path) -> str:
 
 def install(kind: str, root: Path, *, force: bool = False) -> list[Path]:
     """Install the `kind` integration into the root filesystem at `root`; the paths written
-    or linked. A different file already in the way is refused unless `force`."""
+    or linked now (none when it was installed already). A different file already in the
+    way is refused unless `force`."""
     integration = _get(kind)
     if not root.is_dir():
         raise UsageError(f"root filesystem {root} is not a folder")
@@ -137,19 +139,66 @@ def install(kind: str, root: Path, *, force: bool = False) -> list[Path]:
         return _install_inittab(target, text.strip())
     written = _write(target, text, integration.mode, force=force)
     if kind == "sysvinit":
-        written += [_link(root / f"etc/rc{level}.d/S90{SERVICE}", f"../init.d/{SERVICE}",
-                          force=force) for level in SYSV_RUNLEVELS]
+        for level in SYSV_RUNLEVELS:
+            written += _link(root / f"etc/rc{level}.d/S90{SERVICE}", f"../init.d/{SERVICE}",
+                             force=force)
     elif kind == "openrc":
-        written.append(_link(root / "etc/runlevels/default" / SERVICE, f"/etc/init.d/{SERVICE}",
-                             force=force))
+        written += _link(root / "etc/runlevels/default" / SERVICE, f"/etc/init.d/{SERVICE}",
+                         force=force)
     elif kind == "runit":
         where = next((d for d in RUNIT_SERVICE_DIRS if _exists(root, d)), RUNIT_SERVICE_DIRS[1])
         resolved = _resolve(root, where) or PurePosixPath(where)
-        written.append(_link(root / resolved / SERVICE, f"/etc/sv/{SERVICE}", force=force))
+        written += _link(root / resolved / SERVICE, f"/etc/sv/{SERVICE}", force=force)
     elif kind == "systemd":
-        written.append(_link(root / "etc/systemd/system/multi-user.target.wants"
-                             / f"{SERVICE}.service", f"../{SERVICE}.service", force=force))
+        written += _link(root / "etc/systemd/system/multi-user.target.wants"
+                         / f"{SERVICE}.service", f"../{SERVICE}.service", force=force)
     return written
+
+
+def remove(kind: str, root: Path) -> list[Path]:
+    """Take the `kind` integration out of the root filesystem at `root`: the files and links
+    `install` makes, where they are still what it made (anything else is left alone), or
+    the inittab line; the paths removed."""
+    integration = _get(kind)
+    target = root / integration.path
+    if kind == "busybox":
+        return _remove_inittab_line(target, data(kind).strip())
+    links = []
+    if kind == "sysvinit":
+        links = [(root / f"etc/rc{level}.d/S90{SERVICE}", f"../init.d/{SERVICE}")
+                 for level in SYSV_RUNLEVELS]
+    elif kind == "openrc":
+        links = [(root / "etc/runlevels/default" / SERVICE, f"/etc/init.d/{SERVICE}")]
+    elif kind == "runit":
+        links = [(root / (_resolve(root, d) or PurePosixPath(d)) / SERVICE, f"/etc/sv/{SERVICE}")
+                 for d in RUNIT_SERVICE_DIRS if _exists(root, d)]
+    elif kind == "systemd":
+        links = [(root / "etc/systemd/system/multi-user.target.wants" / f"{SERVICE}.service",
+                  f"../{SERVICE}.service")]
+    removed = []
+    for path, link in links:
+        if path.is_symlink() and os.readlink(path) == link:
+            path.unlink()
+            removed.append(path)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if target.is_file() and not target.is_symlink() and target.read_text() == data(kind):
+            target.unlink()
+            removed.append(target)
+            if kind == "runit":
+                target.parent.rmdir()
+    return removed
+
+
+def _remove_inittab_line(path: Path, line: str) -> list[Path]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    kept = [entry for entry in lines if entry.strip() != line]
+    if kept == lines:
+        return []
+    atomic_write(path, ("\n".join(kept) + "\n").encode(), mode=path.stat().st_mode & 0o7777)
+    return [path]
 
 
 def _write(path: Path, text: str, mode: int, *, force: bool) -> list[Path]:
@@ -159,6 +208,8 @@ def _write(path: Path, text: str, mode: int, *, force: bool) -> list[Path]:
         except (OSError, UnicodeDecodeError):
             same = False
         if same:
+            if path.stat().st_mode & 0o7777 == mode:
+                return []
             path.chmod(mode)
             return [path]
         if not force:
@@ -171,9 +222,10 @@ def _write(path: Path, text: str, mode: int, *, force: bool) -> list[Path]:
     return [path]
 
 
-def _link(path: Path, target: str, *, force: bool) -> Path:
+def _link(path: Path, target: str, *, force: bool) -> list[Path]:
+    """`path` made a symlink to `target`: [path], or [] when it is one already."""
     if path.is_symlink() and os.readlink(path) == target:
-        return path
+        return []
     if path.is_symlink() or path.exists():
         if not force:
             raise PolicyRefusal(f"{path} exists and is not the abupgrade integration's link",
@@ -185,7 +237,7 @@ def _link(path: Path, target: str, *, force: bool) -> Path:
     temporary.unlink(missing_ok=True)
     temporary.symlink_to(target)
     os.replace(temporary, path)
-    return path
+    return [path]
 
 
 def _install_inittab(path: Path, line: str) -> list[Path]:
@@ -198,7 +250,7 @@ def _install_inittab(path: Path, line: str) -> list[Path]:
         current = BUSYBOX_DEFAULT_INITTAB
     lines = current.splitlines()
     if line in (entry.strip() for entry in lines):
-        return [path]
+        return []
     sysinit = [i for i, entry in enumerate(lines) if _action(entry) == "sysinit"]
     at = sysinit[-1] + 1 if sysinit else 0
     lines.insert(at, line)
