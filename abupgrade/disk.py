@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
 import stat
+import struct
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from abupgrade import blockdev, mounts
 from abupgrade import config as configuration
@@ -32,6 +35,13 @@ log = logging.getLogger(__name__)
 NODE_TIMEOUT = 10.0
 MOUNT_PREFIX = "abupgrade-mnt-"  # our temporary mount points, in TEMP_DIR
 TEMP_DIR = Path(tempfile.gettempdir()).resolve()
+
+# QEMU locks an image it opens with OFD byte-range locks, not flock (block/file-posix.c):
+# a read lock on byte PERM + n while it holds permission n, on byte SHARED + n while it lets
+# no one else have it. abupgrade reads and writes the image and lets no one else write.
+PERM, SHARED = 100, 200
+READ, WRITE = 0, 1  # QEMU's BLK_PERM_CONSISTENT_READ, BLK_PERM_WRITE (bit numbers)
+FLOCK = struct.Struct("hhqqi4x")  # struct flock (64-bit off_t)
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,9 @@ def _wait_for_nodes(device: Path, numbers: list[int]) -> dict[int, Path]:
 @contextlib.contextmanager
 def locked(target: Path) -> Iterator[None]:
     """`target` (image file or device) held for this run, before anything attaches it: a
-    second abupgrade on it is refused, and so is a disk with a partition mounted anywhere,
-    through any loop device of the same file too (two mounts of one ext4 corrupt it)."""
+    second abupgrade on it is refused, and so is a disk a QEMU has open (its image lock), or
+    with a partition mounted anywhere, through any loop device of the same file too (two
+    mounts of one ext4 corrupt it)."""
     try:
         fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -72,6 +83,7 @@ def locked(target: Path) -> Iterator[None]:
         except BlockingIOError:
             raise PolicyRefusal(f"another abupgrade is working on {target}",
                                 hint="wait for it to finish") from None
+        _image_lock(fd, target)
         if mounted_anywhere(target):
             _clear_leftovers(target)
         busy = [f"{m.source} is mounted on {m.point}" for m in mounted_anywhere(target)]
@@ -81,6 +93,59 @@ def locked(target: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _ofd_lock(fd: int, command: int, kind: int, byte: int) -> int:
+    """One OFD lock call on `byte`; the lock type it leaves in the struct (F_OFD_GETLK:
+    F_UNLCK if nothing else holds a lock that conflicts with `kind`)."""
+    kind_now: int = FLOCK.unpack(fcntl.fcntl(fd, command, FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)))[0]
+    return kind_now
+
+
+def _image_lock(fd: int, target: Path) -> None:
+    """Take `target`'s image lock as QEMU does, then refuse (exit 4) if a QEMU (or another
+    program that locks images its way) writes it or keeps others from writing it. Taking the
+    bytes first, as QEMU does too, means of two starting together at least one sees the
+    other; held, they make a QEMU started during this run refuse the image."""
+    try:
+        for byte in (PERM + READ, PERM + WRITE, SHARED + WRITE):
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, byte)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):  # someone holds a write lock there
+            _refuse_in_use(target, "writes it")
+        log.debug("no image lock on %s: %s", target, exc.strerror)  # QEMU goes on too
+        return
+    held = {byte for byte in (PERM + WRITE, SHARED + WRITE, SHARED + READ)
+            if _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK}
+    if PERM + WRITE in held:
+        _refuse_in_use(target, "writes it")
+    if held:
+        _refuse_in_use(target, "keeps others from writing it" if SHARED + WRITE in held
+                       else "keeps others from reading it")
+
+
+def _refuse_in_use(target: Path, what: str) -> NoReturn:
+    holders = [f"{name} (pid {pid})" for pid, name in _openers(target)]
+    raise PolicyRefusal(f"{target} is in use: {', '.join(holders) or 'another program'} "
+                        f"holds QEMU's image lock and {what}",
+                        hint="stop the virtual machine first; abupgrade never works on a "
+                             "disk in use")
+
+
+def _openers(target: Path) -> list[tuple[int, str]]:
+    """(pid, command name) of every other process with `target` open."""
+    want = target.stat()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            opened = any(os.path.samestat(os.stat(fd), want) for fd in (proc / "fd").iterdir())
+            if opened:
+                found.append((int(proc.name), (proc / "comm").read_text().strip()))
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def _clear_leftovers(target: Path) -> None:

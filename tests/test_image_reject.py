@@ -18,6 +18,7 @@ from fixtures.hostile_images import (
     CASES,
     GOOD,
     HEAD_LEN,
+    INITRD,
     KERN,
     RING,
     ROOT,
@@ -32,8 +33,8 @@ from fixtures.hostile_images import (
 
 
 def test_good_baseline_is_accepted() -> None:
-    assert read(GOOD) == {"rootfs": ROOT, "kernel": KERN}
-    assert read(GOOD + bytes(10 * BLOCK)) == {"rootfs": ROOT, "kernel": KERN}
+    assert read(GOOD) == {"rootfs": ROOT, "kernel": KERN, "initrd": INITRD}
+    assert read(GOOD + bytes(10 * BLOCK)) == {"rootfs": ROOT, "kernel": KERN, "initrd": INITRD}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -147,6 +148,6 @@ def test_spliced_garbage_is_rejected(data: bytes, at: int) -> None:
         return
     # Zeros spliced into padding or after the end marker are harmless; elsewhere they are not.
     try:
-        assert read(image) == {"rootfs": ROOT, "kernel": KERN}
+        assert read(image) == {"rootfs": ROOT, "kernel": KERN, "initrd": INITRD}
     except ImageRejected:
         pass
