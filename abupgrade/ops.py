@@ -372,9 +372,9 @@ def _install_delta(system: System, state: State, spec: str, target: Slot,
         return "full: the image's source cannot be read in parts", 0
     with contextlib.closing(ranges):
         try:
-            image = IndexedImage(ranges, system.keyring())  # the signature is checked here
+            # the signature is checked here, then the policy, then the members
+            image = IndexedImage(ranges, system.keyring(), policy)
             manifest = image.manifest
-            policy(manifest)
             if image.index is None:
                 return "full: the image has no chunk index", ranges.received
             device, active = system.device(target), target.other

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
@@ -81,12 +81,15 @@ class Member:
 class IndexedImage:
     """The verified head, the members and (in format 2 images) the chunk index."""
 
-    def __init__(self, ranges: RangeSource, keyring: Keyring) -> None:
+    def __init__(self, ranges: RangeSource, keyring: Keyring,
+                 policy: Callable[[Manifest], None] | None = None) -> None:
         self.ranges = ranges
         head = _Head(ranges)
         # the signature is checked here
         reader = ImageReader(stream_at(head, ranges.size, 0, HEAD), keyring)
         self.manifest: Manifest = reader.manifest
+        if policy is not None:  # as on the streaming path: refusals before any payload check
+            policy(self.manifest)
         self.signatures: tuple[SignatureStatus, ...] = reader.signatures
         self.members: dict[str, Member] = {}
         at = reader.offset
