@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped where every tier must run: {reason}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """QEMU boots first, the modules with the most boots before the others, in file order
+    otherwise: with the tiers in several processes (scripts/test), the long boot modules
+    start at once and the short ones fill in after."""
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    boots = Counter(module(item) for item in items if item.get_closest_marker("boot"))
+    items.sort(key=lambda item: (item.get_closest_marker("boot") is None, -boots[module(item)]))
 
 
 # ------------------------------------------------------------------ shared loop-tier fixtures
