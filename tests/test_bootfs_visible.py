@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from abupgrade.bootloader import BootloaderKind
-from abupgrade.bootloader.grub import GrubConfig
-from abupgrade.bootloader.syslinux import SyslinuxConfig
+from abupgrade import mounts
+from abupgrade.bootloader import BootloaderKind, base
 from abupgrade.bootloader.uboot import UBootConfig
 from abupgrade.bootloader.ubootenv import parse_locations
 from abupgrade.model import Slot
+from abupgrade.system import bootloader_of
 from fixtures.bootview import BOOT_FILES, boot_fs_offset, syslinux_view
 from fixtures.grubemu import GrubEmu, read_files, sha256
 from fixtures.machine import Machine, running_machine
@@ -39,17 +39,15 @@ def cut_now(disk: Path, out: Path) -> Path:
     return out
 
 
-def boot_folder(machine: Machine) -> Path:
-    """The folder whose slots/<slot>/ hold the boot files, as Linux has it mounted."""
-    settings = machine.config.settings
-    if isinstance(settings, GrubConfig):
-        return settings.env.parent
-    assert isinstance(settings, (SyslinuxConfig, UBootConfig)), settings
-    return settings.dir
+def boot_file(machine: Machine, slot: Slot, name: str) -> Path:
+    """Where the backend keeps `slot`'s boot file `name` ("vmlinuz", "initrd.img") on the
+    mounted disk."""
+    key = {file: key for key, file in base.BOOT_FILES.items()}[name]
+    return bootloader_of(machine.config).boot_file_path(slot, key)
 
 
 def linux_sees(machine: Machine, slot: Slot, name: str) -> bytes:
-    return (boot_folder(machine) / "slots" / slot.value / name).read_bytes()
+    return boot_file(machine, slot, name).read_bytes()
 
 
 def bootloader_boots(machine: Machine, image: Path, work: Path,
@@ -73,8 +71,10 @@ def bootloader_boots(machine: Machine, image: Path, work: Path,
     # U-Boot: boot.scr's decision on the environment copies in the disk's gap, the boot
     # files read from the ext4 boot partition's home blocks (U-Boot replays no journal)
     settings = machine.config.section(UBootConfig)
-    folder = boot_folder(machine).relative_to(mount_point(boot_folder(machine)))
-    paths = {(s, n): str(folder / "slots" / s.value / n) for s in Slot for n in BOOT_FILES}
+    held = mounts.holding(boot_file(machine, Slot.A, "vmlinuz"))
+    assert held is not None
+    paths = {(s, n): str(boot_file(machine, s, n).relative_to(held.point))
+             for s in Slot for n in BOOT_FILES}
     found = read_files(image, boot_fs_offset(image), tuple(paths.values()), work)
     with image.open("rb") as f:
         raw = [os.pread(f.fileno(), loc.size, loc.offset)
@@ -85,11 +85,6 @@ def bootloader_boots(machine: Machine, image: Path, work: Path,
     return decision.boot, {n: sha256(found[paths[decision.boot, n]])
                            if paths[decision.boot, n] in found else None
                            for n in BOOT_FILES}, str(decision)
-
-
-def mount_point(path: Path) -> Path:
-    return Path(subprocess.run(["findmnt", "-n", "-o", "TARGET", "--target", str(path)],
-                               capture_output=True, text=True, check=True).stdout.strip())
 
 
 # systemd-boot keeps what it reads on FAT, which has no journal: a change there is on the

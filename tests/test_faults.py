@@ -19,13 +19,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from abupgrade import slots
+from abupgrade import mounts, slots
 from abupgrade.bootloader.grub import GrubConfig
 from abupgrade.bootloader.syslinux import SyslinuxConfig
 from abupgrade.bootloader.systemd_boot import SystemdBootConfig
 from abupgrade.bootloader.uboot import UBoot, UBootConfig
 from abupgrade.fat import Fat, open_fat
 from abupgrade.model import Slot
+from abupgrade.system import bootloader_of
 from fixtures.images import KeyPair, rootfs_image, signed_image
 from fixtures.machine import Machine, running_machine
 from fixtures.reliability import record
@@ -221,12 +222,6 @@ def test_full_state_folder(machine: Machine, make_image: Callable[..., Path],
         assert proc.returncode == 0, proc.stderr
 
 
-def mount_point(path: Path) -> Path:
-    out = subprocess.run(["findmnt", "-n", "-o", "TARGET", "--target", str(path)],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    return Path(out)
-
-
 @contextlib.contextmanager
 def read_only_boot(machine: Machine) -> Iterator[None]:
     """The filesystem the bootloader's state lives on, read-only for the block: the mounted
@@ -238,10 +233,9 @@ def read_only_boot(machine: Machine) -> Iterator[None]:
         undo = ["blockdev", "--setrw", device]
         subprocess.run(["blockdev", "--setro", device], check=True)
     else:
-        on_boot = settings.env.parent if isinstance(settings, GrubConfig) else \
-            settings.dir if isinstance(settings, (SyslinuxConfig, UBootConfig)) else None
-        assert on_boot is not None, settings
-        boot = mount_point(on_boot)
+        held = mounts.holding(bootloader_of(machine.config).boot_file_path(Slot.A, "kernel"))
+        assert held is not None, settings
+        boot = held.point
         undo = ["mount", "-o", "remount,rw", str(boot)]
         subprocess.run(["mount", "-o", "remount,ro", str(boot)], check=True)
     try:
