@@ -506,6 +506,9 @@ def status(g: Globals, a: argparse.Namespace) -> None:
          details="The image's signature is checked before anything is written, every byte "
                  "is hashed as it streams into the slot that is not running and read back "
                  "from the device; only then does the bootloader get a trial of the slot. "
+                 "An image with a chunk index that can be read in parts (a file, https://, "
+                 "oci://) is applied as a delta: blocks the slots already hold are reused "
+                 "and only the rest is fetched and written. "
                  "The boot hook commits it once its health checks pass.")
 def apply(g: Globals, a: argparse.Namespace) -> None:
     from abupgrade import ops
