@@ -140,13 +140,16 @@ def test_readback_catches_corruption(tmp_path: Path) -> None:
             writer.verify_readback()
 
 
-def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair) -> None:
+@pytest.mark.parametrize("digest", ["blake3", "sha256"])
+def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair, digest: str) -> None:
     """The read-back checks the device against the stream; the stream itself is checked
     against the signed manifest by the reader as it is written: one byte changed in the
-    image fails the write before anything is read back or reported written."""
+    image fails the write before anything is read back or reported written - with the
+    BLAKE3 digest of a format 3 image, and with the SHA-256 of an older one."""
     rootfs = tmp_path / "rootfs.img"
     rootfs.write_bytes(payload())
-    image = signed_image(tmp_path / "image.tar", rootfs, signer, version="1")
+    image = signed_image(tmp_path / "image.tar", rootfs, signer, version="1",
+                         blake3=digest == "blake3")
     raw = bytearray(image.read_bytes())
     at = raw.index(rootfs.read_bytes()[4 * MiB : 4 * MiB + 64])
     raw[at] ^= 1
@@ -155,7 +158,8 @@ def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair) -> No
     with image.open("rb") as stream:
         reader = ImageReader(stream, Keyring.from_files([signer.public]))
         (item, chunks), = [next(reader.payloads())]
-        with SlotWriter(target) as writer, pytest.raises(ImageRejected, match="sha256"):
+        assert item.digest_name == digest
+        with SlotWriter(target) as writer, pytest.raises(ImageRejected, match=digest):
             writer.write_payload(item.size, item.sha256, chunks)
     with pytest.raises(OperationalError, match="nothing written"):
         writer.verify_readback()
