@@ -4,8 +4,6 @@ the same questions where that makes sense (their size, 512-byte sectors)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -26,7 +24,6 @@ _BLKZEROOUT = 0x127F
 _BLKROGET = 0x125E
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def fd_capacity(fd: int) -> int:
@@ -96,8 +93,11 @@ def zero_out(fd: int, length: int, *, offset: int = 0) -> bool:
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2) with flags (os.posix_fallocate has none); False when unsupported."""
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, mode, offset, length) == 0:
+    import ctypes  # here: the boot hook, which imports this module, never needs it
+
+    call = ctypes.CDLL(None, use_errno=True).fallocate  # the libc this process runs on
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if call(fd, mode, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime
 import enum
-import hashlib
 import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from abupgrade.errors import ImageRejected
 from abupgrade.image.tar import NAME_RE
@@ -31,9 +30,12 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _BLAKE3_RE = _SHA256_RE  # 32 bytes, lower-case hex
 
 
-class Hasher(Protocol):
-    def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
-    def hexdigest(self) -> str: ...
+if TYPE_CHECKING:  # a class made at import time costs the boot hook's start-up
+    from typing import Protocol
+
+    class Hasher(Protocol):
+        def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
+        def hexdigest(self) -> str: ...
 
 
 class PayloadKind(enum.StrEnum):
@@ -83,7 +85,11 @@ class Payload:
 
     def hasher(self) -> Hasher:
         """A fresh hash of the kind `digest` is."""
-        return hashlib.sha256() if self.blake3 is None else blake3_hasher()
+        if self.blake3 is not None:
+            return blake3_hasher()
+        import hashlib  # here: the boot hook imports this module, and never hashes
+
+        return hashlib.sha256()
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
