@@ -82,8 +82,11 @@ def zero_out(fd: int, length: int, *, offset: int = 0) -> bool:
     that may also deallocate (NVMe deallocate, thin provisioning; a loop device punches a
     hole in its backing file), never emulated by writing zeros; then BLKZEROOUT, which keeps
     the blocks allocated (a loop device on tmpfs takes only the first, on ext4 both)."""
-    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
-        return True
+    try:
+        if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return True
+    except OperationalError:
+        pass  # a read-only or failing device: the writes that follow say so
     try:
         fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
     except OSError:

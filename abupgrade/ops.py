@@ -370,8 +370,10 @@ def _local_without_index(spec: str) -> bool:
     if spec == "-" or "://" in spec:
         return False
     try:
+        if not stat.S_ISREG(os.stat(spec).st_mode):
+            return False  # a pipe is read once, by the streaming path
         with open(spec, "rb") as f:
-            return stat.S_ISREG(os.fstat(f.fileno()).st_mode) and inspect(f, None).manifest.index is None
+            return inspect(f, None).manifest.index is None
     except (OSError, AbupgradeError):
         return False
 

@@ -2,8 +2,9 @@
 
 The manifest and its signatures are read and checked before the first payload byte is handed
 out; each payload's chunks are hashed as they pass, and its iterator raises ImageRejected at its
-end when size or sha256 do not match. The consumer writes the chunks wherever it wants (a slot,
-/dev/null) and must not treat a payload as good before its iterator ended without error.
+end when size or digest do not match (BLAKE3 where the manifest gives one, else SHA-256; `verify`
+checks both). The consumer writes the chunks wherever it wants (a slot, /dev/null) and must not
+treat a payload as good before its iterator ended without error.
 """
 
 from __future__ import annotations
