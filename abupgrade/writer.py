@@ -2,9 +2,10 @@
 
 The core (`copy_chunks`) takes a payload as a stream of authenticated chunks (the image reader
 hashed each one against the signed manifest) and writes it into any seekable file object. It
-takes a fast checksum (xxh3-128) of the same bytes as they arrive, gathers them into
-page-aligned buffers and hands those, as (offset, buffer) extents, to a writer thread, which
-skips all-zero blocks where the target is known to read zeros and writes the rest.
+gathers them into page-aligned buffers (a reader with `readinto` fills them itself) and hands
+those, as (offset, buffer) extents, to a writer thread, which takes a fast checksum (xxh3-128)
+of the same bytes in offset order, skips all-zero blocks where the target is known to read
+zeros and writes the rest.
 `SlotWriter` adds the rules for a real slot on top: exclusive open, capacity check before the
 first byte, making the target read zeros where the device guarantees it, O_DIRECT writes,
 periodic flushes and a final one, then a read-back of every byte of the payload's range -
@@ -88,14 +89,13 @@ def copy_chunks(
 ) -> WriteStats:
     """Write exactly `size` bytes from `chunks` to `out` from offset 0.
 
-    The caller's thread gathers the chunks (reading and hashing the image) and takes their
-    checksum, while a writer thread writes the gathered ones. A source with `readinto` (see
-    ReadsInto) fills the writer's buffers itself, with no copy; other chunks are copied
-    into them. With `zero(offset, length)`,
-    which makes a range of the target read zeros (True) or cannot (False), runs of all-zero
-    4 KiB blocks of at least ZERO_MIN bytes are zeroed instead of written. Every
-    `sync_every` bytes the writes are flushed. More or fewer bytes than `size` is
-    ImageRejected. `direct_fd`, the same target opened with
+    The caller's thread gathers the chunks (reading and hashing the image) into the writer's
+    buffers, while a writer thread takes their checksum, in offset order, and writes them. A
+    source with `readinto` (see ReadsInto) fills the buffers itself, with no copy; other chunks
+    are copied into them. With `zero(offset, length)`, which makes a range of the target read
+    zeros (True) or cannot (False), runs of all-zero 4 KiB blocks of at least ZERO_MIN bytes
+    are zeroed instead of written. Every `sync_every` bytes the writes are flushed. More or
+    fewer bytes than `size` is ImageRejected. `direct_fd`, the same target opened with
     O_DIRECT, takes the block-aligned writes past the page cache (an unaligned tail goes
     through `out`). With `compare_fd`, the target opened for reading, each 4 KiB block is
     compared with what the target holds and written only where it differs (a delta update:
@@ -103,16 +103,15 @@ def copy_chunks(
     """
     progress = progress or NullProgress()
     started = time.monotonic()
-    digest = checksum()
     progress.start("write", size)
     try:
         behind = _WriteBehind(out, sync_every, direct=direct_fd is not None)
         with _WriterThread(out, size, None if compare_fd is not None else zero, behind,
                            direct_fd, compare_fd) as writer:
             if isinstance(chunks, ReadsInto):
-                pos = _fill_from(chunks, writer, digest, size, progress)
+                pos = _fill_from(chunks, writer, size, progress)
             else:
-                pos = _gather(chunks, writer, digest, size, progress)
+                pos = _gather(chunks, writer, size, progress)
             if pos != size:
                 raise ImageRejected(f"payload ended after {pos:,} of its declared {size:,} bytes")
             writer.drain()
@@ -120,7 +119,7 @@ def copy_chunks(
     finally:
         progress.finish()
     return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started,
-                      digest.hexdigest(), writer.reused)
+                      writer.digest.hexdigest(), writer.reused)
 
 
 def _runs(buffer: mmap.mmap, length: int) -> list[tuple[int, int, bool]]:
@@ -158,8 +157,7 @@ def _too_long(size: int) -> ImageRejected:
     return ImageRejected(f"payload is longer than its declared {size:,} bytes")
 
 
-def _fill_from(source: ReadsInto, writer: _WriterThread, digest: xxhash.xxh3_128, size: int,
-               progress: Progress) -> int:
+def _fill_from(source: ReadsInto, writer: _WriterThread, size: int, progress: Progress) -> int:
     """Let `source` fill the writer's buffers; the bytes handed to the writer."""
     pos = 0
     while True:
@@ -167,7 +165,6 @@ def _fill_from(source: ReadsInto, writer: _WriterThread, digest: xxhash.xxh3_128
         fill = 0
         with memoryview(buffer) as view:
             while fill < CHUNK and (n := source.readinto(view[fill:])):
-                digest.update(view[fill:fill + n])  # the very bytes the source hashed
                 fill += n
         if pos + fill > size:
             writer.give_back(buffer)
@@ -180,8 +177,8 @@ def _fill_from(source: ReadsInto, writer: _WriterThread, digest: xxhash.xxh3_128
         pos += fill
 
 
-def _gather(chunks: Iterable[bytes | bytearray | memoryview], writer: _WriterThread,
-            digest: xxhash.xxh3_128, size: int, progress: Progress) -> int:
+def _gather(chunks: Iterable[bytes | bytearray | memoryview], writer: _WriterThread, size: int,
+            progress: Progress) -> int:
     """Copy `chunks` into the writer's buffers; the bytes handed to the writer."""
     pos = 0  # bytes handed to the writer so far
     buffer = writer.take_buffer()
@@ -190,7 +187,6 @@ def _gather(chunks: Iterable[bytes | bytearray | memoryview], writer: _WriterThr
         data = memoryview(chunk).cast("B")
         if pos + fill + len(data) > size:
             raise _too_long(size)
-        digest.update(data)  # the very bytes the reader hashed, before any copy
         while data:
             n = min(CHUNK - fill, len(data))
             buffer[fill : fill + n] = data[:n]
@@ -231,6 +227,7 @@ class _WriterThread:
         self.direct_fd = direct_fd
         self.behind = behind
         self.written = 0
+        self.digest = checksum()  # of every extent's bytes, taken here, off the reading thread
         self.zeros_from: int | None = None  # a run of zero blocks not yet zeroed starts here
         self.error: BaseException | None = None
         self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(self.BUFFERS)]
@@ -281,6 +278,8 @@ class _WriterThread:
             buffer, offset, length = item
             try:
                 if self.error is None:
+                    with memoryview(buffer) as view:  # in offset order: the stream's checksum
+                        self.digest.update(view[:length])
                     self._write(buffer, offset, length)
                     if offset + length == self.size:
                         self._settle_zeros(self.size)
