@@ -19,7 +19,7 @@ Figures on a loop device are largely page-cache figures: compare the ratios of o
 absolute times across runs. Needs root, loop devices, mkfs.ext4, bmaptool, rauc, dbus-daemon,
 openssl and GNU time (`ABUPGRADE_BENCH=1 scripts/setup` installs them).
 
-    python bench/bench_apply.py [--size-mib 1024] [--fill 0.6] [--rounds 3] [--json]
+    python bench/bench_apply.py [--size-mib 1024] [--fill 0.6] [--rounds 5] [--json]
                                 [--regime io,cpu] [--skip rauc,bmaptool,zstd] [--hogs N]
 """
 
@@ -251,7 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--fill", type=float, default=0.6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--regime", default="io,cpu",
                         help="comma list of: io (loop device on a disk file), cpu (on tmpfs)")
     parser.add_argument("--skip", default="", help="comma list of: rauc, bmaptool, zstd")
