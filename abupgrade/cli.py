@@ -724,7 +724,10 @@ def keygen(g: Globals, a: argparse.Namespace) -> None:
          arg("--security-floor", metavar="VERSION", help="once an image of this one is "
              "committed, machines accept no image older than VERSION"),
          arg("--no-index", help="leave out the chunk index delta updates use (with none or "
-             "zstd): an image that abupgrade before delta updates reads"),
+             "zstd); with --sha256-only too, an image every abupgrade reads (format 1)"),
+         arg("--sha256-only", help="give payloads a SHA-256 digest only, not also a BLAKE3 "
+             "one (format 1 or 2, for machines whose abupgrade reads no format 3); apply "
+             "hashes SHA-256 about three times slower"),
          arg("--force", help="replace an existing output file"),
          details="An existing output is never replaced without --force, and never when it "
                  "is one of the inputs.")
@@ -736,7 +739,8 @@ def image_build(g: Globals, a: argparse.Namespace) -> None:
                                signing_keys=a.key, output=a.output, kernel=a.kernel,
                                initrd=a.initrd, compression=a.compress, force=a.force,
                                progress=progress, warn=lambda text: warn(g, text),
-                               index=not a.no_index, security_floor=a.security_floor)
+                               index=not a.no_index, security_floor=a.security_floor,
+                               blake3=not a.sha256_only)
     emit(g, info, f"wrote {a.output}: version {a.version} for {a.compatible}, "
          f"{len(info.manifest.payloads)} payload(s), {len(info.signatures)} signature(s)")
 

@@ -64,7 +64,8 @@ def keygen(prefix: Path) -> KeyPair:
 def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Sequence[Path],
                 output: Path, kernel: Path | None, initrd: Path | None, compression: str,
                 force: bool, progress: Progress, warn: Callable[[str], None],
-                index: bool = True, security_floor: str | None = None) -> ImageInfo:
+                index: bool = True, security_floor: str | None = None,
+                blake3: bool = True) -> ImageInfo:
     from abupgrade.image import build as image_builder
     from abupgrade.image import keys
     from abupgrade.image.reader import inspect
@@ -79,7 +80,7 @@ def image_build(*, rootfs: Path, version: str, compatible: str, signing_keys: Se
         warn(warning)
     image_builder.build(rootfs, version, compatible, signing_keys, output, kernel=kernel,
                         initrd=initrd, compression=compression, index=index, progress=progress,
-                        security_floor=security_floor, force=force)
+                        security_floor=security_floor, force=force, blake3=blake3)
     with open_source(str(output)) as stream:
         return inspect(stream, None)
 
@@ -319,7 +320,9 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
 
     update = "full"
     downloaded = 0
-    if delta and not dry_run:
+    if delta and not dry_run and _local_without_index(spec):
+        update = "full: the image has no chunk index"
+    elif delta and not dry_run:
         outcome = _install_delta(system, state, spec, target, policy, progress)
         if isinstance(outcome, Installed):
             return replace(outcome, seconds=round(time.monotonic() - started, 3))
@@ -351,6 +354,28 @@ def _install(system: System, state: State, spec: str, target: Slot, *, progress:
     return Installed(target, manifest.version, manifest.compatible,
                      stats.written + _boot_bytes(manifest), dry_run=False,
                      seconds=round(time.monotonic() - started, 3), traffic=traffic)
+
+
+def _local_without_index(spec: str) -> bool:
+    """Whether `spec` is an image file here whose manifest lists no chunk index: the delta
+    path then has nothing to do, and its modules (HTTP, registries) need not load. The
+    manifest is read unverified: it only picks the path, and the streaming path verifies
+    everything; anything unexpected leaves the choice to the delta path, as before."""
+    import os
+    import stat
+
+    from abupgrade.errors import AbupgradeError
+    from abupgrade.image.reader import inspect
+
+    if spec == "-" or "://" in spec:
+        return False
+    try:
+        if not stat.S_ISREG(os.stat(spec).st_mode):
+            return False  # a pipe is read once, by the streaming path
+        with open(spec, "rb") as f:
+            return inspect(f, None).manifest.index is None
+    except (OSError, AbupgradeError):
+        return False
 
 
 def _install_delta(system: System, state: State, spec: str, target: Slot,

@@ -4,11 +4,8 @@ always as a stream."""
 from __future__ import annotations
 
 import contextlib
-import http.client
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -54,6 +51,10 @@ def source_is_remote(spec: str) -> bool:
 
 
 def _open_url(url: str, timeout: float) -> BinaryIO:
+    import http.client  # here: a local image needs no HTTP (start-up time)
+    import urllib.error
+    import urllib.request
+
     host = urllib.parse.urlsplit(url).netloc
     request = urllib.request.Request(url, headers={"User-Agent": "abupgrade"})
     try:

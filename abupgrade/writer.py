@@ -2,9 +2,10 @@
 
 The core (`copy_chunks`) takes a payload as a stream of authenticated chunks (the image reader
 hashed each one against the signed manifest) and writes it into any seekable file object. It
-takes a fast checksum (xxh3-128) of the same bytes as they arrive, gathers them into
-page-aligned buffers and hands those, as (offset, buffer) extents, to a writer thread, which
-skips all-zero blocks where the target is known to read zeros and writes the rest.
+gathers them into page-aligned buffers (a reader with `readinto` fills them itself) and hands
+those, as (offset, buffer) extents, to a writer thread, which takes a fast checksum (xxh3-128)
+of the same bytes in offset order, skips all-zero blocks where the target is known to read
+zeros and writes the rest.
 `SlotWriter` adds the rules for a real slot on top: exclusive open, capacity check before the
 first byte, making the target read zeros where the device guarantees it, O_DIRECT writes,
 periodic flushes and a final one, then a read-back of every byte of the payload's range -
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import io
 import mmap
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import xxhash
 
@@ -43,10 +43,12 @@ ZERO_MIN = 256 * 1024  # shorter zero runs are written: one write beats splittin
 SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_KEEP_SIZE = blockdev.FALLOC_FL_KEEP_SIZE
+_FALLOC_FL_PUNCH_HOLE = blockdev.FALLOC_FL_PUNCH_HOLE
+_libc_fallocate = blockdev.fallocate  # punches the holes in a plain file (tests record it)
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_SOURCE = mmap.mmap(-1, CHUNK, prot=mmap.PROT_READ)  # zeros to write, page aligned, no RSS
+_ZEROS = memoryview(_ZERO_SOURCE)
 
 
 def checksum() -> xxhash.xxh3_128:
@@ -66,9 +68,17 @@ class WriteStats:
     reused: int = 0  # bytes the target already held (compare mode): read, not written
 
 
+@runtime_checkable
+class ReadsInto(Protocol):
+    """A source that fills a caller's buffer: `readinto(view)` returns the bytes it put
+    there, 0 at the end (an image's PayloadChunks, which has checked them by then)."""
+
+    def readinto(self, view: memoryview, /) -> int: ...
+
+
 def copy_chunks(
     out: BinaryIO,
-    chunks: Iterable[bytes | bytearray | memoryview],
+    chunks: Iterable[bytes | bytearray | memoryview] | ReadsInto,
     size: int,
     *,
     zero: Callable[[int, int], bool] | None = None,
@@ -79,12 +89,13 @@ def copy_chunks(
 ) -> WriteStats:
     """Write exactly `size` bytes from `chunks` to `out` from offset 0.
 
-    The caller's thread gathers the chunks (reading and hashing the image) and takes their
-    checksum, while a writer thread writes the gathered ones. With `zero(offset, length)`,
-    which makes a range of the target read zeros (True) or cannot (False), runs of all-zero
-    4 KiB blocks of at least ZERO_MIN bytes are zeroed instead of written. Every
-    `sync_every` bytes the writes are flushed. More or fewer bytes than `size` is
-    ImageRejected. `direct_fd`, the same target opened with
+    The caller's thread gathers the chunks (reading and hashing the image) into the writer's
+    buffers, while a writer thread takes their checksum, in offset order, and writes them. A
+    source with `readinto` (see ReadsInto) fills the buffers itself, with no copy; other chunks
+    are copied into them. With `zero(offset, length)`, which makes a range of the target read
+    zeros (True) or cannot (False), runs of all-zero 4 KiB blocks of at least ZERO_MIN bytes
+    are zeroed instead of written. Every `sync_every` bytes the writes are flushed. More or
+    fewer bytes than `size` is ImageRejected. `direct_fd`, the same target opened with
     O_DIRECT, takes the block-aligned writes past the page cache (an unaligned tail goes
     through `out`). With `compare_fd`, the target opened for reading, each 4 KiB block is
     compared with what the target holds and written only where it differs (a delta update:
@@ -92,34 +103,15 @@ def copy_chunks(
     """
     progress = progress or NullProgress()
     started = time.monotonic()
-    digest = checksum()
-    pos = 0  # bytes handed to the writer so far
     progress.start("write", size)
     try:
         behind = _WriteBehind(out, sync_every, direct=direct_fd is not None)
         with _WriterThread(out, size, None if compare_fd is not None else zero, behind,
                            direct_fd, compare_fd) as writer:
-            buffer = writer.take_buffer()
-            fill = 0
-            for chunk in chunks:
-                data = memoryview(chunk).cast("B")
-                if pos + fill + len(data) > size:
-                    raise ImageRejected(f"payload is longer than its declared {size:,} bytes")
-                digest.update(data)  # the very bytes the reader hashed, before any copy
-                while data:
-                    n = min(CHUNK - fill, len(data))
-                    buffer[fill : fill + n] = data[:n]
-                    fill += n
-                    data = data[n:]
-                    if fill == CHUNK:
-                        writer.put(buffer, pos, fill)
-                        progress.advance(fill)
-                        pos, fill = pos + fill, 0
-                        buffer = writer.take_buffer()
-            if fill:
-                writer.put(buffer, pos, fill)
-                progress.advance(fill)
-                pos += fill
+            if isinstance(chunks, ReadsInto):
+                pos = _fill_from(chunks, writer, size, progress)
+            else:
+                pos = _gather(chunks, writer, size, progress)
             if pos != size:
                 raise ImageRejected(f"payload ended after {pos:,} of its declared {size:,} bytes")
             writer.drain()
@@ -127,7 +119,91 @@ def copy_chunks(
     finally:
         progress.finish()
     return WriteStats(size, writer.written, size - writer.written, time.monotonic() - started,
-                      digest.hexdigest(), writer.reused)
+                      writer.digest.hexdigest(), writer.reused)
+
+
+def _runs(buffer: mmap.mmap, length: int) -> list[tuple[int, int, bool]]:
+    """The first `length` bytes of `buffer` as runs (start, end, all zero) of whole 4 KiB
+    blocks (the last one may be short), neighbours of a kind merged. Whole stretches are
+    tested at once (a search for zeros as long as the stretch runs at memcmp's speed) and
+    only mixed ones are halved: a buffer of data or of zeros costs one or two searches."""
+    runs: list[tuple[int, int, bool]] = []
+
+    def add(start: int, end: int, zero: bool) -> None:
+        if runs and runs[-1][2] == zero:
+            runs[-1] = (runs[-1][0], end, zero)
+        else:
+            runs.append((start, end, zero))
+
+    def split(start: int, end: int) -> None:  # whole blocks
+        if buffer.find(_ZERO_BLOCK, start, end) < 0:
+            add(start, end, False)  # not even one block's worth of zeros in a row
+        elif buffer.find(_ZEROS[: end - start], start, end) == start:
+            add(start, end, True)
+        else:  # two blocks at least: one of them is zero, one is not
+            middle = start + (end - start) // BLOCK // 2 * BLOCK
+            split(start, middle)
+            split(middle, end)
+
+    whole = length // BLOCK * BLOCK
+    if whole:
+        split(0, whole)
+    if whole < length:
+        add(whole, length, buffer.find(_ZEROS[: length - whole], whole, length) == whole)
+    return runs
+
+
+def _too_long(size: int) -> ImageRejected:
+    return ImageRejected(f"payload is longer than its declared {size:,} bytes")
+
+
+def _fill_from(source: ReadsInto, writer: _WriterThread, size: int, progress: Progress) -> int:
+    """Let `source` fill the writer's buffers; the bytes handed to the writer."""
+    pos = 0
+    while True:
+        buffer = writer.take_buffer()
+        fill = 0
+        with memoryview(buffer) as view:
+            while fill < CHUNK and (n := source.readinto(view[fill:])):
+                fill += n
+        if pos + fill > size:
+            writer.give_back(buffer)
+            raise _too_long(size)
+        if not fill:
+            writer.give_back(buffer)
+            return pos
+        writer.put(buffer, pos, fill)
+        progress.advance(fill)
+        pos += fill
+
+
+def _gather(chunks: Iterable[bytes | bytearray | memoryview], writer: _WriterThread, size: int,
+            progress: Progress) -> int:
+    """Copy `chunks` into the writer's buffers; the bytes handed to the writer."""
+    pos = 0  # bytes handed to the writer so far
+    buffer = writer.take_buffer()
+    fill = 0
+    for chunk in chunks:
+        data = memoryview(chunk).cast("B")
+        if pos + fill + len(data) > size:
+            raise _too_long(size)
+        while data:
+            n = min(CHUNK - fill, len(data))
+            buffer[fill : fill + n] = data[:n]
+            fill += n
+            data = data[n:]
+            if fill == CHUNK:
+                writer.put(buffer, pos, fill)
+                progress.advance(fill)
+                pos, fill = pos + fill, 0
+                buffer = writer.take_buffer()
+    if fill:
+        writer.put(buffer, pos, fill)
+        progress.advance(fill)
+        pos += fill
+    else:
+        writer.give_back(buffer)
+    return pos
 
 
 class _WriterThread:
@@ -151,6 +227,7 @@ class _WriterThread:
         self.direct_fd = direct_fd
         self.behind = behind
         self.written = 0
+        self.digest = checksum()  # of every extent's bytes, taken here, off the reading thread
         self.zeros_from: int | None = None  # a run of zero blocks not yet zeroed starts here
         self.error: BaseException | None = None
         self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(self.BUFFERS)]
@@ -179,6 +256,10 @@ class _WriterThread:
     def take_buffer(self) -> mmap.mmap:
         return self.free.get()
 
+    def give_back(self, buffer: mmap.mmap) -> None:
+        """Return a buffer taken and not put."""
+        self.free.put(buffer)
+
     def put(self, buffer: mmap.mmap, offset: int, length: int) -> None:
         self._raise()
         self.work.put((buffer, offset, length))
@@ -197,6 +278,8 @@ class _WriterThread:
             buffer, offset, length = item
             try:
                 if self.error is None:
+                    with memoryview(buffer) as view:  # in offset order: the stream's checksum
+                        self.digest.update(view[:length])
                     self._write(buffer, offset, length)
                     if offset + length == self.size:
                         self._settle_zeros(self.size)
@@ -217,24 +300,16 @@ class _WriterThread:
             self._write_changed(buffer, offset, length)
             return
         with memoryview(buffer) as view:
-            if self.zero is None or buffer.find(_ZERO_BLOCK, 0, length) < 0:
-                self._settle_zeros(offset)
-                self._put(view[:length], offset)  # nothing to zero: one write
+            if self.zero is None:
+                self._put(view[:length], offset)
                 return
-            data_from = None  # start of the data run being gathered
-            for at in range(0, length, BLOCK):
-                end = min(at + BLOCK, length)
-                if buffer.find(_ZERO_BLOCK[: end - at], at, end) == at:  # a zero block
-                    if data_from is not None:
-                        self._put(view[data_from:at], offset + data_from)
-                        data_from = None
+            for start, end, zero in _runs(buffer, length):
+                if zero:
                     if self.zeros_from is None:
-                        self.zeros_from = offset + at
-                elif data_from is None:
-                    self._settle_zeros(offset + at)
-                    data_from = at
-            if data_from is not None:
-                self._put(view[data_from:length], offset + data_from)
+                        self.zeros_from = offset + start
+                else:
+                    self._settle_zeros(offset + start)
+                    self._put(view[start:end], offset + start)
 
     def _write_changed(self, buffer: mmap.mmap, offset: int, length: int) -> None:
         """Write the 4 KiB blocks of one extent that differ from what the target holds."""
@@ -267,11 +342,10 @@ class _WriterThread:
         assert self.zero is not None
         if end - start >= ZERO_MIN and self.zero(start, end - start):
             return
-        with memoryview(_ZERO_SOURCE) as zeros:
-            while start < end:
-                n = min(end - start, len(zeros))
-                self._put(zeros[:n], start)
-                start += n
+        while start < end:
+            n = min(end - start, len(_ZEROS))
+            self._put(_ZEROS[:n], start)
+            start += n
 
     def _put(self, data: memoryview, offset: int) -> None:
         if self.direct_fd is not None and offset % BLOCK == 0 and len(data) % BLOCK == 0:
@@ -306,7 +380,7 @@ def _sync(out: BinaryIO) -> None:
                                ) from None
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the libc this process runs on
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
@@ -354,17 +428,6 @@ class _WriteBehind:
         if err in (errno.ESPIPE, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             return False
         raise OperationalError(f"writeback failed: {os.strerror(err)}")
-
-
-def _libc_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
-    """fallocate(2) with flags (os.posix_fallocate has none); False when unsupported."""
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OperationalError(f"fallocate failed: {os.strerror(err)}")
 
 
 class SlotWriter:
@@ -483,7 +546,8 @@ class SlotWriter:
 
     def _zeroer(self, fd: int) -> Callable[[int, int], bool] | None:
         """How to make a range of the target read zeros without writing it, where the target
-        guarantees that: BLKZEROOUT on a device that offloads it, a punched hole in a file."""
+        guarantees that: the write-zeroes a device offloads (blockdev.zero_out), a punched
+        hole in a file."""
         if not self._block_device:
             return lambda offset, length: _libc_fallocate(
                 fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
@@ -519,7 +583,8 @@ class SlotWriter:
 
 def _read_back(path: Path, size: int, progress: Progress) -> str:
     """The checksum of the first `size` bytes of a slot, read from the device with O_DIRECT
-    (not from the page cache) in large aligned reads."""
+    (not from the page cache) in large aligned reads; a thread reads the next piece while
+    this one takes the checksum of the last."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
     except OSError as exc:
@@ -528,24 +593,67 @@ def _read_back(path: Path, size: int, progress: Progress) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # tmpfs and friends: no O_DIRECT
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     digest = checksum()
-    done = 0
     progress.start("verify", size)
+    reader = _ReadAhead(fd, path, size)
     try:
-        with mmap.mmap(-1, READ_CHUNK) as buffer, memoryview(buffer) as view:  # page aligned
-            while done < size:
-                try:
-                    n = os.preadv(fd, [view], done)
-                except OSError as exc:
-                    raise OperationalError(f"read-back of {path} failed at byte {done:,}: "
-                                           f"{exc.strerror}") from None
-                if n <= 0:
-                    raise OperationalError(f"read-back of {path} ended at byte {done:,} "
-                                           f"of {size:,}")
-                take = min(n, size - done)
-                digest.update(view[:take])
-                done += take
-                progress.advance(take)
+        reader.thread.start()
+        done = 0
+        while done < size:
+            buffer, n = reader.next()
+            with memoryview(buffer) as view:
+                digest.update(view[:n])
+            reader.free.put(buffer)
+            done += n
+            progress.advance(n)
     finally:
+        reader.stop()
         progress.finish()
         os.close(fd)
     return digest.hexdigest()
+
+
+class _ReadAhead:
+    """Reads [0, size) of `fd` in READ_CHUNK pieces into page-aligned buffers, in a thread
+    of its own, one piece ahead of the consumer (`next`, then `free.put` the buffer back)."""
+
+    def __init__(self, fd: int, path: Path, size: int) -> None:
+        self.fd, self.path, self.size = fd, path, size
+        self.buffers = [mmap.mmap(-1, READ_CHUNK) for _ in range(2)]
+        self.free: queue.Queue[mmap.mmap | None] = queue.Queue()
+        for buffer in self.buffers:
+            self.free.put(buffer)
+        self.ready: queue.Queue[tuple[mmap.mmap, int] | BaseException] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="abupgrade-readback",
+                                       daemon=True)
+
+    def next(self) -> tuple[mmap.mmap, int]:
+        item = self.ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self.free.put(None)  # wakes the thread if it waits for a buffer
+        if self.thread.ident is not None:  # started
+            self.thread.join()
+        for buffer in self.buffers:
+            buffer.close()
+
+    def _run(self) -> None:
+        done = 0
+        try:
+            while done < self.size and (buffer := self.free.get()) is not None:
+                with memoryview(buffer) as view:
+                    try:
+                        n = os.preadv(self.fd, [view], done)
+                    except OSError as exc:
+                        raise OperationalError(f"read-back of {self.path} failed at byte "
+                                               f"{done:,}: {exc.strerror}") from None
+                if n <= 0:
+                    raise OperationalError(f"read-back of {self.path} ended at byte {done:,} "
+                                           f"of {self.size:,}")
+                n = min(n, self.size - done)
+                self.ready.put((buffer, n))
+                done += n
+        except BaseException as exc:  # handed to the consumer
+            self.ready.put(exc)

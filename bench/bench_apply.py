@@ -19,8 +19,8 @@ Figures on a loop device are largely page-cache figures: compare the ratios of o
 absolute times across runs. Needs root, loop devices, mkfs.ext4, bmaptool, rauc, dbus-daemon,
 openssl and GNU time (`ABUPGRADE_BENCH=1 scripts/setup` installs them).
 
-    python bench/bench_apply.py [--size-mib 1024] [--fill 0.6] [--rounds 3] [--json]
-                                [--regime io,cpu] [--skip rauc,bmaptool,zstd]
+    python bench/bench_apply.py [--size-mib 1024] [--fill 0.6] [--rounds 5] [--json]
+                                [--regime io,cpu] [--skip rauc,bmaptool,zstd] [--hogs N]
 """
 
 from __future__ import annotations
@@ -251,10 +251,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--fill", type=float, default=0.6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--regime", default="io,cpu",
                         help="comma list of: io (loop device on a disk file), cpu (on tmpfs)")
     parser.add_argument("--skip", default="", help="comma list of: rauc, bmaptool, zstd")
+    parser.add_argument("--hogs", type=int, default=0, metavar="N",
+                        help="N busy processes beside the tools: a machine under load (its load "
+                             "average rises by about N)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--exec-rauc-service", metavar="CONF", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,20 +280,24 @@ def main() -> None:
     load_start = os.getloadavg()
     if not args.json:
         print(f"{args.size_mib} MiB ext4, {args.fill:.0%} full, {args.rounds} rounds, load "
-              f"average at the start {load_start[0]:.2f} {load_start[1]:.2f}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="abupgrade-bench-") as tmp:
-        startup = startup_costs(Path(tmp), args.rounds)
-    if not args.json:
-        print_startup(startup)
+              f"average at the start {load_start[0]:.2f} {load_start[1]:.2f}"
+              + (f", {args.hogs} busy processes beside" if args.hogs else ""), flush=True)
     report: dict[str, dict[str, Figures]] = {}
-    for regime in regimes:
-        with tempfile.TemporaryDirectory(prefix="abupgrade-bench-", dir=REGIMES[regime]) as tmp:
-            report[regime] = run(Path(tmp), size, args.fill, args.rounds, skip)
+    with busy(args.hogs):
+        with tempfile.TemporaryDirectory(prefix="abupgrade-bench-") as tmp:
+            startup = startup_costs(Path(tmp), args.rounds)
         if not args.json:
-            print_regime(regime, report[regime])
-    load_end = os.getloadavg()
+            print_startup(startup)
+        for regime in regimes:
+            with tempfile.TemporaryDirectory(prefix="abupgrade-bench-",
+                                             dir=REGIMES[regime]) as tmp:
+                report[regime] = run(Path(tmp), size, args.fill, args.rounds, skip)
+            if not args.json:
+                print_regime(regime, report[regime])
+        load_end = os.getloadavg()
     if args.json:
         print(json.dumps({"size_mib": args.size_mib, "fill": args.fill, "rounds": args.rounds,
+                          "hogs": args.hogs,
                           "loadavg_start": [round(x, 2) for x in load_start],
                           "loadavg_end": [round(x, 2) for x in load_end],
                           "startup_s": startup,
@@ -298,6 +305,18 @@ def main() -> None:
                                       for regime, figures in report.items()}}, indent=2))
         return
     print(f"load average at the end {load_end[0]:.2f} {load_end[1]:.2f}")
+
+
+@contextlib.contextmanager
+def busy(count: int) -> Iterator[None]:
+    """`count` processes that keep a core busy each, for as long as the block runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def print_startup(startup: dict[str, list[float]]) -> None:

@@ -91,11 +91,17 @@ def test_image_build_warns_and_builds_without_an_index_on_request(tmp_path: Path
     proc = run_cli(*args)
     assert proc.returncode == 0 and "1024-byte blocks" in proc.stderr, proc.stderr
     inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
-    assert inspected["format"] == 2
-    proc = run_cli(*args, "--no-index", "--force")
-    assert proc.returncode == 0, proc.stderr
-    inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
-    assert inspected["format"] == 1 and [p["name"] for p in inspected["payloads"]] == ["rootfs"]
+    assert inspected["format"] == 3 and [p["name"] for p in inspected["payloads"]] == [
+        "rootfs.index", "rootfs.chunks", "rootfs"]
+    for extra, fmt, names in ((("--no-index",), 3, ["rootfs"]),
+                              (("--sha256-only",), 2, ["rootfs.index", "rootfs.chunks", "rootfs"]),
+                              (("--no-index", "--sha256-only"), 1, ["rootfs"])):
+        proc = run_cli(*args, *extra, "--force")
+        assert proc.returncode == 0, proc.stderr
+        inspected = json.loads(run_cli("image", "inspect", str(out), "--json").stdout)
+        assert inspected["format"] == fmt, extra
+        assert [p["name"] for p in inspected["payloads"]] == names, extra
+        assert all(("blake3" in p) == (fmt == 3) for p in inspected["payloads"]), extra
 
 
 def lines_of_json(text: str) -> list[dict[str, object]]:

@@ -133,13 +133,17 @@ def test_built_image_carries_an_index_that_reads_like_any_image(tmp_path: Path) 
         reader = ImageReader(f, rel.ring)
         kinds = [p.kind for p in reader.manifest.payloads]
         got = {p.name: b"".join(bytes(c) for c in chunks) for p, chunks in reader.payloads()}
-    assert reader.manifest.format == 2
+    assert reader.manifest.format == 3  # BLAKE3 digests too
     assert kinds == [PayloadKind.INDEX, PayloadKind.CHUNKS, PayloadKind.SLOT]
     assert reader.manifest.slot.compression is Compression.ZSTD  # in frames, one per chunk
     assert got == {"rootfs": rel.v2}  # the index is checked, not handed out
     gz = build.build(tmp_path / "v2.img", "2.0", "box", [rel.key.private], tmp_path / "gz.tar",
                      compression="gzip")
-    assert gz.format == 1 and gz.index is None  # gzip cannot be fetched in parts: no index
+    assert gz.format == 3 and gz.index is None  # gzip cannot be fetched in parts: no index
+    old = build.build(tmp_path / "v2.img", "2.0", "box", [rel.key.private], tmp_path / "old.tar",
+                      compression="zstd", blake3=False)
+    assert old.format == 2 and old.index is not None  # what abupgrade before BLAKE3 reads
+    assert all(p.blake3 is None for p in old.payloads)
 
 
 # ------------------------------------------------------------------ the block cache
@@ -439,7 +443,7 @@ def test_tampered_index_is_rejected_before_any_chunk(tmp_path: Path) -> None:
     data = bytearray(rel.image.read_bytes())
     data[member.data + member.stored - 1] ^= 1  # the group index
     (tmp_path / "bad.tar").write_bytes(data)
-    with pytest.raises(ImageRejected, match="does not match its sha256"):
+    with pytest.raises(ImageRejected, match="does not match its blake3"):
         IndexedImage(FileRanges(tmp_path / "bad.tar"), rel.ring)
 
 

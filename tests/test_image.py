@@ -194,7 +194,11 @@ def _edit(path: str, value: object) -> bytes:
     [
         ("extra", 1, "unknown key 'extra'"),
         ("version", KeyError, "lacks key 'version'"),
-        ("format", 3, "unsupported manifest format"),
+        ("format", 4, "unsupported manifest format"),
+        ("format", 3, "lacks its blake3 digest"),
+        ("payloads.0.blake3", "ab" * 32, "has a blake3 digest, which format 1"),
+        ("payloads.0.blake3", "AB" * 32, "not allowed"),
+        ("payloads.0.blake3", 5, "must be a string"),
         ("format", 2, "an index and a chunks payload, right before"),
         ("format", True, "must be an integer"),
         ("version", 3, "must be a string"),
@@ -363,6 +367,27 @@ def test_verify_reports_progress(tmp_path: Path, inputs: dict[str, Path], keypai
     assert progress.events[0] == ("verify", total)
     assert sum(n for label, n in progress.events if label == "advance") == total
     assert progress.events[-1] == ("finish", 0)
+
+
+def test_apply_checks_blake3_and_verify_every_digest() -> None:
+    """A format 3 image is read for a slot with one hash, its BLAKE3 (what keeps apply at the
+    disk's speed); `image verify` checks every digest the manifest gives. Signed with a
+    SHA-256 that does not match, the image streams but does not verify."""
+    from dataclasses import replace
+
+    from abupgrade.image.tar import END_MARKER
+    from fixtures.hostile_images import BLAKE3_PAYLOADS, BOOT_MEMBERS, RING, ROOT, head, member
+
+    wrong = (replace(BLAKE3_PAYLOADS[0], sha256="0" * 64), *BLAKE3_PAYLOADS[1:])
+    image = head(wrong) + member("rootfs", ROOT) + BOOT_MEMBERS + END_MARKER
+    streamed = reader.ImageReader(io.BytesIO(image), RING)
+    assert streamed.manifest.format == 3
+    got = {p.name: b"".join(bytes(c) for c in chunks) for p, chunks in streamed.payloads()}
+    assert got["rootfs"] == ROOT
+    with pytest.raises(ImageRejected, match="'rootfs' does not match its sha256"):
+        reader.verify(io.BytesIO(image), RING)
+    good = head(BLAKE3_PAYLOADS) + member("rootfs", ROOT) + BOOT_MEMBERS + END_MARKER
+    assert reader.verify(io.BytesIO(good), RING).manifest.format == 3
 
 
 def test_inspect_without_and_with_keyring(

@@ -145,7 +145,7 @@ def test_image_documents(tmp_path: Path) -> None:
         assert (document["version"], document["compatible"]) == ("1.2", "acme-box")
         # the slot payload after its delta index (the group index and the chunk tables)
         assert [list(p) for p in document["payloads"]] == [
-            ["name", "kind", "size", "sha256", "compression"]] * 3
+            ["name", "kind", "size", "sha256", "compression", "blake3"]] * 3
         assert [(p["kind"], p["compression"]) for p in document["payloads"]] == [
             ("index", "none"), ("chunks", "none"), ("slot", "zstd")]
         assert [list(s) for s in document["signatures"]] == [["key_id", "trusted", "revoked"]]

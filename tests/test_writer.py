@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 import random
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from abupgrade.errors import ImageRejected, OperationalError, PolicyRefusal
 from abupgrade.image.keys import Keyring
 from abupgrade.image.reader import ImageReader
 from abupgrade.partitions import LINUX_FS, PartitionSpec, TableKind, create_table
-from abupgrade.writer import SlotWriter, copy_chunks
+from abupgrade.progress import NullProgress
+from abupgrade.writer import BLOCK, CHUNK, ReadsInto, SlotWriter, _read_back, _runs, copy_chunks
 from fixtures.images import KeyPair, signed_image
 from fixtures.tiers import needs
 
@@ -140,13 +143,16 @@ def test_readback_catches_corruption(tmp_path: Path) -> None:
             writer.verify_readback()
 
 
-def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair) -> None:
+@pytest.mark.parametrize("digest", ["blake3", "sha256"])
+def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair, digest: str) -> None:
     """The read-back checks the device against the stream; the stream itself is checked
     against the signed manifest by the reader as it is written: one byte changed in the
-    image fails the write before anything is read back or reported written."""
+    image fails the write before anything is read back or reported written - with the
+    BLAKE3 digest of a format 3 image, and with the SHA-256 of an older one."""
     rootfs = tmp_path / "rootfs.img"
     rootfs.write_bytes(payload())
-    image = signed_image(tmp_path / "image.tar", rootfs, signer, version="1")
+    image = signed_image(tmp_path / "image.tar", rootfs, signer, version="1",
+                         blake3=digest == "blake3")
     raw = bytearray(image.read_bytes())
     at = raw.index(rootfs.read_bytes()[4 * MiB : 4 * MiB + 64])
     raw[at] ^= 1
@@ -155,7 +161,8 @@ def test_tampered_payload_fails_the_write(tmp_path: Path, signer: KeyPair) -> No
     with image.open("rb") as stream:
         reader = ImageReader(stream, Keyring.from_files([signer.public]))
         (item, chunks), = [next(reader.payloads())]
-        with SlotWriter(target) as writer, pytest.raises(ImageRejected, match="sha256"):
+        assert item.digest_name == digest
+        with SlotWriter(target) as writer, pytest.raises(ImageRejected, match=digest):
             writer.write_payload(item.size, item.sha256, chunks)
     with pytest.raises(OperationalError, match="nothing written"):
         writer.verify_readback()
@@ -168,6 +175,70 @@ def test_checksum_is_of_the_stream(tmp_path: Path) -> None:
     with SlotWriter(tmp_path / "slot.img") as writer:
         stats = writer.write_payload(len(data), sha(data), chunked(data, (4096 * 3 + 1, 17)))
     assert stats.checksum == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_zero_runs_are_those_of_a_block_by_block_reading() -> None:
+    """The writer finds zero blocks by testing whole stretches and halving mixed ones: the
+    runs must be exactly those a reading of every 4 KiB block gives (a short last block
+    included), whatever the data looks like."""
+    rng = random.Random(7)
+
+    def by_block(data: bytes) -> list[tuple[int, int, bool]]:
+        runs: list[tuple[int, int, bool]] = []
+        for at in range(0, len(data), BLOCK):
+            end = min(at + BLOCK, len(data))
+            zero = data.count(0, at, end) == end - at
+            if runs and runs[-1][2] == zero:
+                runs[-1] = (runs[-1][0], end, zero)
+            else:
+                runs.append((at, end, zero))
+        return runs
+
+    buffer = mmap.mmap(-1, CHUNK)
+    for _ in range(400):
+        length = rng.choice([CHUNK, rng.randrange(1, CHUNK), rng.randrange(1, 6 * BLOCK)])
+        data = bytearray(length) if rng.random() < 0.6 else bytearray(rng.randbytes(length))
+        for _ in range(rng.randrange(0, 8)):  # stretches of the other kind, anywhere
+            at = rng.randrange(length)
+            end = min(length, at + rng.randrange(1, 3 * BLOCK))
+            data[at:end] = rng.randbytes(end - at) if not any(data[at:end]) else bytes(end - at)
+        for _ in range(rng.randrange(0, 3)):  # a lone byte, often a block's last
+            at = min(length - 1, rng.randrange(length // BLOCK + 1) * BLOCK + rng.choice((-1, 0, 7)))
+            data[max(at, 0)] = rng.randrange(1, 256)
+        buffer[:length] = data
+        assert _runs(buffer, length) == by_block(bytes(data)), length
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "gzip"])
+def test_reader_fills_the_writer_buffers(tmp_path: Path, signer: KeyPair, compression: str
+                                         ) -> None:
+    """An image's payload fills the writer's own buffers (no copy for a stored one): the
+    slot gets its bytes, and the read-back checksum is of those bytes."""
+    data = payload(9 * MiB + 5)
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(data)
+    image = signed_image(tmp_path / "image.tar", rootfs, signer, version="1",
+                         compression=compression, index=False)
+    target = tmp_path / "slot.img"
+    with image.open("rb") as stream:
+        reader = ImageReader(stream, Keyring.from_files([signer.public]))
+        (item, chunks), = [next(reader.payloads())]
+        assert isinstance(chunks, ReadsInto)
+        with SlotWriter(target) as writer:
+            stats = writer.write_payload(item.size, item.sha256, chunks)
+    assert target.read_bytes()[: len(data)] == data
+    assert stats.checksum == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_read_back_error_in_its_thread_reaches_the_caller(tmp_path: Path) -> None:
+    """The read-back reads in a thread of its own; what goes wrong there (here: the slot is
+    shorter than the payload) fails the caller's check, and nothing is left running."""
+    short = tmp_path / "short.img"
+    short.write_bytes(bytes(3 * MiB))
+    threads = threading.active_count()
+    with pytest.raises(OperationalError, match="ended at byte 3,145,728 of 5,242,880"):
+        _read_back(short, 5 * MiB, NullProgress())
+    assert threading.active_count() == threads
 
 
 def test_interrupt_leaves_nothing_open(tmp_path: Path) -> None:
@@ -309,6 +380,35 @@ class ChangeAtReadBack:
 
     def finish(self) -> None:
         pass
+
+
+@pytest.mark.loop
+def test_loop_zero_runs_are_holes_on_a_tmpfs_backed_device(tmp_path: Path) -> None:
+    """A loop device on tmpfs takes no BLKZEROOUT (tmpfs has no FALLOC_FL_ZERO_RANGE), but
+    it punches holes: zero runs must become holes in its file, not written zeros (the
+    device's own write-zeroes, which the kernel guarantees and never emulates)."""
+    needs(loop=True)
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.fail("this test needs a tmpfs at /dev/shm")
+    backing = shm / f"abupgrade-test-{os.getpid()}.img"
+    data = payload()
+    try:
+        backing.write_bytes(b"")
+        os.truncate(backing, 16 * MiB)
+        start = create_table(backing, TableKind.GPT,
+                             [PartitionSpec(8 * MiB, LINUX_FS, "slot")]).get(1).start
+        with backing.open("r+b") as f:
+            f.seek(start)
+            f.write(b"\xff" * 8 * MiB)
+        allocated = os.stat(backing).st_blocks * 512
+        with attached(backing) as disk, SlotWriter(disk.partitions[1]) as writer:
+            stats = writer.write_payload(len(data), sha(data), chunked(data))
+        assert stats.skipped == 2 * MiB  # the whole-chunk hole; shorter runs are written
+        assert image_bytes(backing, start, len(data)) == data
+        assert os.stat(backing).st_blocks * 512 == allocated - 2 * MiB  # a hole, not zeros
+    finally:
+        backing.unlink(missing_ok=True)
 
 
 @pytest.mark.loop

@@ -6,12 +6,12 @@ group read from a slot must hash to its id in the signed group index, a chunk to
 signed chunk table, before it leaves this module. Where a slot changed since its digests were
 cached, the chunks that do not match are fetched instead (one request each) up to a limit;
 past it, or when fetched bytes do not match, DeltaFailed tells the caller to apply the whole
-image. The sha256 of the whole payload is computed on the way and compared at the end.
+image. The whole payload's digest (Payload.digest) is computed on the way and compared at the
+end.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,7 +83,7 @@ class Assembler:
         member = self.image.slot
         fetches = list(self.plan.fetches())
         fetched = iter(self.image.ranges.fetch([(member.data + at, n) for _, at, n in fetches]))
-        whole = hashlib.sha256()
+        whole = payload.hasher()
         self.progress.start("assemble", index.size)
         try:
             for g, group in enumerate(self.plan.groups):
@@ -98,9 +98,9 @@ class Assembler:
             self.progress.finish()
         if next(fetched, None) is not None:
             raise DeltaFailed("the image sent more chunks than were asked for")
-        if whole.hexdigest() != payload.sha256:
-            raise DeltaFailed(f"the assembled payload does not match its sha256 in the manifest "
-                              f"({whole.hexdigest()[:16]}...)")
+        if whole.hexdigest() != payload.digest:
+            raise DeltaFailed(f"the assembled payload does not match its {payload.digest_name} "
+                              f"in the manifest ({whole.hexdigest()[:16]}...)")
 
     def _group(self, g: int, step: Step) -> Iterator[tuple[bytes, Source]]:
         """A whole group from one place, checked against its id."""

@@ -3,13 +3,12 @@ chunk index - each checked before anything else is read or written.
 
 The head goes through the same ImageReader as a streamed image (signature first). Members are
 then found by walking their tar headers; the index member is read whole and must match its
-sha256 in the manifest; boot payloads are read whole through the same verifying code as a
+digest in the manifest; boot payloads are read whole through the same verifying code as a
 streamed image. The slot payload itself is left to the assembler, chunk by chunk.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -112,8 +111,11 @@ class IndexedImage:
             return None
         member = self.members[entry.name]
         data = self.ranges.read(member.data, member.stored)
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ImageRejected(f"payload {entry.name!r} does not match its sha256 in the manifest")
+        digest = entry.hasher()
+        digest.update(data)
+        if digest.hexdigest() != entry.digest:
+            raise ImageRejected(f"payload {entry.name!r} does not match its {entry.digest_name} "
+                                "in the manifest")
         slot = self.manifest.slot
         index = index_mod.parse(data, payload_size=slot.size)
         if index.stored_size != self.members[slot.name].stored:

@@ -8,14 +8,15 @@ import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abupgrade.errors import ImageRejected
 from abupgrade.image.tar import NAME_RE
 
-FORMAT = 1  # images without a chunk index: every abupgrade reads them
+FORMAT = 1  # images without a chunk index, SHA-256 digests: every abupgrade reads them
 FORMAT_INDEXED = 2  # a chunk index before the slot payload, for delta updates
-FORMATS = (FORMAT, FORMAT_INDEXED)
+FORMAT_BLAKE3 = 3  # every payload has a BLAKE3 digest too, which readers check; index optional
+FORMATS = (FORMAT, FORMAT_INDEXED, FORMAT_BLAKE3)
 MANIFEST_NAME = "manifest.json"
 SIGNATURES_NAME = "manifest.sig"
 MAX_MANIFEST_BYTES = 1 << 20
@@ -26,6 +27,15 @@ BOOT_NAMES = ("kernel", "initrd")
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}")
 _COMPATIBLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_BLAKE3_RE = _SHA256_RE  # 32 bytes, lower-case hex
+
+
+if TYPE_CHECKING:  # a class made at import time costs the boot hook's start-up
+    from typing import Protocol
+
+    class Hasher(Protocol):
+        def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
+        def hexdigest(self) -> str: ...
 
 
 class PayloadKind(enum.StrEnum):
@@ -61,15 +71,44 @@ class Payload:
     size: int  # of the uncompressed bytes
     sha256: str  # of the uncompressed bytes, lower-case hex
     compression: Compression
+    blake3: str | None = None  # of the uncompressed bytes (format 3); what readers check
+
+    @property
+    def digest_name(self) -> str:
+        """The digest readers check: BLAKE3 where the manifest gives one (about three times
+        SHA-256's speed, so hashing keeps up with the disk), else SHA-256. Both are signed."""
+        return "sha256" if self.blake3 is None else "blake3"
+
+    @property
+    def digest(self) -> str:
+        return self.sha256 if self.blake3 is None else self.blake3
+
+    def hasher(self) -> Hasher:
+        """A fresh hash of the kind `digest` is."""
+        if self.blake3 is not None:
+            return blake3_hasher()
+        import hashlib  # here: the boot hook imports this module, and never hashes
+
+        return hashlib.sha256()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind.value,
             "size": self.size,
             "sha256": self.sha256,
             "compression": self.compression.value,
         }
+        if self.blake3 is not None:
+            doc["blake3"] = self.blake3
+        return doc
+
+
+def blake3_hasher() -> Hasher:
+    """BLAKE3, hashing each large update on every core (it is a tree hash)."""
+    from blake3 import blake3  # a compiled module: imported by what reads images only
+
+    return blake3(max_threads=blake3.AUTO)
 
 
 @dataclass(frozen=True)
@@ -123,8 +162,10 @@ class Manifest:
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         created = now.isoformat().replace("+00:00", "Z")
         indexed = any(p.kind is PayloadKind.INDEX for p in payloads)
-        manifest = cls(FORMAT_INDEXED if indexed else FORMAT, version, compatible, created, payloads,
-                       security_floor)
+        fmt = FORMAT_INDEXED if indexed else FORMAT
+        if all(p.blake3 is not None for p in payloads):
+            fmt = FORMAT_BLAKE3
+        manifest = cls(fmt, version, compatible, created, payloads, security_floor)
         return parse(manifest.serialize())
 
 
@@ -167,7 +208,8 @@ def parse(data: bytes) -> Manifest:
     if fmt not in FORMATS:
         raise ImageRejected(
             f"unsupported manifest format {doc['format']}",
-            hint=f"this abupgrade reads formats {FORMAT} and {FORMAT_INDEXED}; upgrade abupgrade first",
+            hint=f"this abupgrade reads formats {', '.join(map(str, FORMATS))}; upgrade "
+                 "abupgrade first",
         )
     version = _text(doc["version"], "version", _VERSION_RE)
     compatible = _text(doc["compatible"], "compatible", _COMPATIBLE_RE)
@@ -180,6 +222,13 @@ def parse(data: bytes) -> Manifest:
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_PAYLOADS:
         raise ImageRejected(f"manifest payloads must be a list of 1 to {MAX_PAYLOADS} entries")
     payloads = tuple(_payload(item, i) for i, item in enumerate(items))
+    for payload in payloads:
+        if fmt == FORMAT_BLAKE3 and payload.blake3 is None:
+            raise ImageRejected(f"payload {payload.name!r} lacks its blake3 digest (format 3 "
+                                "gives one for every payload)")
+        if fmt != FORMAT_BLAKE3 and payload.blake3 is not None:
+            raise ImageRejected(f"payload {payload.name!r} has a blake3 digest, which format "
+                                f"{fmt} does not have")
     names = [p.name for p in payloads]
     for name in names:
         if names.count(name) > 1:
@@ -199,18 +248,20 @@ def parse(data: bytes) -> Manifest:
 
 def _check_index(fmt: int, payloads: tuple[Payload, ...]) -> None:
     """Format 2 has an index and chunk tables, right before the slot payload they describe;
-    format 1 neither."""
+    format 1 neither; format 3 either both or neither."""
     kinds = [p.kind for p in payloads]
     slot = kinds.index(PayloadKind.SLOT)
     indexes = (PayloadKind.INDEX, PayloadKind.CHUNKS)
+    if fmt == FORMAT_BLAKE3 and not any(kind in kinds for kind in indexes):
+        return
     if fmt == FORMAT:
         if any(kind in kinds for kind in indexes):
             raise ImageRejected("a format 1 manifest has no chunk index")
         return
     if (kinds.count(PayloadKind.INDEX) != 1 or kinds.count(PayloadKind.CHUNKS) != 1
             or tuple(kinds[slot - 2:slot]) != indexes):
-        raise ImageRejected("a format 2 manifest has an index and a chunks payload, right before "
-                            "the slot payload")
+        raise ImageRejected(f"a format {fmt} manifest has an index and a chunks payload, right "
+                            "before the slot payload")
     for index in payloads[slot - 2:slot]:
         if index.compression is not Compression.NONE:
             raise ImageRejected(f"payload {index.name!r} must be stored as it is")
@@ -221,7 +272,8 @@ def _check_index(fmt: int, payloads: tuple[Payload, ...]) -> None:
 
 def _payload(item: Any, index: int) -> Payload:
     what = f"manifest payload {index}"
-    doc = _object(item, what, {"name", "kind", "size", "sha256", "compression"})
+    doc = _object(item, what, {"name", "kind", "size", "sha256", "compression"},
+                  optional=("blake3",))
     name = _text(doc["name"], f"{what} name", NAME_RE)
     if name in (MANIFEST_NAME, SIGNATURES_NAME):
         raise ImageRejected(f"{what} uses the reserved name {name!r}")
@@ -237,11 +289,14 @@ def _payload(item: Any, index: int) -> Payload:
     if not 1 <= size <= MAX_PAYLOAD_SIZE:
         raise ImageRejected(f"payload {name!r} has an absurd size {size}")
     sha256 = _text(doc["sha256"], f"{what} sha256", _SHA256_RE)
+    blake3 = doc.get("blake3")
+    if blake3 is not None:
+        blake3 = _text(blake3, f"{what} blake3", _BLAKE3_RE)
     try:
         compression = Compression(_str(doc["compression"], f"{what} compression"))
     except ValueError:
         raise ImageRejected(f"payload {name!r} has unknown compression {doc['compression']!r}") from None
-    return Payload(name, kind, size, sha256, compression)
+    return Payload(name, kind, size, sha256, compression, blake3)
 
 
 def _object(value: Any, what: str, keys: set[str], optional: Collection[str] = ()) -> dict[str, Any]:

@@ -2,14 +2,15 @@
 
 The manifest and its signatures are read and checked before the first payload byte is handed
 out; each payload's chunks are hashed as they pass, and its iterator raises ImageRejected at its
-end when size or sha256 do not match. The consumer writes the chunks wherever it wants (a slot,
-/dev/null) and must not treat a payload as good before its iterator ended without error.
+end when size or digest do not match (BLAKE3 where the manifest gives one, else SHA-256; `verify`
+checks both). The consumer writes the chunks wherever it wants (a slot, /dev/null) and must not
+treat a payload as good before its iterator ended without error.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Any, BinaryIO
 from abupgrade.errors import ImageRejected, OperationalError
 from abupgrade.image import manifest as manifest_mod
 from abupgrade.image import signature as signature_mod
-from abupgrade.image.compress import decoder, max_member_size
+from abupgrade.image.compress import Decoder, decoder, max_member_size
 from abupgrade.image.keys import Keyring
 from abupgrade.image.manifest import (
     MANIFEST_NAME,
@@ -45,6 +46,13 @@ def _readinto_by_read(stream: BinaryIO, view: memoryview) -> int:
     return len(data)
 
 
+def _http_errors() -> tuple[type[Exception], ...]:
+    """HTTP's exceptions, where an HTTP stream may exist (http.client is loaded): a local image
+    does not load it (start-up time)."""
+    client = sys.modules.get("http.client")
+    return () if client is None else (client.HTTPException,)
+
+
 class _Input:
     """The image stream, read exactly, with the offset for messages."""
 
@@ -60,7 +68,9 @@ class _Input:
         while got < len(view):
             try:
                 n = self._readinto(view[got:])
-            except (OSError, http.client.HTTPException) as e:
+            except Exception as e:
+                if not isinstance(e, (OSError, *_http_errors())):
+                    raise
                 at = self.offset + got
                 raise OperationalError(f"reading the image failed at byte {at}: {e}") from None
             if not n:
@@ -164,10 +174,12 @@ class ImageReader:
         self.manifest: Manifest = manifest_mod.parse(head.manifest_bytes)
         self._buffer = memoryview(bytearray(min(CHUNK, max(p.size for p in self.manifest.payloads))))
         self._started = False
+        self._every_digest = False
 
     def verify(self) -> VerifiedImage:
-        """Read every payload to its end (sizes and hashes checked) and the archive's end,
-        reporting to the reader's progress; write nothing."""
+        """Read every payload to its end (sizes and every digest the manifest gives checked)
+        and the archive's end, reporting to the reader's progress; write nothing."""
+        self._every_digest = True
         self._progress.start("verify", sum(p.size for p in self.manifest.payloads))
         try:
             for _payload, chunks in self.payloads():
@@ -182,7 +194,7 @@ class ImageReader:
         """Bytes of the stream read so far."""
         return self._in.offset
 
-    def payloads(self) -> Iterator[tuple[Payload, Iterator[Chunk]]]:
+    def payloads(self) -> Iterator[tuple[Payload, PayloadChunks]]:
         """Each slot and boot payload with an iterator over its uncompressed bytes; then the end
         is checked. The index payloads are checked and passed over (delta updates read them by
         range).
@@ -230,10 +242,11 @@ class ImageReader:
             )
         return header
 
-    def _chunks(self, payload: Payload, stored: int) -> Iterator[Chunk]:
+    def _chunks(self, payload: Payload, stored: int) -> PayloadChunks:
         # an indexed slot payload holds one zstd frame per chunk
         frames = self.manifest.index is not None and payload.kind is PayloadKind.SLOT
-        return _member_chunks(self._in, self._buffer, payload, stored, self._progress, frames)
+        return PayloadChunks(self._in, self._buffer, payload, stored, self._progress, frames,
+                             self._every_digest)
 
     def _check_end(self, names: set[str]) -> None:
         offset = self._in.offset
@@ -260,50 +273,106 @@ class ImageReader:
                 raise ImageRejected("more than 1 MiB of padding after the end of the archive")
 
 
-def _member_chunks(source: _Input, buffer: memoryview, payload: Payload, stored: int,
-                   progress: Progress, frames: bool = False) -> Iterator[Chunk]:
-    """The uncompressed bytes of a member of `stored` bytes at the stream's position, hashed as
-    they pass; ImageRejected at the end unless size and sha256 match the manifest."""
-    name, size = payload.name, payload.size
-    digest = hashlib.sha256()
-    if payload.compression is Compression.NONE:
-        left = stored
-        while left:
-            view = buffer[: min(left, CHUNK)]
-            source.readinto_exact(view, f"payload {payload.name!r}")
-            digest.update(view)
-            left -= len(view)
-            progress.advance(len(view))
-            yield view
-        total = stored
-    else:
-        member = _Member(source, stored, payload.name)
-        dec = decoder(payload.compression, member, payload.name, frames=frames)
-        total = 0
-        while out := dec.read(min(CHUNK, payload.size - total + 1)):
-            total += len(out)
-            if total > payload.size:
-                raise ImageRejected(f"payload {name!r} decompresses beyond its declared {size} bytes")
-            digest.update(out)
-            progress.advance(len(out))
-            yield out
-        if member.remaining:
-            raise ImageRejected(f"payload {payload.name!r}: data after its compressed stream")
-    source.padding(stored, payload.name)
-    if total != payload.size:
-        raise ImageRejected(
-            f"payload {payload.name!r} has {total} bytes; the manifest says {payload.size}"
-        )
-    if digest.hexdigest() != payload.sha256:
-        raise ImageRejected(f"payload {payload.name!r} does not match its sha256 in the manifest")
+class _Digests:
+    """The digests one payload's bytes are checked against: the one readers check
+    (`Payload.digest`), or with `every` each one the manifest gives."""
+
+    def __init__(self, payload: Payload, every: bool) -> None:
+        self.payload = payload
+        self.hashers = [(payload.digest_name, payload.digest, payload.hasher())]
+        if every and payload.blake3 is not None:
+            self.hashers.append(("sha256", payload.sha256, hashlib.sha256()))
+
+    def update(self, data: Chunk) -> None:
+        for _, _, hasher in self.hashers:
+            hasher.update(data)
+
+    def check(self) -> None:
+        for name, expected, hasher in self.hashers:
+            if hasher.hexdigest() != expected:
+                raise ImageRejected(
+                    f"payload {self.payload.name!r} does not match its {name} in the manifest")
+
+
+class PayloadChunks:
+    """The uncompressed bytes of one payload - a member of `stored` bytes at the stream's
+    position - hashed as they pass: ImageRejected at their end unless size and digest match
+    the manifest (each of its digests with `every_digest`).
+
+    Iterate for chunks (views into one reused buffer: consume each before the next), or
+    `readinto` buffers of your own: a stored payload is then read straight into them, with
+    no copy in between (the slot writer's page-aligned buffers).
+    """
+
+    def __init__(self, source: _Input, buffer: memoryview, payload: Payload, stored: int,
+                 progress: Progress, frames: bool = False, every_digest: bool = False) -> None:
+        self.payload = payload
+        self._in = source
+        self._buffer = buffer
+        self._stored = stored
+        self._progress = progress
+        self._digest = _Digests(payload, every_digest)
+        self._total = 0  # uncompressed bytes handed out
+        self._left = stored  # stored bytes not read yet (a stored payload)
+        self._member: _Member | None = None
+        self._decoder: Decoder | None = None
+        if payload.compression is not Compression.NONE:
+            self._member = _Member(source, stored, payload.name)
+            self._decoder = decoder(payload.compression, self._member, payload.name,
+                                    frames=frames)
+        self._done = False
+
+    def __iter__(self) -> PayloadChunks:
+        return self
+
+    def __next__(self) -> Chunk:
+        n = self.readinto(self._buffer[:CHUNK])
+        if not n:
+            raise StopIteration
+        return self._buffer[:n]
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill `view` with the next bytes (fewer only at the end); 0 once the payload ended
+        and was checked."""
+        if self._done:
+            return 0
+        if self._decoder is None:
+            n = min(self._left, len(view))
+            self._in.readinto_exact(view[:n], f"payload {self.payload.name!r}")
+            self._left -= n
+        else:
+            out = self._decoder.read(min(len(view), self.payload.size - self._total + 1))
+            n = len(out)
+            if self._total + n > self.payload.size:
+                raise ImageRejected(f"payload {self.payload.name!r} decompresses beyond its "
+                                    f"declared {self.payload.size} bytes")
+            view[:n] = out
+        if not n:
+            self._end()
+            return 0
+        self._digest.update(view[:n])
+        self._total += n
+        self._progress.advance(n)
+        return n
+
+    def _end(self) -> None:
+        self._done = True
+        name = self.payload.name
+        if self._member is not None and self._member.remaining:
+            raise ImageRejected(f"payload {name!r}: data after its compressed stream")
+        self._in.padding(self._stored, name)
+        if self._total != self.payload.size:
+            raise ImageRejected(
+                f"payload {name!r} has {self._total} bytes; the manifest says {self.payload.size}")
+        self._digest.check()
 
 
 def read_member(stream: BinaryIO, payload: Payload, stored: int,
-                progress: Progress | None = None) -> Iterator[Chunk]:
+                progress: Progress | None = None) -> PayloadChunks:
     """The verified bytes of one member whose data (`stored` bytes, then its padding) the
     stream is positioned at: for readers that find members by offset (delta updates)."""
     buffer = memoryview(bytearray(min(CHUNK, max(stored, 1))))
-    return _member_chunks(_Input(stream), buffer, payload, stored, progress or NullProgress())
+    return PayloadChunks(_Input(stream), buffer, payload, stored, progress or NullProgress())
 
 
 @dataclass(frozen=True)
