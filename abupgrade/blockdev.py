@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from abupgrade.errors import OperationalError, PolicyRefusal
@@ -98,14 +99,22 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     """fallocate(2) with flags (os.posix_fallocate has none); False when unsupported."""
     import ctypes  # here: the boot hook, which imports this module, never needs it
 
-    call = ctypes.CDLL(None, use_errno=True).fallocate  # the libc this process runs on
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if call(fd, mode, offset, length) == 0:
+    if _libc_fallocate()(fd, mode, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
         return False
     raise OperationalError(f"fallocate failed: {os.strerror(err)}")
+
+
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int]:
+    """libc's fallocate, looked up once (a zero run of the writer calls it each)."""
+    import ctypes
+
+    call = ctypes.CDLL(None, use_errno=True).fallocate  # the libc this process runs on
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return call
 
 
 def sysfs_dir(devno: int) -> Path:

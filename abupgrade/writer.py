@@ -43,8 +43,6 @@ ZERO_MIN = 256 * 1024  # shorter zero runs are written: one write beats splittin
 SYNC_EVERY = 64 * 1024 * 1024  # flush window: keeps dirty memory flat
 READ_CHUNK = 4 * 1024 * 1024
 
-_FALLOC_FL_KEEP_SIZE = blockdev.FALLOC_FL_KEEP_SIZE
-_FALLOC_FL_PUNCH_HOLE = blockdev.FALLOC_FL_PUNCH_HOLE
 _libc_fallocate = blockdev.fallocate  # punches the holes in a plain file (tests record it)
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_SOURCE = mmap.mmap(-1, CHUNK, prot=mmap.PROT_READ)  # zeros to write, page aligned, no RSS
@@ -550,7 +548,7 @@ class SlotWriter:
         hole in a file."""
         if not self._block_device:
             return lambda offset, length: _libc_fallocate(
-                fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                fd, blockdev.FALLOC_FL_PUNCH_HOLE | blockdev.FALLOC_FL_KEEP_SIZE, offset, length)
         if blockdev.queue_limit(self.path, "write_zeroes_max_bytes") <= 0:
             return None
         sector = blockdev.sector_size(fd)
