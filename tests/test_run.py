@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -45,6 +46,20 @@ def test_spawn_of_a_missing_program_is_one_error(tmp_path: Path) -> None:
         run.spawn([tmp_path / "none"])
 
 
+def _settled_fds(pid: int, ours: str) -> list[str]:
+    """The descriptors of a freshly started Python once its start-up is over (it opens its
+    own module files for a moment); none of them, at any time, may be `ours`."""
+    until = time.monotonic() + 10
+    while True:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        for fd in fds:
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                assert os.readlink(f"/proc/{pid}/fd/{fd}") != ours
+        if sorted(fds) == ["0", "1", "2"] or time.monotonic() > until:
+            return fds
+        time.sleep(0.05)
+
+
 def test_deadline_timer_holds_nothing_of_ours_and_fires(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     os.set_inheritable(write_end, True)  # as a lock or an output pipe may be
@@ -52,7 +67,7 @@ def test_deadline_timer_holds_nothing_of_ours_and_fires(tmp_path: Path) -> None:
     try:
         with Deadline(30, ("touch", str(marker)), tmp_path / "no-watchdog") as deadline:
             assert deadline.timer is not None
-            fds = os.listdir(f"/proc/{deadline.timer.pid}/fd")
+            fds = _settled_fds(deadline.timer.pid, f"pipe:[{os.fstat(write_end).st_ino}]")
             assert sorted(fds) == ["0", "1", "2"]
         assert deadline.timer.poll() is not None and not marker.exists()
         with Deadline(0.2, ("touch", str(marker)), tmp_path / "no-watchdog"):
