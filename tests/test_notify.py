@@ -33,11 +33,12 @@ def test_failures_and_timeouts_are_reported_not_raised(tmp_path: Path) -> None:
     hook(tmp_path, "fallback", "20-hangs", "sleep 30")
     hook(tmp_path, "fallback", "30-still-runs", f"echo ran >> {log}")
     started = time.monotonic()
-    problems = run_hooks(tmp_path, "fallback", {}, timeout=0.5)
-    assert time.monotonic() - started < 10
+    # 3 s: time enough for a loaded machine to start the hooks that end on their own
+    problems = run_hooks(tmp_path, "fallback", {}, timeout=3)
+    assert time.monotonic() - started < 20
     assert len(problems) == 2
     assert problems[0] == "fallback hook 10-fails failed (exit status 3): fleet manager unreachable"
-    assert problems[1] == "fallback hook 20-hangs timed out after 0.5 s"
+    assert problems[1] == "fallback hook 20-hangs timed out after 3 s"
     assert log.read_text() == "ran\n"
 
 
