@@ -56,6 +56,7 @@ from abupgrade.delta.blocks import BlockCache, read_slot  # noqa: E402
 from abupgrade.delta.index import BLOCK  # noqa: E402
 from abupgrade.delta.install import BLOCKS_FOLDER  # noqa: E402
 from abupgrade.image import build  # noqa: E402
+from abupgrade.image.manifest import FORMATS  # noqa: E402
 from abupgrade.model import Slot  # noqa: E402
 from abupgrade.partitions import read_table  # noqa: E402
 from fixtures.files import serve  # noqa: E402
@@ -244,12 +245,12 @@ def print_table(name: str, figures: dict[str, object]) -> None:
     print(f"\n{name}: v2 blocks in neither slot {fl['missing_blocks'] * BLOCK / MiB:.1f} MiB "
           f"(zstd -19 {fl['zstd19'] / MiB:.2f} MiB, -3 {fl['zstd3'] / MiB:.2f} MiB); "
           f"blocks of v2 that differ from slot B: {fl['changed_blocks'] * BLOCK / MiB:.1f} MiB")
-    print(f"{'tool':18} {'downloaded MiB':>15} {'x floor-19':>10} {'written MiB':>12} "
+    print(f"{'tool':28} {'downloaded MiB':>15} {'x floor-19':>10} {'written MiB':>12} "
           f"{'x changed':>9} {'seconds':>8} {'requests':>9}")
     changed = max(1, int(str(fl["changed_blocks"])) * BLOCK)
     for tool, value in figures["tools"].items():  # type: ignore[attr-defined]
         r = Result(**value)
-        print(f"{tool:18} {r.downloaded / MiB:15.2f} {r.downloaded / int(str(fl['zstd19'])):10.2f} "
+        print(f"{tool:28} {r.downloaded / MiB:15.2f} {r.downloaded / int(str(fl['zstd19'])):10.2f} "
               f"{r.written / MiB:12.1f} {r.written / changed:9.2f} {r.seconds:8.2f} "
               f"{r.requests or '':>9}", flush=True)
     reported = figures.get("reported")
@@ -265,6 +266,9 @@ def bench(work: Path, scenario: str, target_kind: str, skip: set[str],
           rate: float | None) -> dict[str, object]:
     made = releases()
     v1, v2 = made.v1, {"rebuilt": made.rebuilt, "in-place": made.in_place}[scenario]
+    # what is kept between runs belongs to these releases, in the images' current format
+    work = work / f"{made.folder.name}-format{FORMATS[-1]}"
+    work.mkdir(exist_ok=True)
     size = v1.stat().st_size
     signer = keypair(work / "keys")
     v1_tar, v2_tar = work / "v1.tar", work / f"v2-{scenario}.tar"
