@@ -366,8 +366,9 @@ def _local_without_index(spec: str) -> bool:
 
     from abupgrade.errors import AbupgradeError
     from abupgrade.image.reader import inspect
+    from abupgrade.source import source_is_remote
 
-    if spec == "-" or "://" in spec:
+    if source_is_remote(spec):
         return False
     try:
         if not stat.S_ISREG(os.stat(spec).st_mode):
