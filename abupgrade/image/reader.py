@@ -68,9 +68,7 @@ class _Input:
         while got < len(view):
             try:
                 n = self._readinto(view[got:])
-            except Exception as e:
-                if not isinstance(e, (OSError, *_http_errors())):
-                    raise
+            except (OSError, *_http_errors()) as e:
                 at = self.offset + got
                 raise OperationalError(f"reading the image failed at byte {at}: {e}") from None
             if not n:
