@@ -46,11 +46,11 @@ def _readinto_by_read(stream: BinaryIO, view: memoryview) -> int:
     return len(data)
 
 
-def _http_errors() -> tuple[type[Exception], ...]:
-    """HTTP's exceptions, where an HTTP stream may exist (http.client is loaded): a local image
-    does not load it (start-up time)."""
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What a failed read of the image raises: OSError, and HTTP's exceptions where an HTTP
+    stream may exist (http.client is loaded; a local image does not load it: start-up time)."""
     client = sys.modules.get("http.client")
-    return () if client is None else (client.HTTPException,)
+    return (OSError,) if client is None else (OSError, client.HTTPException)
 
 
 class _Input:
@@ -68,7 +68,7 @@ class _Input:
         while got < len(view):
             try:
                 n = self._readinto(view[got:])
-            except (OSError, *_http_errors()) as e:
+            except _read_errors() as e:
                 at = self.offset + got
                 raise OperationalError(f"reading the image failed at byte {at}: {e}") from None
             if not n:
