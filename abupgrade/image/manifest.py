@@ -161,12 +161,17 @@ class Manifest:
         """A new manifest, checked by the same rules the reader applies."""
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         created = now.isoformat().replace("+00:00", "Z")
-        indexed = any(p.kind is PayloadKind.INDEX for p in payloads)
-        fmt = FORMAT_INDEXED if indexed else FORMAT
-        if all(p.blake3 is not None for p in payloads):
-            fmt = FORMAT_BLAKE3
-        manifest = cls(fmt, version, compatible, created, payloads, security_floor)
+        manifest = cls(format_for(payloads), version, compatible, created, payloads,
+                       security_floor)
         return parse(manifest.serialize())
+
+
+def format_for(payloads: tuple[Payload, ...]) -> int:
+    """The oldest format that holds these payloads: 3 where each has a BLAKE3 digest, else 2
+    with a chunk index, else 1."""
+    if all(p.blake3 is not None for p in payloads):
+        return FORMAT_BLAKE3
+    return FORMAT_INDEXED if any(p.kind is PayloadKind.INDEX for p in payloads) else FORMAT
 
 
 def canonical_json(value: Any) -> bytes:
