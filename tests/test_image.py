@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import http.server
 import io
 import json
@@ -480,3 +481,36 @@ def test_source_http_unreachable() -> None:
         open_source(f"http://127.0.0.1:{port}/image.tar", timeout=5),
     ):
         pass
+
+
+class _FailingStream(io.RawIOBase):
+    """Hands out the first `good` bytes of a good image, then raises `error`."""
+
+    def __init__(self, good: int, error: BaseException) -> None:
+        from fixtures.hostile_images import GOOD
+
+        self.data, self.at, self.left, self.error = GOOD, 0, good, error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, view: memoryview) -> int:  # type: ignore[override]
+        if not self.left:
+            raise self.error
+        n = min(self.left, len(view))
+        view[:n] = self.data[self.at:self.at + n]
+        self.at += n
+        self.left -= n
+        return n
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),
+                                   http.client.IncompleteRead(b"")])
+def test_a_failed_read_is_one_operational_error_with_its_offset(error: Exception) -> None:
+    with pytest.raises(OperationalError, match="reading the image failed at byte 700"):
+        reader.inspect(_FailingStream(700, error), None)
+
+
+def test_other_errors_of_a_stream_are_not_called_read_failures() -> None:
+    with pytest.raises(ValueError, match="not a read failure"):
+        reader.inspect(_FailingStream(700, ValueError("not a read failure")), None)
