@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pytest
 
@@ -508,9 +509,9 @@ class _FailingStream(io.RawIOBase):
                                    http.client.IncompleteRead(b"")])
 def test_a_failed_read_is_one_operational_error_with_its_offset(error: Exception) -> None:
     with pytest.raises(OperationalError, match="reading the image failed at byte 700"):
-        reader.inspect(_FailingStream(700, error), None)
+        reader.inspect(cast(BinaryIO, _FailingStream(700, error)), None)
 
 
 def test_other_errors_of_a_stream_are_not_called_read_failures() -> None:
     with pytest.raises(ValueError, match="not a read failure"):
-        reader.inspect(_FailingStream(700, ValueError("not a read failure")), None)
+        reader.inspect(cast(BinaryIO, _FailingStream(700, ValueError("not a read failure"))), None)
